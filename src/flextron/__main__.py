@@ -1,0 +1,7 @@
+"""``python -m flextron``: the same command line as the ``flextron`` script."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,194 @@
+"""Command line: a thin layer over :mod:`flextron.pipeline` (parse, call, print).
+
+``flextron run CONFIG``, ``flextron export RUN --target T --out DIR``, ``flextron eval RUN``,
+``flextron generate RUN --target T PROMPT``. Errors the user can cause (every
+:class:`~flextron.errors.FlextronError`, and ``OSError`` on paths they gave) print one line
+``error: <message>`` to stderr and exit with status 2; Ctrl-C exits with 130. The pipeline is
+imported inside the command functions so ``--help`` and argument errors stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from . import __version__
+from .errors import FlextronError
+
+log = logging.getLogger("flextron")
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (raised instead of argparse's multi-line usage + exit)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def parse_target(text: str) -> float:
+    """A latency target: a number in (0, 1], the fraction of the full model's latency."""
+    try:
+        t = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"target {text!r} is not a number; give a fraction in (0, 1] such as 0.6") from None
+    if not (0 < t <= 1):  # also rejects nan
+        raise argparse.ArgumentTypeError(f"target {text!r} is out of range; give a fraction in (0, 1] such as 0.6")
+    return t
+
+
+def parse_targets(text: str) -> list[float]:
+    """Comma-separated targets, each in (0, 1]: ``0.6,0.7,0.85,1.0``."""
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError("give at least one target, e.g. 0.6,0.7,0.85,1.0")
+    return [parse_target(p) for p in parts]
+
+
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 1")
+    return n
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config)  # config errors surface before the (heavy) pipeline import
+    from . import pipeline
+
+    run_dir = Path(pipeline.run(cfg, overwrite=args.overwrite))
+    print(f"run directory: {run_dir}")
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    out = pipeline.export_target(Path(args.run), args.target, Path(args.out), overwrite=args.overwrite)
+    print(f"exported target {args.target:g} to {out}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    run_dir = Path(args.run)
+    results = pipeline.evaluate_run(run_dir, args.targets)
+    for row in results.get("rows", []) if isinstance(results, dict) else []:
+        ppl, lat = row.get("perplexity"), row.get("latency_s")
+        print(
+            f"target {row.get('target', float('nan')):g}: perplexity "
+            + (f"{ppl:.2f}" if isinstance(ppl, (int, float)) else "n/a")
+            + (f", timed latency {1e3 * lat:.1f} ms" if isinstance(lat, (int, float)) else "")
+        )
+    print(f"report: {run_dir / 'report.md'}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import pipeline
+
+    text = pipeline.generate_text(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens)
+    print(args.prompt + text)  # the prompt, then its continuation
+    return 0
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    # -v/-q are accepted before or after the sub-command (SUPPRESS keeps the sub-parser from
+    # overwriting a value given before it).
+    common = _Parser(add_help=False)
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-vv: debug)")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+
+    p = _Parser(prog="flextron", parents=[common],
+                description="Turn a pretrained Hugging Face decoder into a many-in-one elastic model (Flextron).")
+    p.add_argument("--version", action="version", version=f"flextron {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    r = sub.add_parser("run", parents=[common], help="run every stage (resumable); writes OUT_DIR/NAME/",
+                       description="Run the whole conversion described by a YAML config. A finished stage is "
+                                   "skipped; an interrupted one resumes from its last checkpoint.")
+    r.add_argument("config", metavar="CONFIG", help="YAML run config, e.g. configs/smollm2.yaml")
+    r.add_argument("--overwrite", action="store_true", help="start over even if the run directory holds another run")
+    r.set_defaults(func=cmd_run)
+
+    e = sub.add_parser("export", parents=[common], help="save the sub-network of one target as a HF checkpoint")
+    e.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
+    e.add_argument("--target", type=parse_target, required=True, help="latency target in (0, 1], e.g. 0.6")
+    e.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    e.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("eval", parents=[common], help="re-evaluate a run; rewrites results.json and report.md")
+    v.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
+    v.add_argument("--targets", type=parse_targets, default=None,
+                   help="comma-separated targets in (0, 1] (default: the config's eval.targets), e.g. 0.6,0.7,0.85,1.0")
+    v.set_defaults(func=cmd_eval)
+
+    g = sub.add_parser("generate", parents=[common], help="generate text with the sub-network of one target")
+    g.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
+    g.add_argument("--target", type=parse_target, required=True, help="latency target in (0, 1], e.g. 0.5")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate (default 64)")
+    g.add_argument("prompt", metavar="PROMPT", help="text to continue")
+    g.set_defaults(func=cmd_generate)
+    return p
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.WARNING if quiet else logging.DEBUG if verbose >= 2 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(name)s: %(message)s")
+    if verbose < 2:  # third-party chatter only with -vv
+        for name in ("urllib3", "filelock", "matplotlib", "PIL"):
+            logging.getLogger(name).setLevel(max(level, logging.WARNING))
+
+
+def _one_line(e: BaseException) -> str:
+    msg = str(e).strip() or type(e).__name__
+    return " ".join(line.strip() for line in msg.splitlines() if line.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``flextron`` command; returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except SystemExit as e:  # --help, --version
+        return e.code if isinstance(e.code, int) else 0
+    _setup_logging(getattr(args, "verbose", 0) or 0, bool(getattr(args, "quiet", False)))
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        hint = "; run the same command again to resume" if getattr(args, "command", None) == "run" else ""
+        print(f"\ninterrupted{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except (FlextronError, OSError) as e:
+        log.debug("details", exc_info=True)
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

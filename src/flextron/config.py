@@ -1,0 +1,365 @@
+"""Typed, validated configuration of a flextron run (all stages), with YAML in and out.
+
+One tree of frozen dataclasses. :func:`load_config` reads YAML, rejects unknown keys and wrong
+types with a :class:`~flextron.errors.ConfigError` that names the field, the value and what is
+allowed. Every **[choice]** of ``METHOD.md`` is a field here, with the project default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+ORDERINGS = ("importance", "none", "random")
+
+
+def _check(cond: bool, where: str, value: Any, allowed: str) -> None:
+    if not cond:
+        raise ConfigError(f"{where}={value!r} is invalid: {allowed}")
+
+
+@dataclass(frozen=True)
+class ElasticConfig:
+    """What is elastic and how units are ordered (METHOD §1, §2).
+
+    ``mlp_fractions``: fractions of ``intermediate_size`` offered to every layer, rounded to a
+    multiple of ``mlp_divisor`` (1.0 is always added). ``heads_per_group``: query heads kept per KV
+    group (``None``: every value 1 … ``num_attention_heads / num_key_value_heads``).
+    ``ordering``: ``importance`` (activation-based, §2), ``none`` (identity) or ``random``.
+    """
+
+    mlp_fractions: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+    mlp_divisor: int = 64
+    heads_per_group: tuple[int, ...] | None = None
+    ordering: str = "importance"
+
+    def __post_init__(self) -> None:
+        _check(len(self.mlp_fractions) > 0, "elastic.mlp_fractions", self.mlp_fractions, "give at least one fraction")
+        for f in self.mlp_fractions:
+            _check(0 < f <= 1, "elastic.mlp_fractions", f, "each fraction must lie in (0, 1]")
+        _check(self.mlp_divisor >= 1, "elastic.mlp_divisor", self.mlp_divisor, "must be a positive integer")
+        if self.heads_per_group is not None:
+            _check(len(self.heads_per_group) > 0, "elastic.heads_per_group", self.heads_per_group, "give at least one head count or null")
+            for a in self.heads_per_group:
+                _check(a >= 1, "elastic.heads_per_group", a, "each head count must be >= 1")
+        _check(self.ordering in ORDERINGS, "elastic.ordering", self.ordering, f"one of {ORDERINGS}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which model to convert: ``smollm2`` (the embedded SmolLM2-135M-Instruct), a local HF
+    directory, or a local ``.gguf`` file."""
+
+    source: str = "smollm2"
+
+    def __post_init__(self) -> None:
+        _check(bool(self.source), "model.source", self.source, "'smollm2', an HF model directory or a .gguf file")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpora: Wikipedia lead sections (or ``text_files``: .txt/.jsonl files or folders), held-out
+    articles, Shakespeare (or ``ood_text_files``) as the out-of-domain held-out set."""
+
+    text_files: tuple[str, ...] = ()
+    ood_text_files: tuple[str, ...] = ()
+    heldout_articles: int = 300
+    ood_plays: int = 4
+
+    def __post_init__(self) -> None:
+        _check(self.heldout_articles >= 1, "data.heldout_articles", self.heldout_articles, "must be >= 1")
+        _check(self.ood_plays >= 1, "data.ood_plays", self.ood_plays, "must be >= 1")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Calibration set for importance ranking (METHOD §2): ``num_sequences`` × ``seq_len`` tokens."""
+
+    num_sequences: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        for k in ("num_sequences", "seq_len", "batch_size"):
+            _check(getattr(self, k) >= 1, f"calibration.{k}", getattr(self, k), "must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Elastic continued training (METHOD §4).
+
+    ``p_full``: probability of the full model in a step; ``sampling``: ``budget`` (draw a target,
+    then a per-layer configuration meeting it) or ``homogeneous``; ``kd_alpha``: weight of the
+    forward KL to the original model (``loss = (1 - kd_alpha) * CE + kd_alpha * KL``).
+    """
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    seq_len: int = 512
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    p_full: float = 0.33
+    sampling: str = "budget"
+    kd_alpha: float = 0.5
+    checkpoint_every: int = 50
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        for k in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "log_every"):
+            _check(getattr(self, k) >= 1, f"train.{k}", getattr(self, k), "must be >= 1")
+        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
+        _check(0 <= self.p_full <= 1, "train.p_full", self.p_full, "must lie in [0, 1]")
+        _check(0 <= self.kd_alpha <= 1, "train.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
+        _check(self.sampling in ("budget", "homogeneous"), "train.sampling", self.sampling, "'budget' or 'homogeneous'")
+        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+
+
+@dataclass(frozen=True)
+class LatencyConfig:
+    """Latency lookup table (METHOD §5): workload ``batch_size`` × ``seq_len`` prefill, warm-up,
+    trimmed mean over ``repeats``; ``validate_configs`` random whole configurations are timed to
+    report the table's mean absolute percentage error. ``budget``: ``latency`` or ``params``.
+    ``method``: ``fit`` prices widths by least squares over ``fit_configs`` + all homogeneous
+    exported sub-models timed against the full model, ``block`` from isolated block timings
+    (see :func:`flextron.latency.measure_latency_table`)."""
+
+    seq_len: int = 256
+    batch_size: int = 1
+    warmup: int = 3
+    repeats: int = 10
+    trim: float = 0.2
+    validate_configs: int = 20
+    budget: str = "latency"
+    method: str = "fit"
+    fit_configs: int = 12
+
+    def __post_init__(self) -> None:
+        _check(self.method in ("fit", "block"), "latency.method", self.method, "'fit' or 'block'")
+        _check(self.fit_configs >= 0, "latency.fit_configs", self.fit_configs, "must be >= 0")
+        for k in ("seq_len", "batch_size", "repeats"):
+            _check(getattr(self, k) >= 1, f"latency.{k}", getattr(self, k), "must be >= 1")
+        _check(self.warmup >= 0, "latency.warmup", self.warmup, "must be >= 0")
+        _check(0 <= self.trim < 0.5, "latency.trim", self.trim, "must lie in [0, 0.5)")
+        _check(self.validate_configs >= 0, "latency.validate_configs", self.validate_configs, "must be >= 0")
+        _check(self.budget in ("latency", "params"), "latency.budget", self.budget, "'latency' or 'params'")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Static routers trained through the surrogate model (METHOD §6, §7).
+
+    ``targets``: trained targets (fraction of full latency). ``surrogate_gate_spearman`` and
+    ``surrogate_gate_error``: the surrogate must reach both on held-out configurations before the
+    routers get its gradient. ``latency_weight`` is λ, ``latency_tol`` the tolerance of the
+    latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
+    ablation (gradient of the LM loss through soft masks).
+    """
+
+    targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+    hidden: int = 128
+    surrogate_hidden: int = 256
+    steps: int = 200
+    warmup_samples: int = 32
+    batch_size: int = 4
+    seq_len: int = 256
+    router_lr: float = 1e-2
+    surrogate_lr: float = 1e-3
+    surrogate_updates: int = 20
+    tau_start: float = 1.0
+    tau_end: float = 0.05
+    latency_weight: float = 1.0
+    latency_tol: float = 0.02
+    surrogate_gate_spearman: float = 0.8
+    surrogate_gate_error: float = 0.5
+    heldout_configs: int = 12
+    surrogate: bool = True
+
+    def __post_init__(self) -> None:
+        _check(len(self.targets) >= 1, "routers.targets", self.targets, "give at least one target")
+        for t in self.targets:
+            _check(0 < t <= 1, "routers.targets", t, "each target must lie in (0, 1]")
+        _check(tuple(sorted(self.targets)) == tuple(self.targets), "routers.targets", self.targets, "must be sorted ascending")
+        for k in ("hidden", "surrogate_hidden", "batch_size", "seq_len", "surrogate_updates", "heldout_configs"):
+            _check(getattr(self, k) >= 1, f"routers.{k}", getattr(self, k), "must be >= 1")
+        _check(self.steps >= 0, "routers.steps", self.steps, "must be >= 0")
+        _check(self.warmup_samples >= 2, "routers.warmup_samples", self.warmup_samples, "must be >= 2")
+        _check(self.tau_start >= self.tau_end > 0, "routers.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
+        _check(self.latency_weight >= 0, "routers.latency_weight", self.latency_weight, "must be >= 0")
+        _check(0 <= self.latency_tol < 1, "routers.latency_tol", self.latency_tol, "must lie in [0, 1)")
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    """Joint fine-tuning of model and routers (METHOD §8)."""
+
+    steps: int = 100
+    batch_size: int = 4
+    seq_len: int = 256
+    model_lr: float = 1e-4
+    router_lr: float = 1e-2
+    kd_alpha: float = 0.5
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        for k in ("batch_size", "seq_len", "checkpoint_every"):
+            _check(getattr(self, k) >= 1, f"joint.{k}", getattr(self, k), "must be >= 1")
+        _check(self.steps >= 0, "joint.steps", self.steps, "must be >= 0")
+        _check(0 <= self.kd_alpha <= 1, "joint.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation: held-out perplexity (in-domain and out-of-domain) and timed latency per target."""
+
+    targets: tuple[float, ...] = (0.6, 0.7, 0.85, 1.0)
+    seq_len: int = 256
+    heldout_blocks: int = 64
+    ood_blocks: int = 32
+    batch_size: int = 8
+    latency_repeats: int = 7
+    ablation_mlp_fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check(len(self.targets) >= 1, "eval.targets", self.targets, "give at least one target")
+        for t in self.targets:
+            _check(0 < t <= 1, "eval.targets", t, "each target must lie in (0, 1]")
+        for k in ("seq_len", "heldout_blocks", "ood_blocks", "batch_size"):
+            _check(getattr(self, k) >= 1, f"eval.{k}", getattr(self, k), "must be >= 1")
+        _check(self.latency_repeats >= 5, "eval.latency_repeats", self.latency_repeats, "must be >= 5")
+        _check(0 < self.ablation_mlp_fraction <= 1, "eval.ablation_mlp_fraction", self.ablation_mlp_fraction, "must lie in (0, 1]")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The whole conversion: one section per stage. ``threads``: torch CPU threads (0 keeps the
+    default)."""
+
+    name: str = "smollm2"
+    seed: int = 0
+    out_dir: str = "runs"
+    threads: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    latency: LatencyConfig = field(default_factory=LatencyConfig)
+    routers: RouterConfig = field(default_factory=RouterConfig)
+    joint: JointConfig = field(default_factory=JointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+# --------------------------------------------------------------------------- YAML in / out
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a list")
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}={value!r} is invalid: expected an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}={value!r} is invalid: expected true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}={value!r} is invalid: expected a string")
+        return value
+    raise AssertionError(f"unhandled annotation {tp!r} at {where}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build the dataclass ``cls`` from a (YAML) mapping; unknown keys and bad types raise
+    :class:`ConfigError` naming the key and the allowed ones."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; allowed keys here: {', '.join(names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # pragma: no cover - all fields have defaults
+        raise ConfigError(f"{where or 'config'}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain-dict (JSON/YAML-ready) view of a config dataclass; tuples become lists."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read a YAML run config.
+
+    Raises:
+        ConfigError: the file is missing, not valid YAML, or a key/value is invalid.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file such as configs/smollm2.yaml")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    return from_dict(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """YAML text of a run config (round-trips through :func:`load_config`)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

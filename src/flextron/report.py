@@ -1,0 +1,469 @@
+"""Last stage: the run report (Markdown tables + PNG plots).
+
+Input: a run directory and the ``results`` dict the pipeline writes to ``results.json`` (schema in
+the pipeline; every key except ``rows`` is optional here), plus ``metrics.jsonl`` in the run
+directory (one JSON object per line, written by the training stages). Output:
+``report.md`` and the plots ``latency_perplexity.png``, ``layer_widths.png``,
+``budget_histogram.png`` and ``training_curves.png`` next to it. Each file is written to a
+temporary name and moved into place with :func:`os.replace`, so a reader never sees half a report.
+
+Matplotlib is used through :class:`matplotlib.figure.Figure` (Agg canvas), never ``pyplot``: no
+global state, no display needed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("latency_perplexity.png", "layer_widths.png", "budget_histogram.png", "training_curves.png")
+_DASH = "—"
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def _num(x: Any) -> float | None:
+    """``x`` as a finite float, else ``None`` (missing keys, nulls, NaN, strings)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _fmt(x: Any, digits: int = 2, scale: float = 1.0) -> str:
+    v = _num(x)
+    return _DASH if v is None else f"{v * scale:.{digits}f}"
+
+
+def _fmt_scalar(x: Any) -> str:
+    """Training-summary values: ints as ints, floats with 4 significant digits, rest as text."""
+    if isinstance(x, bool):
+        return str(x).lower()
+    if isinstance(x, int):
+        return str(x)
+    if isinstance(x, float):
+        return f"{x:.4g}" if math.isfinite(x) else str(x)
+    if x is None:
+        return _DASH
+    if isinstance(x, (list, tuple)):
+        return ", ".join(_fmt_scalar(v) for v in x)
+    if isinstance(x, dict):
+        return json.dumps(x, sort_keys=True)
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def _table(header: list[str], rows: Iterable[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file in ``path``'s directory, then move it to ``path``."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a report is meant to be read by others
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _save_figure(fig: Any, path: Path) -> None:
+    _atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """Records of a ``metrics.jsonl`` file; blank or malformed lines are skipped (a run killed
+    mid-write may leave a partial last line)."""
+    out: list[dict] = []
+    if not path.is_file():
+        return out
+    with path.open() as f:
+        for i, line in enumerate(f, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d is not valid JSON; skipped", path, i)
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+    return out
+
+
+# --------------------------------------------------------------------------- configurations
+
+
+def _intermediate_size(results: dict) -> int | None:
+    space = results.get("search_space") or {}
+    v = space.get("intermediate_size")
+    if isinstance(v, int) and v > 0:
+        return v
+    choices = [c for c in space.get("mlp_choices") or [] if isinstance(c, int)]
+    return max(choices) if choices else None
+
+
+def _heads_per_group(results: dict) -> int | None:
+    space = results.get("search_space") or {}
+    v = space.get("heads_per_group")
+    if isinstance(v, int) and v > 0:
+        return v
+    choices = [c for c in space.get("head_choices") or [] if isinstance(c, int)]
+    return max(choices) if choices else None
+
+
+def _summarize_config(cfg: Any, inter: int | None) -> tuple[float | None, float | None]:
+    """(mean MLP fraction of ``inter``, mean query heads per group) of a per-layer config."""
+    if not isinstance(cfg, dict):
+        return None, None
+    mlp = [m for m in cfg.get("mlp") or [] if _num(m) is not None]
+    heads = [h for h in cfg.get("heads") or [] if _num(h) is not None]
+    frac = sum(mlp) / len(mlp) / inter if mlp and inter else None
+    mh = sum(heads) / len(heads) if heads else None
+    return frac, mh
+
+
+def _config_text(cfg: Any, inter: int | None) -> str:
+    frac, mh = _summarize_config(cfg, inter)
+    if frac is None and mh is None:
+        return _DASH
+    return f"MLP {_fmt(frac)}, {_fmt(mh, 1)} h/g"
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def _figure(**kw: Any) -> Any:
+    from matplotlib.figure import Figure  # Agg canvas by default; no pyplot, no display
+
+    kw.setdefault("layout", "constrained")  # titles and colour bars never overlap
+    return Figure(**kw)
+
+
+def plot_latency_perplexity(results: dict, path: Path) -> bool:
+    rows = results.get("rows") or []
+    fig = _figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    drawn = False
+
+    def series(xs_ys: list[tuple[float | None, float | None]], **kw: Any) -> list[tuple[float, float]]:
+        pts = [(x, y) for x, y in xs_ys if x is not None and y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], **kw)
+        return pts
+
+    routed = [(_num(r.get("latency_s")), _num(r.get("perplexity"))) for r in rows]
+    pts = series([(None if x is None else x * 1e3, y) for x, y in routed], marker="o", label="routed (after training)")
+    drawn |= bool(pts)
+    # confidence intervals of the routed points
+    for r in rows:
+        x, y, ci = _num(r.get("latency_s")), _num(r.get("perplexity")), r.get("perplexity_ci")
+        if x is not None and y is not None and isinstance(ci, (list, tuple)) and len(ci) == 2:
+            lo, hi = _num(ci[0]), _num(ci[1])
+            if lo is not None and hi is not None:
+                ax.errorbar([x * 1e3], [y], yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], color="C0", capsize=3)
+    untrained = [(_num(r.get("latency_s")), _num(r.get("untrained_perplexity"))) for r in rows]
+    drawn |= bool(series([(None if x is None else x * 1e3, y) for x, y in untrained], marker="s", ls="--",
+                         color="C1", label="same config, untrained"))
+    homog = []
+    for r in rows:
+        h = r.get("homogeneous") or {}
+        x = _num(h.get("latency_s")) or _num(h.get("predicted_latency_s"))
+        homog.append((None if x is None else x * 1e3, _num(h.get("perplexity"))))
+    drawn |= bool(series(homog, marker="^", ls=":", color="C2", label="homogeneous (equal predicted latency)"))
+    full = next((_num(r.get("full_latency_s")) for r in rows if _num(r.get("full_latency_s")) is not None), None)
+    if full is None:
+        full = _num((results.get("latency_table") or {}).get("full_s"))
+    orig = _num(results.get("original_perplexity"))
+    if full is not None and orig is not None:
+        ax.plot([full * 1e3], [orig], marker="*", ms=14, ls="none", color="k", label="original model")
+        drawn = True
+    if not drawn:
+        return False
+    ax.set_xlabel("timed latency (ms)")
+    ax.set_ylabel("held-out perplexity")
+    ax.set_title("Latency vs perplexity")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    return True
+
+
+def plot_layer_widths(results: dict, path: Path) -> bool:
+    rows = [r for r in results.get("rows") or [] if isinstance(r.get("config"), dict)]
+    inter, hpg = _intermediate_size(results), _heads_per_group(results)
+    if not rows:
+        return False
+    mlp = [[float(m) / inter if inter else float(m) for m in r["config"].get("mlp") or []] for r in rows]
+    heads = [[float(h) for h in r["config"].get("heads") or []] for r in rows]
+    if not all(mlp) or not all(heads) or len({len(m) for m in mlp + heads}) != 1:
+        log.warning("per-layer configurations are missing or of unequal length; layer_widths.png skipped")
+        return False
+    labels = [_fmt(r.get("target")) for r in rows]
+    n_layers = len(mlp[0])
+    fig = _figure(figsize=(max(6.0, 0.25 * n_layers + 2.5), 1.6 + 0.9 * len(rows)))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, data, title, vmax in (
+        (axes[0], mlp, "MLP width (fraction of intermediate_size)" if inter else "MLP width (neurons)", 1.0 if inter else None),
+        (axes[1], heads, "query heads per KV group", float(hpg) if hpg else None),
+    ):
+        im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
+        ax.set_yticks(range(len(labels)), labels)
+        ax.set_ylabel("target")
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    axes[1].set_xlabel("layer")
+    step = max(1, n_layers // 15)
+    axes[1].set_xticks(range(0, n_layers, step))
+    _save_figure(fig, path)
+    return True
+
+
+def plot_budget_histogram(metrics: list[dict], path: Path) -> tuple[int, int] | None:
+    """Histogram of sampled budgets of elastic-training steps; full-model steps (budget null)
+    get their own bar. Returns (budgeted steps, full steps) or ``None`` when there are none."""
+    recs = [m for m in metrics if m.get("stage") == "elastic" and "budget" in m]
+    budgets = [_num(m["budget"]) for m in recs if m["budget"] is not None]
+    budgets = [b for b in budgets if b is not None]
+    n_full = sum(1 for m in recs if m["budget"] is None)
+    if not budgets and not n_full:
+        return None
+    fig = _figure(figsize=(6.4, 3.6))
+    ax_h, ax_f = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [5, 1]})
+    if budgets:
+        ax_h.hist(budgets, bins=min(20, max(5, len(set(budgets)))), color="C0", edgecolor="white")
+    ax_h.set_xlabel("sampled budget (fraction of full latency)")
+    ax_h.set_ylabel("training steps")
+    ax_h.set_title(f"Elastic training: {len(budgets)} budgeted steps, {n_full} full-model steps", fontsize=9)
+    ax_f.bar(["full\nmodel"], [n_full], color="C3")
+    _save_figure(fig, path)
+    return len(budgets), n_full
+
+
+def plot_training_curves(metrics: list[dict], path: Path) -> list[str]:
+    """lm_loss / kd_loss over step, one panel per stage; returns the stages drawn."""
+    by_stage: dict[str, dict[str, list[tuple[float, float]]]] = {}
+    for m in metrics:
+        stage, step = m.get("stage"), _num(m.get("step"))
+        if not isinstance(stage, str) or step is None:
+            continue
+        for key in ("lm_loss", "kd_loss"):
+            v = _num(m.get(key))
+            if v is not None:
+                by_stage.setdefault(stage, {}).setdefault(key, []).append((step, v))
+    if not by_stage:
+        return []
+    stages = list(by_stage)
+    fig = _figure(figsize=(6.4, 2.6 * len(stages)))
+    axes = fig.subplots(len(stages), 1, squeeze=False)[:, 0]
+    for ax, stage in zip(axes, stages):
+        for key, pts in by_stage[stage].items():
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], label=key, lw=1)
+        ax.set_title(f"stage: {stage}", fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    return stages
+
+
+# --------------------------------------------------------------------------- markdown
+
+
+def _main_table(results: dict) -> str:
+    inter = _intermediate_size(results)
+    header = ["target", "MLP frac (mean)", "heads/group (mean)", "params (M)", "predicted (ms)", "timed (ms)",
+              "timed / full", "perplexity [95% CI]", "untrained ppl", "OOD ppl", "untrained OOD ppl",
+              "homogeneous (equal pred. latency)", "homogeneous ppl", "decode tok/s"]
+    out = []
+    for r in results.get("rows") or []:
+        frac, mh = _summarize_config(r.get("config"), inter)
+        lat, full = _num(r.get("latency_s")), _num(r.get("full_latency_s"))
+        ratio = _fmt(lat / full) if lat is not None and full else _DASH
+        ci = r.get("perplexity_ci")
+        ppl = _fmt(r.get("perplexity"))
+        if isinstance(ci, (list, tuple)) and len(ci) == 2 and _num(ci[0]) is not None and _num(ci[1]) is not None:
+            ppl += f" [{_fmt(ci[0])}, {_fmt(ci[1])}]"
+        h = r.get("homogeneous") or {}
+        params = _fmt(r.get("params"), 1, 1e-6)
+        if _num(r.get("params")) and _num(r.get("full_params")):
+            params += f" ({100 * r['params'] / r['full_params']:.0f}%)"
+        dec = _fmt(r.get("decode_tokens_per_s"), 1)
+        if _num(r.get("decode_tokens_per_s")) and _num(r.get("full_decode_tokens_per_s")):
+            dec += f" ({r['decode_tokens_per_s'] / r['full_decode_tokens_per_s']:.2f}×)"
+        out.append([
+            _fmt(r.get("target")) + (f" ({r['mode']})" if r.get("mode") and r.get("mode") != "static" else ""),
+            _fmt(frac), _fmt(mh, 1), params,
+            _fmt(r.get("predicted_latency_s"), 1, 1e3), _fmt(lat, 1, 1e3), ratio, ppl,
+            _fmt(r.get("untrained_perplexity")), _fmt(r.get("ood_perplexity")),
+            _fmt(r.get("untrained_ood_perplexity")),
+            _config_text(h.get("config"), inter) if h else _DASH, _fmt(h.get("perplexity")), dec,
+        ])
+    return _table(header, out)
+
+
+def _summary(results: dict, metrics: list[dict]) -> list[str]:
+    rows = results.get("rows") or []
+    prov = results.get("provenance") or {}
+    lines = []
+    src = results.get("model_source")
+    lines.append(f"Model `{src}` was made elastic and " if src else "The model was made elastic and ")
+    lines[-1] += (f"evaluated at {len(rows)} latency target(s) "
+                  f"({', '.join(_fmt(r.get('target')) for r in rows)} of the full model's latency).")
+    if _num(results.get("original_perplexity")) is not None:
+        s = f"The original model's held-out perplexity is {_fmt(results['original_perplexity'])}"
+        if _num(results.get("original_ood_perplexity")) is not None:
+            s += f" (out-of-domain: {_fmt(results['original_ood_perplexity'])})"
+        lines.append(s + ".")
+    smallest = min((r for r in rows if _num(r.get("target")) is not None), key=lambda r: r["target"], default=None)
+    if smallest is not None:
+        lat, full = _num(smallest.get("latency_s")), _num(smallest.get("full_latency_s"))
+        s = f"At target {_fmt(smallest['target'])} the routed sub-network has perplexity {_fmt(smallest.get('perplexity'))}"
+        if lat is not None and full:
+            s += f" at {lat / full:.2f}× the full model's timed latency"
+        lines.append(s + ".")
+    mape = _num((results.get("latency_table") or {}).get("mape"))
+    if mape is not None:
+        lines.append(f"The latency lookup table predicts the latency of whole sub-models (as a fraction of the full model's) with a mean absolute percentage error of {100 * mape:.1f}%.")
+    if _num(prov.get("total_wall_s")) is not None:
+        lines.append(f"The run took {_duration(prov['total_wall_s'])} in total.")
+    return [" ".join(lines)]
+
+
+def _duration(s: Any) -> str:
+    v = _num(s)
+    if v is None:
+        return _DASH
+    if v < 120:
+        return f"{v:.1f} s"
+    if v < 7200:
+        return f"{v / 60:.1f} min"
+    return f"{v / 3600:.2f} h"
+
+
+def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -> str:
+    """The report text; ``plots`` maps a PNG name to what its plot function returned (falsy: not drawn)."""
+    md: list[str] = [f"# flextron report: {results.get('run') or 'run'}", ""]
+    md += _summary(results, metrics) + [""]
+
+    md += ["## Results per target", "",
+           "Latencies are prefill times of the LUT workload; *predicted* comes from the lookup table, "
+           "*timed* is measured. The homogeneous baseline uses one width for every layer, chosen with "
+           "the same predicted latency as the routed configuration.", "",
+           _main_table(results), ""]
+    if plots.get("latency_perplexity.png"):
+        md += ["![latency vs perplexity](latency_perplexity.png)", ""]
+    if plots.get("layer_widths.png"):
+        md += ["### Per-layer widths chosen by the router", "", "![layer widths](layer_widths.png)", ""]
+
+    abl = results.get("ablation") or {}
+    if isinstance(abl.get("perplexity"), dict) and abl["perplexity"]:
+        frac = _num(abl.get("mlp_fraction"))
+        md += ["## Ablation: neuron ordering", "",
+               f"Perplexity of the untrained model with every MLP kept at {_fmt(frac)} of its width, "
+               "by the order in which neurons are dropped." if frac is not None else
+               "Perplexity of the untrained model by the order in which neurons are dropped.", "",
+               _table(["ordering", "perplexity"], [[k, _fmt(v)] for k, v in abl["perplexity"].items()]), ""]
+
+    lut = results.get("latency_table") or {}
+    if lut:
+        rows = [["MAPE on whole configurations", f"{100 * lut['mape']:.2f}%" if _num(lut.get("mape")) is not None else _DASH],
+                ["full model (ms)", _fmt(lut.get("full_s"), 1, 1e3)],
+                ["device", _fmt_scalar(lut.get("device"))]]
+        for k, v in (lut.get("workload") or {}).items():
+            rows.append([f"workload: {k}", _fmt_scalar(v)])
+        md += ["## Latency lookup table", "", _table(["", "value"], rows), ""]
+
+    exp = results.get("exported_check") or {}
+    if isinstance(exp, dict) and exp:
+        rows = [["target", _fmt(exp.get("target"))], ["path", _fmt_scalar(exp.get("path"))],
+                ["params (M)", _fmt(exp.get("params"), 1, 1e-6)],
+                ["timed latency (ms)", _fmt(exp.get("latency_s"), 1, 1e3)],
+                ["full model (ms)", _fmt(exp.get("full_latency_s"), 1, 1e3)],
+                ["speed-up", _fmt(exp.get("speedup")) + ("×" if _num(exp.get("speedup")) is not None else "")]]
+        known = {"target", "path", "params", "latency_s", "full_latency_s", "speedup"}
+        rows += [[k, _fmt_scalar(v)] for k, v in exp.items() if k not in known]
+        md += ["## Exported checkpoint", "",
+               "The smallest target saved with `save_pretrained`, reloaded with plain transformers "
+               "(`AutoModelForCausalLM`) and timed against the full model.", "",
+               _table(["", "value"], rows), ""]
+
+    space = results.get("search_space") or {}
+    if space:
+        md += ["## Search space", "", _table(["", "value"], [[k, _fmt_scalar(v)] for k, v in space.items()]), ""]
+
+    training = results.get("training") or {}
+    budget = plots.get("budget_histogram.png")
+    curves = plots.get("training_curves.png")
+    if training or budget or curves:
+        md += ["## Training", ""]
+        for stage, summ in training.items():
+            md += [f"### {stage}", ""]
+            if isinstance(summ, dict) and summ:
+                md += [_table(["", "value"], [[str(k), _fmt_scalar(v)] for k, v in summ.items()]), ""]
+            else:
+                md += ["(no summary recorded)" if summ in (None, {}, []) else _fmt_scalar(summ), ""]
+        if budget:
+            n_b, n_f = budget
+            md += [f"Elastic training sampled {n_b} budgeted steps and {n_f} full-model steps "
+                   "(budget null, shown as a separate bar).", "", "![budget histogram](budget_histogram.png)", ""]
+        if curves:
+            md += ["![training curves](training_curves.png)", ""]
+
+    prov = results.get("provenance") or {}
+    stages = prov.get("stages") or {}
+    if stages:
+        rows = [[s, _duration((v or {}).get("wall_s")), _fmt_scalar((v or {}).get("tokens"))] for s, v in stages.items()]
+        rows.append(["**total**", _duration(prov.get("total_wall_s")), _DASH])
+        md += ["## Time and tokens per stage", "", _table(["stage", "wall time", "tokens"], rows), ""]
+    if prov:
+        rows = [["commit", _fmt_scalar(prov.get("commit"))], ["seed", _fmt_scalar(prov.get("seed"))]]
+        rows += [[f"version: {k}", _fmt_scalar(v)] for k, v in (prov.get("versions") or {}).items()]
+        rows += [[k, _fmt_scalar(v)] for k, v in prov.items() if k not in ("commit", "seed", "versions", "stages", "total_wall_s")]
+        md += ["## Provenance", "", _table(["", "value"], rows), ""]
+    return "\n".join(md).rstrip() + "\n"
+
+
+def write_report(run_dir: Path, results: dict) -> Path:
+    """Write ``run_dir/report.md`` and its PNG plots; returns the path of ``report.md``.
+
+    Plots whose data is missing are skipped (and a stale copy from an earlier report is removed).
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    makers: dict[str, Callable[[Path], Any]] = {
+        "latency_perplexity.png": lambda p: plot_latency_perplexity(results, p),
+        "layer_widths.png": lambda p: plot_layer_widths(results, p),
+        "budget_histogram.png": lambda p: plot_budget_histogram(metrics, p),
+        "training_curves.png": lambda p: plot_training_curves(metrics, p),
+    }
+    plots: dict[str, Any] = {}
+    for name, make in makers.items():
+        path = run_dir / name
+        plots[name] = make(path)
+        if not plots[name] and path.exists():
+            path.unlink()
+    report = run_dir / "report.md"
+    text = render_markdown(results, plots, metrics)
+    _atomic_write(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    log.info("report written to %s", report)
+    return report

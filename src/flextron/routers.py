@@ -1,0 +1,177 @@
+"""Routers: map a latency target to a per-layer sub-network (METHOD §6, §9).
+
+Input: a target ``t`` (fraction of the full model's latency, 0 < t ≤ 1). :class:`StaticRouter`
+outputs, for every layer, logits over its MLP widths and head counts; Gumbel-softmax with a
+straight-through estimator turns them into hard choices with soft gradients. :class:`TargetRouter`
+is the deployment path: argmax choice, then fitted to the lookup table so the predicted latency
+meets the target (shrunk greedily when over, grown when well under), scored by the surrogate.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .elastic import ArchConfig, SearchSpace, nested_mask
+from .errors import TargetError
+from .surrogate import Surrogate, encode_arch
+
+
+class StaticRouter(nn.Module):
+    """Target → per-layer logits (paper §3.2, static router).
+
+    The target is encoded as a one-hot over the trained ``targets``, linearly interpolated between
+    neighbours for untrained values (METHOD §6 choice). Linear → LeakyReLU → Linear.
+    """
+
+    def __init__(self, targets: tuple[float, ...], num_layers: int, n_mlp: int, n_heads: int, hidden: int = 128) -> None:
+        super().__init__()
+        self.register_buffer("targets", torch.tensor(sorted(targets), dtype=torch.float32))
+        self.num_layers, self.n_mlp, self.n_heads = num_layers, n_mlp, n_heads
+        self.net = nn.Sequential(
+            nn.Linear(len(targets), hidden), nn.LeakyReLU(), nn.Linear(hidden, num_layers * (n_mlp + n_heads))
+        )
+
+    def encode(self, t: torch.Tensor) -> torch.Tensor:
+        """Targets ``(B,)`` → interpolated one-hot ``(B, n_targets)`` (clamped to the trained range)."""
+        ts = self.targets
+        t = t.to(ts).clamp(ts[0], ts[-1])
+        if len(ts) == 1:
+            return torch.ones(t.shape[0], 1, device=t.device)
+        hi = torch.searchsorted(ts, t).clamp(1, len(ts) - 1)  # (B,)
+        lo = hi - 1
+        w = ((t - ts[lo]) / (ts[hi] - ts[lo])).clamp(0, 1)
+        enc = torch.zeros(t.shape[0], len(ts), device=t.device)
+        enc.scatter_(1, lo[:, None], (1 - w)[:, None])
+        enc.scatter_add_(1, hi[:, None], w[:, None])
+        return enc
+
+    def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``t`` (B,) → MLP logits ``(B, L, K_mlp)`` and head logits ``(B, L, K_heads)``."""
+        out = self.net(self.encode(t)).view(t.shape[0], self.num_layers, self.n_mlp + self.n_heads)
+        return out[..., : self.n_mlp], out[..., self.n_mlp :]
+
+
+def gumbel_choice(logits: torch.Tensor, tau: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Straight-through Gumbel-softmax: hard one-hot forward, soft gradient (same shape as
+    ``logits``). Uses an explicit generator so every process draws the same noise."""
+    u = torch.rand(logits.shape, generator=generator, device="cpu").to(logits.device).clamp(1e-9, 1 - 1e-9)
+    soft = F.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard + soft - soft.detach()
+
+
+def choices_to_archs(space: SearchSpace, mlp: torch.Tensor, heads: torch.Tensor) -> list[ArchConfig]:
+    """(B, L, K) one-hot (or probabilities: argmax) → one :class:`ArchConfig` per row."""
+    mi, hi = mlp.argmax(-1).tolist(), heads.argmax(-1).tolist()
+    return [space.from_indices(a, b) for a, b in zip(mi, hi)]
+
+
+def choices_to_masks(space: SearchSpace, mlp: torch.Tensor, heads: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(B, L, K) choice probabilities → per-layer masks for :meth:`ElasticModel.set_masks`:
+    ``(B, intermediate_size)`` and ``(B, num_attention_heads)`` (METHOD §3)."""
+    mlp_masks = [nested_mask(mlp[:, l], space.mlp_choices, space.intermediate_size) for l in range(space.num_layers)]
+    head_masks = [
+        nested_mask(heads[:, l], space.head_choices, space.heads_per_group, space.num_key_value_heads)
+        for l in range(space.num_layers)
+    ]
+    return mlp_masks, head_masks
+
+
+def latency_loss(expected_fraction: torch.Tensor, target: torch.Tensor, tol: float) -> torch.Tensor:
+    """``max(0, |E[latency] / (t · latency_full) − 1| − tol)`` per row (METHOD §7), shape (B,).
+    ``expected_fraction`` is already divided by the full latency."""
+    return F.relu((expected_fraction / target - 1).abs() - tol)
+
+
+class TargetRouter:
+    """Deployment: target → configuration (METHOD §9).
+
+    ``route(t)``: ``t == 1`` is the full model; otherwise the router's argmax configuration is
+    fitted to the budget ``t · full`` of the cost table: while the prediction is over budget, the
+    layer choice with the least predicted loss increase per saved second is shrunk; then, while
+    an upgrade still fits, the one with the largest predicted loss decrease per added second is
+    taken. Scores come from the surrogate (or, without one, from the cost alone).
+    """
+
+    def __init__(self, router: StaticRouter, table, space: SearchSpace, surrogate: Surrogate | None = None) -> None:
+        self.router, self.table, self.space, self.surrogate = router, table, space, surrogate
+
+    @property
+    def floor(self) -> float:
+        """Smallest reachable target: the smallest configuration's predicted fraction."""
+        return self.table.predict(self.space.smallest()) / self.table.full
+
+    def _score(self) -> Callable[[list[ArchConfig]], list[float]]:
+        if self.surrogate is None:
+            return lambda archs: [0.0] * len(archs)
+
+        @torch.no_grad()
+        def score(archs: list[ArchConfig]) -> list[float]:
+            enc = [encode_arch(self.space, a) for a in archs]
+            m = torch.stack([e[0] for e in enc])
+            h = torch.stack([e[1] for e in enc])
+            return self.surrogate(m, h).tolist()
+
+        return score
+
+    def check_target(self, target: float) -> None:
+        """Raises TargetError if ``target`` is outside (0, 1] or below :attr:`floor`."""
+        if not (isinstance(target, (int, float)) and math.isfinite(target) and 0 < target <= 1):
+            raise TargetError(f"target {target!r} is outside (0, 1]; give a fraction of the full model's latency")
+        if target < self.floor - 1e-9:
+            raise TargetError(
+                f"target {target:g} is below the smallest sub-network's latency ({self.floor:.3f} of the full model); "
+                f"choose a target >= {math.ceil(self.floor * 1000) / 1000:.3f}"
+            )
+
+    @torch.no_grad()
+    def route(self, target: float) -> ArchConfig:
+        """The configuration for ``target`` (fraction of full latency). Raises TargetError."""
+        self.check_target(target)
+        if target >= 1.0:
+            return self.space.full()
+        self.router.eval()
+        mlp_logits, head_logits = self.router(torch.tensor([float(target)]))
+        arch = choices_to_archs(self.space, mlp_logits, head_logits)[0]
+        return fit_to_budget(self.space, self.table, arch, target * self.table.full, self._score())
+
+
+def _neighbours(space: SearchSpace, arch: ArchConfig, step: int) -> list[ArchConfig]:
+    """Configurations that move one layer's MLP or head choice one candidate up (+1) or down (-1)."""
+    mi, hi = space.indices(arch)
+    out = []
+    for l in range(space.num_layers):
+        for idx, n in ((mi, len(space.mlp_choices)), (hi, len(space.head_choices))):
+            if 0 <= idx[l] + step < n:
+                idx[l] += step
+                out.append(space.from_indices(mi, hi))
+                idx[l] -= step
+    return out
+
+
+def fit_to_budget(space: SearchSpace, table, arch: ArchConfig, budget: float, score) -> ArchConfig:
+    """Greedy fit of ``arch`` to ``budget`` (same unit as ``table``) — see :class:`TargetRouter`.
+    ``score(archs) -> list[float]`` predicts the loss of each configuration (lower is better)."""
+    cost = table.predict(arch)
+    base = score([arch])[0]
+    while cost > budget:
+        cands = _neighbours(space, arch, -1)
+        if not cands:
+            break
+        scores = score(cands)
+        costs = [table.predict(c) for c in cands]
+        best = min(range(len(cands)), key=lambda i: (scores[i] - base) / max(cost - costs[i], 1e-12))
+        arch, cost, base = cands[best], costs[best], scores[best]
+    while True:
+        cands = [c for c in _neighbours(space, arch, +1) if table.predict(c) <= budget]
+        if not cands:
+            return arch
+        scores = score(cands)
+        costs = [table.predict(c) for c in cands]
+        best = min(range(len(cands)), key=lambda i: (scores[i] - base) / max(costs[i] - cost, 1e-12))
+        arch, cost, base = cands[best], costs[best], scores[best]

@@ -1,0 +1,99 @@
+"""Surrogate model: predicts the LM loss of a sub-network from router outputs (METHOD §7).
+
+Input: per-layer one-hot (or straight-through) choices over MLP widths ``(B, L, K_mlp)`` and head
+counts ``(B, L, K_heads)``. Output: the predicted loss increase over the full model
+``ℓ(c) − ℓ_full`` on the same text, shape ``(B,)``. The routers are trained through it because
+back-propagating the LM loss through the whole LLM gives vanishing, noisy gradients (paper §3.3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .elastic import ArchConfig, SearchSpace
+
+
+def encode_arch(space: SearchSpace, arch: ArchConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """One-hot encoding of a configuration: ``(L, K_mlp)`` and ``(L, K_heads)`` float32."""
+    mi, hi = space.indices(arch)
+    return (
+        F.one_hot(torch.tensor(mi), len(space.mlp_choices)).float(),
+        F.one_hot(torch.tensor(hi), len(space.head_choices)).float(),
+    )
+
+
+class Surrogate(nn.Module):
+    """Two-layer MLP (hidden ``P``) over the concatenated per-layer choices (paper §3.3, Eq. 9)."""
+
+    def __init__(self, num_layers: int, n_mlp: int, n_heads: int, hidden: int = 256) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(num_layers * (n_mlp + n_heads), hidden), nn.LeakyReLU(), nn.Linear(hidden, 1))
+
+    def forward(self, mlp: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+        """``mlp`` (B, L, K_mlp), ``heads`` (B, L, K_heads) → predicted Δloss (B,)."""
+        x = torch.cat([mlp.flatten(1), heads.flatten(1)], dim=1)  # (B, L·(K_mlp+K_heads))
+        return self.net(x).squeeze(-1)
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-D tensors (no tie correction)."""
+    if a.numel() < 2:
+        return float("nan")
+    ra = a.argsort().argsort().double()
+    rb = b.argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    den = (ra.norm() * rb.norm()).item()
+    return float((ra @ rb).item() / den) if den > 0 else 0.0
+
+
+@dataclass
+class SurrogateFit:
+    """Online fit of the surrogate: a replay buffer of measured (configuration, Δloss) pairs and
+    a fixed held-out set of configurations for the accuracy gate."""
+
+    model: Surrogate
+    lr: float = 1e-3
+    mlp: list[torch.Tensor] = field(default_factory=list)
+    heads: list[torch.Tensor] = field(default_factory=list)
+    delta: list[float] = field(default_factory=list)
+    heldout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def __post_init__(self) -> None:
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=1e-4)
+
+    def add(self, mlp: torch.Tensor, heads: torch.Tensor, delta: float) -> None:
+        """Record one measurement: one-hot ``mlp`` (L, K_mlp), ``heads`` (L, K_heads), Δloss."""
+        self.mlp.append(mlp.detach().float().cpu())
+        self.heads.append(heads.detach().float().cpu())
+        self.delta.append(float(delta))
+
+    def set_heldout(self, mlp: torch.Tensor, heads: torch.Tensor, delta: torch.Tensor) -> None:
+        """Held-out configurations ``(N, L, K)`` with their measured Δloss ``(N,)``."""
+        self.heldout = (mlp.float(), heads.float(), delta.float())
+
+    def fit(self, updates: int, batch_size: int = 64, gen: torch.Generator | None = None) -> float:
+        """``updates`` AdamW steps of MSE on random minibatches of the buffer; returns the last loss."""
+        if not self.delta:
+            return float("nan")
+        m, h, y = torch.stack(self.mlp), torch.stack(self.heads), torch.tensor(self.delta)
+        loss = torch.tensor(float("nan"))
+        self.model.train()
+        for _ in range(updates):
+            idx = torch.randint(len(y), (min(batch_size, len(y)),), generator=gen)
+            loss = F.mse_loss(self.model(m[idx], h[idx]), y[idx])
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out mean absolute error (nats) and Spearman rank correlation."""
+        assert self.heldout is not None, "call set_heldout first"
+        m, h, y = self.heldout
+        pred = self.model(m, h)
+        return {"heldout_mae": float((pred - y).abs().mean()), "heldout_spearman": spearman(pred, y)}

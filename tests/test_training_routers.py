@@ -1,0 +1,165 @@
+"""Sub-network sampling, routers, surrogate, checkpoints and resume on tiny models."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from flextron.config import ElasticConfig, TrainConfig
+from flextron.elastic import convert
+from flextron.errors import TargetError
+from flextron.latency import CostTable
+from flextron.routers import StaticRouter, TargetRouter, gumbel_choice, latency_loss
+from flextron.surrogate import Surrogate, SurrogateFit, encode_arch, spearman
+from flextron.training import BudgetSampler, latest_checkpoint, load_checkpoint, save_checkpoint, train_elastic
+
+from conftest import make_tiny
+
+CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8)
+
+
+def _fx(dtype=torch.float32):
+    return convert(make_tiny("llama_gqa_tied", dtype=dtype), CFG)
+
+
+def test_budget_sampler_meets_budget_and_spans_range():
+    fx = _fx()
+    table = CostTable.from_parameters(fx.space)
+    sampler = BudgetSampler(fx.space, table, p_full=0.25)
+    gen = torch.Generator().manual_seed(0)
+    fracs, fulls = [], 0
+    for _ in range(300):
+        arch, frac = sampler.sample(gen)
+        if frac is None:
+            fulls += 1
+            assert arch == fx.space.full()
+            continue
+        assert table.fraction(arch) <= frac + 1e-9
+        fracs.append(frac)
+    assert 40 < fulls < 110  # p_full = 0.25 of 300
+    assert min(fracs) < sampler.floor + 0.1 and max(fracs) > 0.9  # the whole range is trained
+
+
+def test_gumbel_straight_through():
+    logits = torch.randn(2, 3, 4, requires_grad=True)
+    y = gumbel_choice(logits, 0.5, torch.Generator().manual_seed(0))
+    assert torch.allclose(y.detach().sum(-1), torch.ones(2, 3))
+    assert torch.allclose(y.detach(), y.detach().round(), atol=1e-6)  # hard one-hot forward
+    (y * torch.arange(4.0)).sum().backward()
+    assert logits.grad is not None and logits.grad.abs().sum() > 0
+
+
+def test_router_target_encoding_interpolates():
+    r = StaticRouter((0.5, 0.7, 1.0), num_layers=2, n_mlp=3, n_heads=2)
+    enc = r.encode(torch.tensor([0.5, 0.6, 1.0, 0.2]))
+    assert torch.allclose(enc[0], torch.tensor([1.0, 0, 0]))
+    assert torch.allclose(enc[1], torch.tensor([0.5, 0.5, 0]))
+    assert torch.allclose(enc[2], torch.tensor([0, 0, 1.0]))
+    assert torch.allclose(enc[3], torch.tensor([1.0, 0, 0]))  # clamped
+    m, h = r(torch.tensor([0.6]))
+    assert m.shape == (1, 2, 3) and h.shape == (1, 2, 2)
+
+
+def test_latency_loss_tolerance_and_gradient():
+    frac = torch.tensor([0.61, 0.70], requires_grad=True)
+    loss = latency_loss(frac, torch.tensor([0.6, 0.6]), tol=0.02)
+    assert loss[0] == 0 and loss[1] > 0
+    loss.sum().backward()
+    assert frac.grad[1] > 0
+
+
+def test_target_router_fits_budget_and_refuses_bad_targets():
+    fx = _fx()
+    sp = fx.space
+    table = CostTable.from_parameters(sp)
+    router = StaticRouter((0.5, 1.0), sp.num_layers, len(sp.mlp_choices), len(sp.head_choices))
+    tr = TargetRouter(router, table, sp, Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 16))
+    assert tr.route(1.0) == sp.full()
+    for t in (0.6, 0.75, 0.9):
+        arch = tr.route(t)
+        assert table.fraction(arch) <= t + 1e-9
+        # greedy fill: no single upgrade still fits the budget
+        mi, hi = sp.indices(arch)
+        for l in range(sp.num_layers):
+            if mi[l] + 1 < len(sp.mlp_choices):
+                up = list(mi)
+                up[l] += 1
+                assert table.fraction(sp.from_indices(up, hi)) > t
+    with pytest.raises(TargetError, match="below the smallest"):
+        tr.route(tr.floor / 2)
+    for bad in (0.0, 1.5, float("nan"), -0.3):
+        with pytest.raises(TargetError, match=r"outside \(0, 1\]"):
+            tr.route(bad)
+
+
+def test_surrogate_learns_a_ranking():
+    fx = _fx()
+    sp = fx.space
+    table = CostTable.from_parameters(sp)
+    sampler = BudgetSampler(sp, table, p_full=0.0)
+    gen = torch.Generator().manual_seed(1)
+    truth = lambda a: 1.0 - table.fraction(a)  # noqa: E731  a smooth loss-like function of size
+    fit = SurrogateFit(Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 32), lr=1e-2)
+    held = [sampler.sample(gen)[0] for _ in range(20)]
+    enc = [encode_arch(sp, a) for a in held]
+    fit.set_heldout(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), torch.tensor([truth(a) for a in held]))
+    for _ in range(80):
+        a = sampler.sample(gen)[0]
+        fit.add(*encode_arch(sp, a), truth(a))
+    fit.fit(400, gen=gen)
+    ev = fit.evaluate()
+    assert ev["heldout_spearman"] > 0.8 and ev["heldout_mae"] < 0.1
+    assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)
+
+
+def test_checkpoint_round_trip_and_ignores_partial(tmp_path):
+    fx = _fx()
+    opt = torch.optim.AdamW(fx.parameters(), lr=1e-3)
+    fx(input_ids=torch.randint(0, 97, (1, 8))).logits.sum().backward()
+    opt.step()
+    (tmp_path / "ck" / ".tmp_step_000009_1").mkdir(parents=True)  # a half-written checkpoint
+    save_checkpoint(tmp_path / "ck", 3, {"model": fx}, opt, {"stage": "x"})
+    assert latest_checkpoint(tmp_path / "ck").name == "step_000003"
+    fx2 = _fx()
+    opt2 = torch.optim.AdamW(fx2.parameters(), lr=1e-3)
+    st = load_checkpoint(latest_checkpoint(tmp_path / "ck"), {"model": fx2}, opt2)
+    assert st["step"] == 3
+    for a, b in zip(fx.parameters(), fx2.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = opt.state_dict()["state"], opt2.state_dict()["state"]
+    assert all(torch.equal(s1[k]["exp_avg"], s2[k]["exp_avg"]) for k in s1)
+
+
+def _train(run_dir, steps=4, fail_at=None):
+    fx = _fx()
+    teacher = copy.deepcopy(fx.model).requires_grad_(False)
+    table = CostTable.from_parameters(fx.space)
+    blocks = torch.randint(0, 97, (16, 12), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=steps, batch_size=2, seq_len=12, checkpoint_every=2, warmup_steps=1, lr=1e-2)
+    if fail_at is not None:
+        orig = fx.set_arch
+        calls = {"n": 0}
+
+        def flaky(arch):
+            calls["n"] += 1
+            if calls["n"] == fail_at:
+                raise KeyboardInterrupt("simulated kill")
+            return orig(arch)
+
+        fx.set_arch = flaky
+    summary = train_elastic(fx, teacher, blocks, cfg, table, run_dir, seed=0, progress=False)
+    return fx, summary
+
+
+def test_interrupted_training_resumes_to_same_weights(tmp_path):
+    ref, _ = _train(tmp_path / "a")
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "b", fail_at=4)  # dies during step 3, after the step-2 checkpoint
+    resumed, summary = _train(tmp_path / "b")
+    assert summary["resumed_from"] == 2 and summary["steps_run_now"] == 2
+    for a, b in zip(ref.parameters(), resumed.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    steps = [r for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert len(steps) == 4  # no duplicated step records after the resume
