@@ -5,6 +5,8 @@ No assertion depends on measured times: those are noisy on a shared 2-core machi
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 
@@ -104,7 +106,8 @@ def test_measure_latency_table_roundtrip(tmp_path):
     val = validate_latency_table(fx, table, LAT, n=3, seed=0, progress=False)
     assert fx.arch == before
     assert len(val["configs"]) == 3 and math.isfinite(val["mape"]) and val["mape"] >= 0
-    assert math.isfinite(val["mape_fraction"]) and val["full_measured_s"] > 0
+    assert math.isfinite(val["mape_fraction"]) and val["n"] == 3
+    assert table.workload["fit"]["configs"] == len(fx.space.homogeneous_configs()) - 1 + LAT.fit_configs
     assert all(c["measured_s"] > 0 for c in val["configs"])
     table.validation = val
 
@@ -144,7 +147,7 @@ def test_monotone_enforced_and_recorded(monkeypatch):
         return res
 
     monkeypatch.setattr(lat, "time_models", fake)
-    table = lat.measure_latency_table(fx, LAT, progress=False)
+    table = lat.measure_latency_table(fx, dataclasses.replace(LAT, method="block"), progress=False)
     assert table.is_monotone()
     assert any(a["table"] == "mlp" and a["width"] == fx.space.mlp_choices[-1] for a in table.adjusted)
 
@@ -183,3 +186,10 @@ def test_decode_tokens_per_s_runs():
     fx.set_arch(fx.space.smallest())
     tps = decode_tokens_per_s(fx, prompt_len=4, new_tokens=4, repeats=1)
     assert tps > 0 and math.isfinite(tps)
+
+
+def test_paired_ratio_is_the_median_of_per_round_ratios():
+    from flextron.latency import paired_ratio
+
+    res = {"a": {"times_s": [1.0, 2.0, 9.0]}, "b": {"times_s": [2.0, 4.0, 10.0]}}
+    assert paired_ratio(res, "a", "b") == pytest.approx(0.5)

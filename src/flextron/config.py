@@ -164,7 +164,8 @@ class RouterConfig:
 
     ``targets``: trained targets (fraction of full latency). ``surrogate_gate_spearman`` and
     ``surrogate_gate_error``: the surrogate must reach both on held-out configurations before the
-    routers get its gradient. ``latency_weight`` is λ, ``latency_tol`` the tolerance of the
+    routers get its gradient (the error is relative to a constant predictor's, so a constant
+    surrogate never passes). ``latency_weight`` is λ, ``latency_tol`` the tolerance of the
     latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
     ablation (gradient of the LM loss through soft masks).
     """

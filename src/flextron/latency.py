@@ -111,6 +111,13 @@ def time_models(
     }
 
 
+def paired_ratio(res: dict[str, dict], num: str, den: str) -> float:
+    """Median over rounds of ``num``'s time divided by ``den``'s time in the same round (from
+    :func:`time_models`). Pairing cancels slow phases of a shared machine that hit both calls of
+    a round, so the ratio is steadier than a ratio of medians."""
+    return _median([a / b for a, b in zip(res[num]["times_s"], res[den]["times_s"])])
+
+
 def prefill_fn(model: torch.nn.Module, input_ids: torch.Tensor) -> Callable[[], object]:
     """A callable running the prefill workload: a no-grad forward of ``input_ids (B, T)`` with
     ``use_cache=False, logits_to_keep=1`` (the LM head runs on the last token only). Works for plain
@@ -403,8 +410,8 @@ def timed_fractions(fx: ElasticModel, archs: Sequence[ArchConfig], cfg: LatencyC
     the exported full model, interleaved per configuration (``cfg.warmup`` + ``cfg.repeats``
     rounds, medians), so machine-speed drift between configurations cancels in the ratio.
 
-    Returns per configuration ``{"arch", "sub_s", "full_s", "fraction"}`` (seconds; fraction of
-    full latency).
+    Returns per configuration ``{"arch", "sub_s", "full_s", "fraction"}``: median seconds, and the
+    fraction of full latency as :func:`paired_ratio`.
     """
     from .export import export_subnetwork  # the sub-model users deploy is what gets timed
 
@@ -418,7 +425,7 @@ def timed_fractions(fx: ElasticModel, archs: Sequence[ArchConfig], cfg: LatencyC
             res = time_models({"sub": prefill_fn(sub, ids), "full": full_run}, repeats=cfg.repeats, warmup=cfg.warmup)
             del sub
             s_, f_ = res["sub"]["median_s"], res["full"]["median_s"]
-            out.append({"arch": arch.to_dict(), "sub_s": s_, "full_s": f_, "fraction": s_ / f_})
+            out.append({"arch": arch.to_dict(), "sub_s": s_, "full_s": f_, "fraction": paired_ratio(res, "sub", "full")})
     return out
 
 

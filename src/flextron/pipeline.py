@@ -32,7 +32,7 @@ from .elastic import ArchConfig, ElasticModel, convert
 from .errors import ConfigError, FlextronError, ModelError, OutputExistsError
 from .evaluate import bootstrap_ci, decode_tokens_per_s, perplexity
 from .export import export_subnetwork, load_elastic, load_hf_model, save_elastic, save_subnetwork
-from .latency import CostTable, measure_latency_table, prefill_fn, time_models, validate_latency_table
+from .latency import CostTable, measure_latency_table, paired_ratio, prefill_fn, time_models, validate_latency_table
 from .ranking import apply_permutation, compute_importance, make_permutation
 from .routers import StaticRouter, TargetRouter
 from .surrogate import Surrogate
@@ -204,7 +204,10 @@ def _stage_elastic(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     fx = load_elastic(run_dir / "ranked")
     table = CostTable.load(run_dir / "latency_table.json")
     acc = make_accelerator(cfg.train.grad_accum)
-    summary = train_elastic(fx, _teacher(run_dir, cfg.train.kd_alpha), inp.train, cfg.train, table, run_dir, seed=cfg.seed, accelerator=acc)
+    summary = train_elastic(
+        fx, _teacher(run_dir, cfg.train.kd_alpha), inp.train, cfg.train, table, run_dir,
+        seed=cfg.seed, accelerator=acc, min_fraction=min(cfg.routers.targets),
+    )
     if acc.is_main_process:
         save_elastic(fx, run_dir / "elastic", tokenizer=inp.tokenizer, overwrite=True)
     return summary
@@ -301,8 +304,11 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 # --------------------------------------------------------------------------- evaluation
 
 
-def _nearest_homogeneous(fx: ElasticModel, table: CostTable, predicted: float) -> ArchConfig:
-    return min(fx.space.homogeneous_configs(), key=lambda a: abs(table.predict(a) - predicted))
+def _homogeneous_rivals(fx: ElasticModel, table: CostTable, predicted: float) -> list[ArchConfig]:
+    """For every head count, the homogeneous configuration whose predicted latency is nearest to
+    ``predicted`` (seconds): the baselines a routed configuration is compared with."""
+    sp = fx.space
+    return [min((sp.homogeneous(m, a) for m in sp.mlp_choices), key=lambda c: abs(table.predict(c) - predicted)) for a in sp.head_choices]
 
 
 def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, progress: bool = True) -> dict:
@@ -344,9 +350,12 @@ def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, pro
         u_ood = _ppl(untrained, inp.ood, cfg)["perplexity"]
         homo = None
         if t < 1.0:
-            h = _nearest_homogeneous(fx, table, table.predict(arch))
-            fx.set_arch(h)
-            homo = {"config": h.to_dict(), "predicted_latency_s": table.predict(h), "perplexity": _ppl(fx, inp.heldout, cfg)["perplexity"]}
+            # the best homogeneous rival of nearest predicted latency (one per head count)
+            rivals = []
+            for h in _homogeneous_rivals(fx, table, table.predict(arch)):
+                fx.set_arch(h)
+                rivals.append({"config": h.to_dict(), "predicted_latency_s": table.predict(h), "perplexity": _ppl(fx, inp.heldout, cfg)["perplexity"]})
+            homo = {**min(rivals, key=lambda r: r["perplexity"]), "candidates": rivals}
         row = {
             "target": t,
             "mode": "static",
@@ -356,7 +365,8 @@ def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, pro
             "predicted_latency_s": table.predict(arch),
             "latency_s": timing["sub"]["median_s"],
             "full_latency_s": timing["full"]["median_s"],
-            "latency_ratio": timing["sub"]["median_s"] / timing["full"]["median_s"],
+            "latency_ratio": paired_ratio(timing, "sub", "full"),
+            "latency_ratio_of_medians": timing["sub"]["median_s"] / timing["full"]["median_s"],
             "perplexity": ppl["perplexity"],
             "perplexity_ci": list(bootstrap_ci(ppl["nll_per_block"], transform=math.exp)),
             "untrained_perplexity": u_ppl,
@@ -394,7 +404,8 @@ def _exported_check(run: LoadedRun, target: float, ids: torch.Tensor) -> dict:
         "params": sum(p.numel() for p in sub.parameters()),
         "latency_s": timing["sub"]["median_s"],
         "full_latency_s": timing["full"]["median_s"],
-        "speedup": timing["full"]["median_s"] / timing["sub"]["median_s"],
+        "speedup": 1 / paired_ratio(timing, "sub", "full"),
+        "speedup_of_medians": timing["full"]["median_s"] / timing["sub"]["median_s"],
     }
 
 

@@ -110,22 +110,22 @@ def read_metrics(path: Path) -> list[dict]:
 # --------------------------------------------------------------------------- configurations
 
 
-def _intermediate_size(results: dict) -> int | None:
+def _full_size(results: dict, key: str, choices_key: str) -> int | None:
+    """``search_space[key]`` (e.g. ``intermediate_size``), else the largest of its choices."""
     space = results.get("search_space") or {}
-    v = space.get("intermediate_size")
+    v = space.get(key)
     if isinstance(v, int) and v > 0:
         return v
-    choices = [c for c in space.get("mlp_choices") or [] if isinstance(c, int)]
+    choices = [c for c in space.get(choices_key) or [] if isinstance(c, int)]
     return max(choices) if choices else None
+
+
+def _intermediate_size(results: dict) -> int | None:
+    return _full_size(results, "intermediate_size", "mlp_choices")
 
 
 def _heads_per_group(results: dict) -> int | None:
-    space = results.get("search_space") or {}
-    v = space.get("heads_per_group")
-    if isinstance(v, int) and v > 0:
-        return v
-    choices = [c for c in space.get("head_choices") or [] if isinstance(c, int)]
-    return max(choices) if choices else None
+    return _full_size(results, "heads_per_group", "head_choices")
 
 
 def _summarize_config(cfg: Any, inter: int | None) -> tuple[float | None, float | None]:
@@ -297,7 +297,8 @@ def _main_table(results: dict) -> str:
     for r in results.get("rows") or []:
         frac, mh = _summarize_config(r.get("config"), inter)
         lat, full = _num(r.get("latency_s")), _num(r.get("full_latency_s"))
-        ratio = _fmt(lat / full) if lat is not None and full else _DASH
+        ratio = _fmt(r["latency_ratio"]) if _num(r.get("latency_ratio")) is not None else (
+            _fmt(lat / full) if lat is not None and full else _DASH)
         ci = r.get("perplexity_ci")
         ppl = _fmt(r.get("perplexity"))
         if isinstance(ci, (list, tuple)) and len(ci) == 2 and _num(ci[0]) is not None and _num(ci[1]) is not None:
@@ -366,8 +367,10 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
 
     md += ["## Results per target", "",
            "Latencies are prefill times of the LUT workload; *predicted* comes from the lookup table, "
-           "*timed* is measured. The homogeneous baseline uses one width for every layer, chosen with "
-           "the same predicted latency as the routed configuration.", "",
+           "*timed* is the median of interleaved runs of the exported sub-model and the full model, and "
+           "*timed / full* the median of their per-round ratios. The homogeneous baseline uses one width for "
+           "every layer: for each head count, the MLP width whose predicted latency is nearest the routed "
+           "configuration's; the best of those is shown.", "",
            _main_table(results), ""]
     if plots.get("latency_perplexity.png"):
         md += ["![latency vs perplexity](latency_perplexity.png)", ""]

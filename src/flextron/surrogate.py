@@ -92,8 +92,16 @@ class SurrogateFit:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Held-out mean absolute error (nats) and Spearman rank correlation."""
+        """Held-out accuracy: mean absolute error (nats), the same relative to a constant
+        predictor's (the mean absolute deviation of the held-out Δloss; 1.0 = no better than a
+        constant), and Spearman rank correlation."""
         assert self.heldout is not None, "call set_heldout first"
         m, h, y = self.heldout
         pred = self.model(m, h)
-        return {"heldout_mae": float((pred - y).abs().mean()), "heldout_spearman": spearman(pred, y)}
+        mae = float((pred - y).abs().mean())
+        spread = float((y - y.mean()).abs().mean())
+        return {
+            "heldout_mae": mae,
+            "heldout_relative_error": mae / spread if spread > 0 else float("inf"),
+            "heldout_spearman": spearman(pred, y),
+        }
