@@ -95,7 +95,7 @@ def test_measure_latency_table_roundtrip(tmp_path):
     assert table.unit == "s" and table.num_layers == fx.space.num_layers
     assert sorted(table.mlp) == list(fx.space.mlp_choices)
     assert sorted(table.attn) == list(fx.space.head_choices)
-    assert all(v > 0 for v in list(table.mlp.values()) + list(table.attn.values())) and table.full > 0
+    assert all(v >= 0 for v in list(table.mlp.values()) + list(table.attn.values())) and table.full > 0
     assert table.is_monotone()
     assert table.workload == {**table.workload, "batch_size": 1, "seq_len": 16, "kind": "prefill", "logits_to_keep": 1}
     assert table.dtype == "float32" and table.torch_version == torch.__version__ and table.measured_at

@@ -359,8 +359,9 @@ class CostTable:
 
 
 def _enforce_monotone(costs: dict[int, float], name: str, adjusted: list) -> dict[int, float]:
-    """Cumulative max over increasing widths; records each raised entry in ``adjusted``."""
-    out, best = {}, -math.inf
+    """Cumulative max over increasing widths, starting at 0 (a cost is never negative); records
+    each raised entry in ``adjusted``."""
+    out, best = {}, 0.0
     for k in sorted(costs):
         v = costs[k]
         if v < best:
@@ -517,6 +518,14 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
             est[f"{kind}:{w}"] = est[f"{kind}:{D if kind == 'mlp' else R}"] + dv * full
         fit_info = {"configs": len(rows), "mean_abs_residual_fraction": float(resid.mean()), "max_abs_residual_fraction": float(resid.max())}
         logger.info("latency table fit over %d sub-models: mean |residual| %.3f of full latency", len(rows), fit_info["mean_abs_residual_fraction"])
+    # Only the split between const and the per-layer costs is arbitrary: if the fitted savings
+    # exceed the isolated full-width block time, move the split so no cost is negative (every
+    # prediction stays the same).
+    for kind, widths in (("mlp", space.mlp_choices), ("attn", space.head_choices)):
+        low = min(est[f"{kind}:{w}"] for w in widths)
+        if low < 0:
+            for w in widths:
+                est[f"{kind}:{w}"] -= low
     adjusted: list = []
     mlp = _enforce_monotone({m: est[f"mlp:{m}"] for m in space.mlp_choices}, "mlp", adjusted)
     attn = _enforce_monotone({a: est[f"attn:{a}"] for a in space.head_choices}, "attn", adjusted)
