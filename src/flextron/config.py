@@ -201,6 +201,8 @@ class RouterConfig:
         _check(self.tau_start >= self.tau_end > 0, "routers.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
         _check(self.latency_weight >= 0, "routers.latency_weight", self.latency_weight, "must be >= 0")
         _check(0 <= self.latency_tol < 1, "routers.latency_tol", self.latency_tol, "must lie in [0, 1)")
+        for k in ("router_lr", "surrogate_lr"):
+            _check(getattr(self, k) > 0, f"routers.{k}", getattr(self, k), "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,8 @@ class JointConfig:
         for k in ("batch_size", "seq_len", "checkpoint_every"):
             _check(getattr(self, k) >= 1, f"joint.{k}", getattr(self, k), "must be >= 1")
         _check(self.steps >= 0, "joint.steps", self.steps, "must be >= 0")
+        for k in ("model_lr", "router_lr"):
+            _check(getattr(self, k) > 0, f"joint.{k}", getattr(self, k), "must be > 0")
         _check(0 <= self.kd_alpha <= 1, "joint.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
 
 
