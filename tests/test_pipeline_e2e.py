@@ -43,6 +43,9 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     rtr = [r for r in recs if r["stage"] == "routers"]
     assert all("surrogate_spearman" in r and "router_steps_with_surrogate_grad" in r for r in rtr)
     assert all("budget" in r and "kd_loss" in r for r in recs if r["stage"] == "elastic")
+    # the router started from the best homogeneous configuration meeting each target
+    start = res["training"]["routers"]["warm_start"]
+    assert set(start) == {"0.6", "0.8", "1"} and start["1"] == [64, 3]
 
 
 def test_rerun_is_a_no_op(tiny_run, capsys):

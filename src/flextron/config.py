@@ -165,7 +165,8 @@ class RouterConfig:
     ``targets``: trained targets (fraction of full latency). ``surrogate_gate_spearman`` and
     ``surrogate_gate_error``: the surrogate must reach both on held-out configurations before the
     routers get its gradient (the error is relative to a constant predictor's, so a constant
-    surrogate never passes). ``latency_weight`` is λ, ``latency_tol`` the tolerance of the
+    surrogate never passes). ``warm_start``: measure every homogeneous configuration first and
+    start the router from the best one that meets each target (then the surrogate refines it). ``latency_weight`` is λ, ``latency_tol`` the tolerance of the
     latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
     ablation (gradient of the LM loss through soft masks).
     """
@@ -188,6 +189,7 @@ class RouterConfig:
     surrogate_gate_error: float = 0.5
     heldout_configs: int = 12
     surrogate: bool = True
+    warm_start: bool = True
 
     def __post_init__(self) -> None:
         _check(len(self.targets) >= 1, "routers.targets", self.targets, "give at least one target")

@@ -457,13 +457,14 @@ def train_routers(
     for i in tqdm(range(cfg.warmup_samples), desc="routers: surrogate warm-up", disable=not progress, leave=False):
         a = sampler.sample(gen)[0]
         fit.add(*encode_arch(sp, a), measure(a, i))
+    opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
+    targets = torch.tensor(cfg.targets)
+    warm = _warm_start_router(router, opt, fit, measure, sp, table, targets, cfg, progress) if cfg.warm_start else None
     fit.fit(cfg.surrogate_updates * 10, gen=gen)
     ev = fit.evaluate()
     log.info("surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
              ev["heldout_mae"], ev["heldout_relative_error"], ev["heldout_spearman"])
 
-    opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
-    targets = torch.tensor(cfg.targets)
     grad_steps = 0
     router.train()
     bar = tqdm(range(cfg.steps), desc="routers", disable=not progress)
@@ -520,8 +521,39 @@ def train_routers(
         "surrogate_relative_error": ev["heldout_relative_error"],
         "surrogate_spearman": ev["heldout_spearman"],
         "router_steps_with_surrogate_grad": grad_steps,
+        "warm_start": warm,
         "wall_s": time.time() - t0,
     }
+
+
+def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, cfg: RouterConfig, progress: bool) -> dict:
+    """Project choice: measure every homogeneous configuration (the measurements also train the
+    surrogate), then fit the router to output, for each target, the best homogeneous
+    configuration that meets it; surrogate training then departs from that baseline only where
+    it predicts a gain. Returns ``{target: [mlp, heads]}`` of the starting configurations."""
+    homo = sp.homogeneous_configs()
+    deltas = []
+    for i, a in enumerate(tqdm(homo, desc="routers: homogeneous configs", disable=not progress, leave=False)):
+        deltas.append(measure(a, i))
+        fit.add(*encode_arch(sp, a), deltas[-1])
+    start = {}
+    mlp_idx, head_idx = [], []
+    for t in targets.tolist():
+        fits = [(d, a) for d, a in zip(deltas, homo) if table.fraction(a) <= t + cfg.latency_tol]
+        best = min(fits, key=lambda x: x[0])[1] if fits else sp.smallest()
+        start[f"{t:g}"] = [best.mlp[0], best.heads[0]]
+        mi, hi = sp.indices(best)
+        mlp_idx.append(mi)
+        head_idx.append(hi)
+    mlp_idx, head_idx = torch.tensor(mlp_idx), torch.tensor(head_idx)  # (n_targets, L)
+    for _ in range(200):
+        mlp_logits, head_logits = router(targets)
+        loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.flatten()) + F.cross_entropy(head_logits.flatten(0, 1), head_idx.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    log.info("router warm start (best homogeneous per target): %s", start)
+    return start
 
 
 # --------------------------------------------------------------------------- joint fine-tuning
