@@ -34,6 +34,11 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     # target 1.0 is the full model: same parameters, and perplexity equal to the original before any training
     assert row[1.0]["params"] == row[1.0]["full_params"]
     assert row[0.6]["params"] < row[1.0]["params"]
+    # the homogeneous baseline is the best of one rival per head count
+    h = row[0.6]["homogeneous"]
+    assert len(h["candidates"]) == len(res["search_space"]["head_choices"])
+    assert h["perplexity"] == min(c["perplexity"] for c in h["candidates"])
+    assert 0 < row[0.6]["latency_ratio"]
     assert set(res["ablation"]["perplexity"]) == {"importance", "none", "random"}
     assert set(res["provenance"]["stages"]) >= {"rank", "latency", "elastic", "routers", "joint", "evaluate"}
     assert (run_dir / "report.md").exists() and (run_dir / "latency_perplexity.png").exists()

@@ -40,6 +40,12 @@ def test_budget_sampler_meets_budget_and_spans_range():
         fracs.append(frac)
     assert 40 < fulls < 110  # p_full = 0.25 of 300
     assert min(fracs) < sampler.floor + 0.1 and max(fracs) > 0.9  # the whole range is trained
+    # min_fraction raises the floor: no budget below the lowest deployed target is sampled
+    high = BudgetSampler(fx.space, table, p_full=0.0, min_fraction=0.8)
+    assert high.floor == 0.8
+    for _ in range(50):
+        arch, frac = high.sample(gen)
+        assert 0.8 <= frac <= 1.0 and table.fraction(arch) <= frac + 1e-9
 
 
 def test_gumbel_straight_through():
@@ -110,7 +116,12 @@ def test_surrogate_learns_a_ranking():
         fit.add(*encode_arch(sp, a), truth(a))
     fit.fit(400, gen=gen)
     ev = fit.evaluate()
-    assert ev["heldout_spearman"] > 0.8 and ev["heldout_mae"] < 0.1
+    assert ev["heldout_spearman"] > 0.8 and ev["heldout_mae"] < 0.1 and ev["heldout_relative_error"] < 0.5
+    # a constant predictor at the mean scores a relative error of 1: the gate cannot pass it
+    y = fit.heldout[2]
+    torch.nn.init.zeros_(fit.model.net[2].weight)
+    torch.nn.init.constant_(fit.model.net[2].bias, float(y.mean()))
+    assert fit.evaluate()["heldout_relative_error"] >= 0.99
     assert spearman(torch.tensor([1.0, 2, 3]), torch.tensor([3.0, 2, 1])) == pytest.approx(-1.0)
 
 

@@ -166,8 +166,8 @@ class RouterConfig:
     ``surrogate_gate_error``: the surrogate must reach both on held-out configurations before the
     routers get its gradient (the error is relative to a constant predictor's, so a constant
     surrogate never passes). ``warm_start``: measure every homogeneous configuration first and
-    start the router from the best one that meets each target (then the surrogate refines it). ``latency_weight`` is λ, ``latency_tol`` the tolerance of the
-    latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
+    start the router from the best one that meets each target (then the surrogate refines it).
+    ``latency_weight`` is λ, ``latency_tol`` the tolerance of the latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
     ablation (gradient of the LM loss through soft masks).
     """
 

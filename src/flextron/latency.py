@@ -359,9 +359,8 @@ class CostTable:
 
 
 def _enforce_monotone(costs: dict[int, float], name: str, adjusted: list) -> dict[int, float]:
-    """Cumulative max over increasing widths, starting at 0 (a cost is never negative); records
-    each raised entry in ``adjusted``."""
-    out, best = {}, 0.0
+    """Cumulative max over increasing widths; records each raised entry in ``adjusted``."""
+    out, best = {}, -math.inf
     for k in sorted(costs):
         v = costs[k]
         if v < best:
