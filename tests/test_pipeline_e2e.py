@@ -38,6 +38,12 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     h = row[0.6]["homogeneous"]
     assert len(h["candidates"]) == len(res["search_space"]["head_choices"])
     assert h["perplexity"] == min(c["perplexity"] for c in h["candidates"])
+    # the interpolated baseline lies between the two bracketing homogeneous widths' perplexities
+    it = h["interpolated"]
+    if len(it["between"]) == 2:
+        lo_lat, hi_lat = it["between_predicted_latency_s"]
+        assert lo_lat <= row[0.6]["predicted_latency_s"] <= hi_lat
+        assert min(it["between_perplexity"]) - 1e-9 <= it["perplexity"] <= max(it["between_perplexity"]) + 1e-9
     assert 0 < row[0.6]["latency_ratio"]
     assert set(res["ablation"]["perplexity"]) == {"importance", "none", "random"}
     assert set(res["provenance"]["stages"]) >= {"rank", "latency", "elastic", "routers", "joint", "evaluate"}
@@ -48,9 +54,15 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     rtr = [r for r in recs if r["stage"] == "routers"]
     assert all("surrogate_spearman" in r and "router_steps_with_surrogate_grad" in r for r in rtr)
     assert all("budget" in r and "kd_loss" in r for r in recs if r["stage"] == "elastic")
-    # the router started from the best homogeneous configuration meeting each target
-    start = res["training"]["routers"]["warm_start"]
-    assert set(start) == {"0.6", "0.8", "1"} and start["1"] == [64, 3]
+    # the router started from the best homogeneous configuration meeting each target of the
+    # grid (trained targets and their midpoints), and its refinement was validated against it
+    rs = res["training"]["routers"]
+    start = rs["warm_start"]
+    assert set(start) == {"0.6", "0.7", "0.8", "0.9", "1"} and start["1"] == [64, 3]
+    verdicts = rs["validation"]["targets"]
+    assert verdicts and all(v["kept"] in ("router", "warm start") for v in verdicts.values())
+    assert all((v["kept"] == "router") == (v["routed_loss"] < v["warm_start_loss"]) for v in verdicts.values())
+    assert rs["validation"]["refit_mismatched_targets"] == []
 
 
 def test_rerun_is_a_no_op(tiny_run, capsys):

@@ -133,14 +133,16 @@ class LatencyConfig:
     """Latency lookup table (METHOD §5): workload ``batch_size`` × ``seq_len`` prefill, warm-up,
     trimmed mean over ``repeats``; ``validate_configs`` random whole configurations are timed to
     report the table's mean absolute percentage error. ``budget``: ``latency`` or ``params``.
-    ``method``: ``fit`` prices widths by least squares over ``fit_configs`` + all homogeneous
-    exported sub-models timed against the full model, ``block`` from isolated block timings
+    ``block_repeats``: rounds of the isolated per-width block timings. ``method``: ``fit`` scales
+    the block timings by least squares over ``fit_configs`` + all homogeneous exported
+    sub-models timed against the full model, ``block`` uses the block timings as they are
     (see :func:`flextron.latency.measure_latency_table`)."""
 
     seq_len: int = 256
     batch_size: int = 1
     warmup: int = 3
     repeats: int = 10
+    block_repeats: int = 30
     trim: float = 0.2
     validate_configs: int = 20
     budget: str = "latency"
@@ -150,7 +152,7 @@ class LatencyConfig:
     def __post_init__(self) -> None:
         _check(self.method in ("fit", "block"), "latency.method", self.method, "'fit' or 'block'")
         _check(self.fit_configs >= 0, "latency.fit_configs", self.fit_configs, "must be >= 0")
-        for k in ("seq_len", "batch_size", "repeats"):
+        for k in ("seq_len", "batch_size", "repeats", "block_repeats"):
             _check(getattr(self, k) >= 1, f"latency.{k}", getattr(self, k), "must be >= 1")
         _check(self.warmup >= 0, "latency.warmup", self.warmup, "must be >= 0")
         _check(0 <= self.trim < 0.5, "latency.trim", self.trim, "must lie in [0, 0.5)")

@@ -440,18 +440,28 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
     """Measure the latency lookup table of ``fx`` on its current device and dtype (METHOD §5).
 
     Workload: prefill of ``batch_size × seq_len`` tokens (``use_cache=False, logits_to_keep=1``).
-    The full-width MLP and attention blocks are timed in isolation (interleaved, trimmed mean);
-    they fix the split between ``const`` and the per-layer costs, which no prediction depends on.
+    ``const`` (embedding, final norm, LM head, overheads) is the full latency minus the layers'
+    full-width costs.
 
-    ``cfg.method == "fit"`` (default): the other entries come from whole sub-models. Every
-    homogeneous configuration and ``cfg.fit_configs`` per-layer random ones are exported and
-    timed against the full model (:func:`timed_fractions`); the per-layer savings ``δ`` solve the
-    least-squares problem ``fraction(c) − 1 = Σ_l (δ_mlp[m_l] + δ_attn[a_l])`` and
-    ``mlp[m] = mlp[full] + δ_mlp[m] · full``. This prices widths in context, as deployed;
-    isolated CPU block timings of a few milliseconds mispredicted per-layer-mixed configurations
-    by 5–8 % of the full latency here. ``cfg.method == "block"``: every width is timed as an
-    isolated block (METHOD §5 literally). Entries that noise left below a narrower width's are
-    raised to it and listed in ``table.adjusted``. The model's configuration is restored.
+    Every MLP width and head count is timed as an isolated block of one layer (interleaved,
+    ``cfg.block_repeats`` rounds, trimmed mean): ``mlp_block[m]``, ``attn_block[a]``.
+
+    ``cfg.method == "fit"`` (default): isolated CPU blocks of a few milliseconds mispredict whole
+    sub-models (by 5–8 % of the full latency here: caches, threading and the rest of the layer
+    differ in context), so the block timings give only the *shape* of the table and its *scale*
+    comes from whole sub-models. Every homogeneous configuration and ``cfg.fit_configs``
+    per-layer random ones are exported and timed against the full model
+    (:func:`timed_fractions`); two scale factors solve the least-squares problem
+    ``fraction(c) − 1 = (α Σ_l (mlp_block[m_l] − mlp_block[D]) + β Σ_l (attn_block[a_l] −
+    attn_block[R])) / full``, and ``mlp[m] = α · mlp_block[m]``, ``attn[a] = β · attn_block[a]``.
+    Two parameters from many sub-models keep timing noise out of the per-width differences
+    (a free least-squares entry per width let noise reorder the widths' costs).
+    ``cfg.method == "block"``: the isolated block timings as they are (METHOD §5 literally).
+    Entries that noise left below a narrower width's are raised to it and listed in
+    ``table.adjusted``. The model's configuration is restored.
+
+    Raises:
+        ValueError: a timing is not finite.
     """
     p = next(fx.parameters())
     device, dtype = p.device, p.dtype
@@ -484,39 +494,33 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
 
             return run
 
-        widths = space.mlp_choices if cfg.method == "block" else (D,)
-        heads = space.head_choices if cfg.method == "block" else (R,)
-        fns: dict[str, Callable[[], object]] = {f"mlp:{m}": mlp_at(m) for m in widths}
-        fns.update({f"attn:{a}": attn_at(a) for a in heads})
-        full_prefill = prefill_fn(fx, _workload_ids(fx, cfg, device))
-
-        def full_run():
-            fx.set_arch(None)  # the module closures above change layer 0's widths
-            return full_prefill()
-
-        fns["full"] = full_run
-        res = time_models(fns, repeats=cfg.repeats, warmup=cfg.warmup, trim=cfg.trim, progress=progress, desc="latency blocks")
-    est = {k: v["trimmed_mean_s"] for k, v in res.items()}
-    full = est["full"]
+        fns: dict[str, Callable[[], object]] = {f"mlp:{m}": mlp_at(m) for m in space.mlp_choices}
+        fns.update({f"attn:{a}": attn_at(a) for a in space.head_choices})
+        res = time_models(fns, repeats=cfg.block_repeats, warmup=cfg.warmup, trim=cfg.trim, progress=progress, desc="latency blocks")
+        fx.set_arch(None)  # the module closures above changed layer 0's widths
+        est = {k: v["trimmed_mean_s"] for k, v in res.items()}
+        if cfg.method == "block":
+            full = time_models({"full": prefill_fn(fx, _workload_ids(fx, cfg, device))}, repeats=cfg.repeats,
+                               warmup=cfg.warmup, trim=cfg.trim)["full"]["trimmed_mean_s"]
     fit_info = None
     if cfg.method == "fit":
         rows = timed_fractions(fx, _calibration_archs(space, cfg.fit_configs, seed=1), cfg, progress=progress)
         full = _median([r["full_s"] for r in rows])
-        keys = [("mlp", m) for m in space.mlp_choices[:-1]] + [("attn", a) for a in space.head_choices[:-1]]
-        X = torch.zeros(len(rows), len(keys), dtype=torch.float64)
+        X = torch.tensor([[sum(est[f"mlp:{m}"] - est[f"mlp:{D}"] for m in r["arch"]["mlp"]) / full,
+                           sum(est[f"attn:{a}"] - est[f"attn:{R}"] for a in r["arch"]["heads"]) / full] for r in rows],
+                         dtype=torch.float64)  # (n_configs, 2)
         y = torch.tensor([r["fraction"] - 1 for r in rows], dtype=torch.float64)
-        for i, r in enumerate(rows):
-            for m, a in zip(r["arch"]["mlp"], r["arch"]["heads"]):
-                if m != D:
-                    X[i, keys.index(("mlp", m))] += 1
-                if a != R:
-                    X[i, keys.index(("attn", a))] += 1
-        delta = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
-        resid = (X @ delta - y).abs()
-        for (kind, w), dv in zip(keys, delta.tolist()):
-            est[f"{kind}:{w}"] = est[f"{kind}:{D if kind == 'mlp' else R}"] + dv * full
-        fit_info = {"configs": len(rows), "mean_abs_residual_fraction": float(resid.mean()), "max_abs_residual_fraction": float(resid.max())}
-        logger.info("latency table fit over %d sub-models: mean |residual| %.3f of full latency", len(rows), fit_info["mean_abs_residual_fraction"])
+        scale = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
+        if (scale <= 0).any():
+            logger.warning("latency table fit: non-positive scale %s (timings too noisy); using the isolated block timings", scale.tolist())
+            scale = torch.ones(2, dtype=torch.float64)
+        resid = (X @ scale - y).abs()
+        for k in est:
+            est[k] *= float(scale[0] if k.startswith("mlp:") else scale[1])
+        fit_info = {"configs": len(rows), "scale": {"mlp": float(scale[0]), "attn": float(scale[1])},
+                    "mean_abs_residual_fraction": float(resid.mean()), "max_abs_residual_fraction": float(resid.max())}
+        logger.info("latency table fit over %d sub-models: scale mlp %.2f attn %.2f, mean |residual| %.3f of full latency",
+                    len(rows), scale[0], scale[1], fit_info["mean_abs_residual_fraction"])
     # Only the split between const and the per-layer costs is arbitrary: if the fitted savings
     # exceed the isolated full-width block time, move the split so no cost is negative (every
     # prediction stays the same).
@@ -537,7 +541,7 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
         unit="s", mlp=mlp, attn=attn, const=const, num_layers=L, full=full,
         device=_device_name(device), dtype=str(dtype).replace("torch.", ""), torch_version=torch.__version__,
         workload={"batch_size": B, "seq_len": T, "kind": "prefill", "logits_to_keep": 1,
-                  "warmup": cfg.warmup, "repeats": cfg.repeats, "trim": cfg.trim, "method": cfg.method,
+                  "warmup": cfg.warmup, "repeats": cfg.repeats, "block_repeats": cfg.block_repeats, "trim": cfg.trim, "method": cfg.method,
                   "threads": torch.get_num_threads(), "fit": fit_info},
         adjusted=adjusted,
     )

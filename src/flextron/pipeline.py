@@ -21,6 +21,7 @@ import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -311,6 +312,34 @@ def _homogeneous_rivals(fx: ElasticModel, table: CostTable, predicted: float) ->
     return [min((sp.homogeneous(m, a) for m in sp.mlp_choices), key=lambda c: abs(table.predict(c) - predicted)) for a in sp.head_choices]
 
 
+def _homogeneous_baseline(fx: ElasticModel, table: CostTable, predicted: float, ppl_of: Callable[[ArchConfig], float]) -> dict:
+    """The homogeneous baseline of a routed configuration of predicted latency ``predicted`` (s).
+
+    ``nearest``: for every head count the homogeneous configuration of nearest predicted latency
+    is measured (``ppl_of``) and the best is kept. ``interpolated``: along that head count's
+    homogeneous widths, the perplexity at exactly ``predicted``, by linear interpolation of
+    log-perplexity in predicted latency between the two widths that bracket it (the other one
+    is measured too); equal to ``nearest`` when ``predicted`` lies outside their range.
+    """
+    sp = fx.space
+    rivals = [{"config": h.to_dict(), "predicted_latency_s": table.predict(h), "perplexity": ppl_of(h)}
+              for h in _homogeneous_rivals(fx, table, predicted)]
+    best = min(rivals, key=lambda r: r["perplexity"])
+    heads = best["config"]["heads"][0]
+    line = sorted(((table.predict(sp.homogeneous(m, heads)), sp.homogeneous(m, heads)) for m in sp.mlp_choices), key=lambda x: x[0])
+    lo = max((x for x in line if x[0] <= predicted), default=None, key=lambda x: x[0])
+    hi = min((x for x in line if x[0] >= predicted), default=None, key=lambda x: x[0])
+    interp = {"perplexity": best["perplexity"], "between": [best["config"]]}
+    if lo is not None and hi is not None and hi[0] > lo[0]:
+        known = {ArchConfig.from_dict(r["config"]): r["perplexity"] for r in rivals}
+        p_lo, p_hi = (known[c] if c in known else ppl_of(c) for c in (lo[1], hi[1]))
+        w = (predicted - lo[0]) / (hi[0] - lo[0])
+        interp = {"perplexity": math.exp((1 - w) * math.log(p_lo) + w * math.log(p_hi)),
+                  "between": [lo[1].to_dict(), hi[1].to_dict()], "between_perplexity": [p_lo, p_hi],
+                  "between_predicted_latency_s": [lo[0], hi[0]]}
+    return {**best, "candidates": rivals, "interpolated": interp}
+
+
 def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, progress: bool = True) -> dict:
     """Evaluate every target: routed configuration, parameters, timed vs predicted latency,
     held-out and out-of-domain perplexity after and before training, the homogeneous
@@ -350,12 +379,7 @@ def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, pro
         u_ood = _ppl(untrained, inp.ood, cfg)["perplexity"]
         homo = None
         if t < 1.0:
-            # the best homogeneous rival of nearest predicted latency (one per head count)
-            rivals = []
-            for h in _homogeneous_rivals(fx, table, table.predict(arch)):
-                fx.set_arch(h)
-                rivals.append({"config": h.to_dict(), "predicted_latency_s": table.predict(h), "perplexity": _ppl(fx, inp.heldout, cfg)["perplexity"]})
-            homo = {**min(rivals, key=lambda r: r["perplexity"]), "candidates": rivals}
+            homo = _homogeneous_baseline(fx, table, table.predict(arch), lambda h: _ppl(fx.set_arch(h), inp.heldout, cfg)["perplexity"])
         row = {
             "target": t,
             "mode": "static",

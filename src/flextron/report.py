@@ -186,7 +186,7 @@ def plot_latency_perplexity(results: dict, path: Path) -> bool:
         h = r.get("homogeneous") or {}
         x = _num(h.get("latency_s")) or _num(h.get("predicted_latency_s"))
         homog.append((None if x is None else x * 1e3, _num(h.get("perplexity"))))
-    drawn |= bool(series(homog, marker="^", ls=":", color="C2", label="homogeneous (equal predicted latency)"))
+    drawn |= bool(series(homog, marker="^", ls=":", color="C2", label="homogeneous (nearest predicted latency)"))
     full = next((_num(r.get("full_latency_s")) for r in rows if _num(r.get("full_latency_s")) is not None), None)
     if full is None:
         full = _num((results.get("latency_table") or {}).get("full_s"))
@@ -292,7 +292,8 @@ def _main_table(results: dict) -> str:
     inter = _intermediate_size(results)
     header = ["target", "MLP frac (mean)", "heads/group (mean)", "params (M)", "predicted (ms)", "timed (ms)",
               "timed / full", "perplexity [95% CI]", "untrained ppl", "OOD ppl", "untrained OOD ppl",
-              "homogeneous (equal pred. latency)", "homogeneous ppl", "decode tok/s"]
+              "homogeneous (nearest pred. latency)", "homogeneous ppl", "homogeneous ppl at equal pred. latency",
+              "decode tok/s"]
     out = []
     for r in results.get("rows") or []:
         frac, mh = _summarize_config(r.get("config"), inter)
@@ -316,7 +317,8 @@ def _main_table(results: dict) -> str:
             _fmt(r.get("predicted_latency_s"), 1, 1e3), _fmt(lat, 1, 1e3), ratio, ppl,
             _fmt(r.get("untrained_perplexity")), _fmt(r.get("ood_perplexity")),
             _fmt(r.get("untrained_ood_perplexity")),
-            _config_text(h.get("config"), inter) if h else _DASH, _fmt(h.get("perplexity")), dec,
+            _config_text(h.get("config"), inter) if h else _DASH, _fmt(h.get("perplexity")),
+            _fmt((h.get("interpolated") or {}).get("perplexity")), dec,
         ])
     return _table(header, out)
 
@@ -370,7 +372,9 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
            "*timed* is the median of interleaved runs of the exported sub-model and the full model, and "
            "*timed / full* the median of their per-round ratios. The homogeneous baseline uses one width for "
            "every layer: for each head count, the MLP width whose predicted latency is nearest the routed "
-           "configuration's; the best of those is shown.", "",
+           "configuration's; the best of those is shown. *At equal pred. latency* interpolates that head "
+           "count's log-perplexity linearly in predicted latency between the two homogeneous widths that "
+           "bracket the routed configuration's predicted latency.", "",
            _main_table(results), ""]
     if plots.get("latency_perplexity.png"):
         md += ["![latency vs perplexity](latency_perplexity.png)", ""]

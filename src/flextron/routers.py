@@ -106,7 +106,9 @@ class TargetRouter:
         """Smallest reachable target: the smallest configuration's predicted fraction."""
         return self.table.predict(self.space.smallest()) / self.table.full
 
-    def _score(self) -> Callable[[list[ArchConfig]], list[float]]:
+    def scorer(self) -> Callable[[list[ArchConfig]], list[float]]:
+        """``score(archs) -> list[float]``: the surrogate's predicted Δloss (nats) of each
+        configuration, or zeros without a surrogate (then only the cost decides)."""
         if self.surrogate is None:
             return lambda archs: [0.0] * len(archs)
 
@@ -138,7 +140,7 @@ class TargetRouter:
         self.router.eval()
         mlp_logits, head_logits = self.router(torch.tensor([float(target)]))
         arch = choices_to_archs(self.space, mlp_logits, head_logits)[0]
-        return fit_to_budget(self.space, self.table, arch, target * self.table.full, self._score())
+        return fit_to_budget(self.space, self.table, arch, target * self.table.full, self.scorer())
 
 
 def _neighbours(space: SearchSpace, arch: ArchConfig, step: int) -> list[ArchConfig]:

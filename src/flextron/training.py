@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from .config import JointConfig, RouterConfig, TrainConfig
 from .elastic import ArchConfig, ElasticModel, SearchSpace
 from .errors import ModelError
-from .routers import StaticRouter, choices_to_archs, choices_to_masks, gumbel_choice, latency_loss
+from .routers import StaticRouter, TargetRouter, choices_to_archs, choices_to_masks, fit_to_budget, gumbel_choice, latency_loss
 from .surrogate import Surrogate, SurrogateFit, encode_arch
 
 log = logging.getLogger(__name__)
@@ -410,6 +410,13 @@ def lm_loss_at(fx: ElasticModel, arch: ArchConfig | None, batch: torch.Tensor) -
     return float(lm_kd_loss(logits, batch, None, 0.0)[1])
 
 
+def target_grid(targets: tuple[float, ...] | list[float]) -> list[float]:
+    """The trained targets plus the midpoint of every neighbouring pair (sorted): where the router
+    is warm-started, trained and validated, so interpolated targets are trained too."""
+    ts = sorted(float(t) for t in targets)
+    return sorted(set(ts) | {round((a + b) / 2, 6) for a, b in zip(ts, ts[1:])})
+
+
 def train_routers(
     fx: ElasticModel,
     router: StaticRouter,
@@ -424,11 +431,19 @@ def train_routers(
 ) -> dict:
     """Router training with the LLM frozen (METHOD §7).
 
-    Each step: sample targets → router logits → straight-through Gumbel choices → run the LLM
-    (sliced, no grad) at each chosen configuration on a fixed text batch → ``ℓ − ℓ_full`` →
-    update the surrogate; once the surrogate passes its held-out gate (MAE and Spearman), update
-    the router on ``SM(π) + λ · latency_loss``. With ``cfg.surrogate = False`` (ablation) the
-    router gets the LM loss directly through the soft masks instead.
+    The LM loss of a configuration is measured on one fixed batch (``blocks[:batch_size]``,
+    METHOD §7 "or use a fixed batch"), as ``ℓ − ℓ_full`` on that batch, so configurations are
+    compared on the same text. Each step: sample targets from :func:`target_grid` → router
+    logits → straight-through Gumbel choices → run the LLM (sliced, no grad) at each choice →
+    update the surrogate; once the surrogate passes its held-out gate (relative error and
+    Spearman), update the router on ``SM(π) + λ · latency_loss``. With ``cfg.surrogate = False``
+    (ablation) the router gets the LM loss directly through the soft masks instead.
+
+    With ``cfg.warm_start`` (project choice) the router starts from the best measured
+    homogeneous configuration of every grid target, and at the end each grid target's routed
+    configuration is kept only if its LM loss on all router blocks (``blocks``, up to four
+    batches) is lower than the warm-start configuration's, both fitted to the budget; otherwise
+    the router is refitted to the warm start there. The verdicts are in the returned summary.
     """
     fx.eval()
     for p in fx.parameters():
@@ -437,29 +452,29 @@ def train_routers(
     metrics = MetricsLog(run_dir / "metrics.jsonl")
     metrics.truncate("routers", -1)
     pool = blocks[: max(1, min(len(blocks) // cfg.batch_size, 4)) * cfg.batch_size].view(-1, cfg.batch_size, blocks.shape[1])
-    full_loss = [lm_loss_at(fx, None, b) for b in pool]
+    full_loss = lm_loss_at(fx, None, pool[0])
     sampler = BudgetSampler(sp, table, p_full=0.0, min_fraction=min(cfg.targets))
     fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
     gen = torch.Generator().manual_seed(seed + 17)
     t0 = time.time()
     evals = 0
 
-    def measure(arch: ArchConfig, i: int) -> float:
+    def measure(arch: ArchConfig) -> float:
         nonlocal evals
         evals += 1
-        return lm_loss_at(fx, arch, pool[i % len(pool)]) - full_loss[i % len(pool)]
+        return lm_loss_at(fx, arch, pool[0]) - full_loss
 
     # held-out configurations spanning the budget range, and the warm-up buffer
     held = [sampler.sample(gen)[0] for _ in range(cfg.heldout_configs)]
     enc = [encode_arch(sp, a) for a in held]
-    held_delta = torch.tensor([measure(a, i) for i, a in enumerate(tqdm(held, desc="routers: held-out configs", disable=not progress, leave=False))])
+    held_delta = torch.tensor([measure(a) for a in tqdm(held, desc="routers: held-out configs", disable=not progress, leave=False)])
     fit.set_heldout(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), held_delta)
-    for i in tqdm(range(cfg.warmup_samples), desc="routers: surrogate warm-up", disable=not progress, leave=False):
+    for _ in tqdm(range(cfg.warmup_samples), desc="routers: surrogate warm-up", disable=not progress, leave=False):
         a = sampler.sample(gen)[0]
-        fit.add(*encode_arch(sp, a), measure(a, i))
+        fit.add(*encode_arch(sp, a), measure(a))
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
-    targets = torch.tensor(cfg.targets)
-    warm = _warm_start_router(router, opt, fit, measure, sp, table, targets, cfg, progress) if cfg.warm_start else None
+    grid = torch.tensor(target_grid(cfg.targets))
+    warm = _warm_start_router(router, opt, fit, measure, sp, table, grid, cfg, progress) if cfg.warm_start else None
     fit.fit(cfg.surrogate_updates * 10, gen=gen)
     ev = fit.evaluate()
     log.info("surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
@@ -471,11 +486,11 @@ def train_routers(
     for step in bar:
         tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
         g = step_generator(seed, step, salt=1)
-        t = targets[torch.randint(len(targets), (cfg.batch_size,), generator=g)]
+        t = grid[torch.randint(len(grid), (cfg.batch_size,), generator=g)]
         mlp_logits, head_logits = router(t)
         mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)
         archs = choices_to_archs(sp, mlp_c, head_c)
-        deltas = [measure(a, step + j) for j, a in enumerate(archs)]
+        deltas = [measure(a) for a in archs]
         for j in range(len(archs)):
             fit.add(mlp_c[j], head_c[j], deltas[j])
         fit.fit(cfg.surrogate_updates, gen=gen)
@@ -493,9 +508,8 @@ def train_routers(
             mlp_m, head_m = choices_to_masks(sp, mlp_c, head_c)
             fx.set_arch(None)
             fx.set_masks(mlp_m, head_m)
-            batch = pool[step % len(pool)][: cfg.batch_size]
             with torch.enable_grad():
-                lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
+                lm = lm_kd_loss(fx(input_ids=pool[0], use_cache=False).logits, pool[0], None, 0.0)[0]
             fx.set_masks(None, None)
             loss = loss + lm
             grad_steps += 1
@@ -511,8 +525,12 @@ def train_routers(
             surrogate_gate_open=gate, router_steps_with_surrogate_grad=grad_steps,
         )
         bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
-    fx.set_arch(None)
     router.eval()
+    validation = None
+    if warm is not None:
+        validation = _keep_better_than_warm_start(router, opt, fx, surrogate, table, pool, grid, warm, progress)
+        evals += validation.pop("llm_evaluations")
+    fx.set_arch(None)
     return {
         "steps": cfg.steps,
         "llm_evaluations": evals,
@@ -521,39 +539,83 @@ def train_routers(
         "surrogate_relative_error": ev["heldout_relative_error"],
         "surrogate_spearman": ev["heldout_spearman"],
         "router_steps_with_surrogate_grad": grad_steps,
-        "warm_start": warm,
+        "warm_start": {f"{t:g}": [a.mlp[0], a.heads[0]] for t, a in warm.items()} if warm else None,
+        "validation": validation,
         "wall_s": time.time() - t0,
     }
 
 
-def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, cfg: RouterConfig, progress: bool) -> dict:
-    """Project choice: measure every homogeneous configuration (the measurements also train the
-    surrogate), then fit the router to output, for each target, the best homogeneous
-    configuration that meets it; surrogate training then departs from that baseline only where
-    it predicts a gain. Returns ``{target: [mlp, heads]}`` of the starting configurations."""
-    homo = sp.homogeneous_configs()
-    deltas = []
-    for i, a in enumerate(tqdm(homo, desc="routers: homogeneous configs", disable=not progress, leave=False)):
-        deltas.append(measure(a, i))
-        fit.add(*encode_arch(sp, a), deltas[-1])
-    start = {}
-    mlp_idx, head_idx = [], []
-    for t in targets.tolist():
-        fits = [(d, a) for d, a in zip(deltas, homo) if table.fraction(a) <= t + cfg.latency_tol]
-        best = min(fits, key=lambda x: x[0])[1] if fits else sp.smallest()
-        start[f"{t:g}"] = [best.mlp[0], best.heads[0]]
-        mi, hi = sp.indices(best)
-        mlp_idx.append(mi)
-        head_idx.append(hi)
-    mlp_idx, head_idx = torch.tensor(mlp_idx), torch.tensor(head_idx)  # (n_targets, L)
-    for _ in range(200):
-        mlp_logits, head_logits = router(targets)
+def _fit_router(router: StaticRouter, opt, sp: SearchSpace, targets: list[float], archs: list[ArchConfig], steps: int = 200) -> None:
+    """Supervised fit of the router's argmax to ``archs`` at ``targets`` (cross-entropy)."""
+    idx = [sp.indices(a) for a in archs]
+    mlp_idx = torch.tensor([i[0] for i in idx])  # (n_targets, L)
+    head_idx = torch.tensor([i[1] for i in idx])
+    t = torch.tensor(targets, dtype=torch.float32)
+    router.train()
+    for _ in range(steps):
+        mlp_logits, head_logits = router(t)
         loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.flatten()) + F.cross_entropy(head_logits.flatten(0, 1), head_idx.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    log.info("router warm start (best homogeneous per target): %s", start)
+    router.eval()
+
+
+def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, cfg: RouterConfig, progress: bool) -> dict[float, ArchConfig]:
+    """Project choice: measure every homogeneous configuration (the measurements also train the
+    surrogate), then fit the router to output, for each target, the best homogeneous
+    configuration that meets it; surrogate training then departs from that baseline only where
+    it predicts a gain. Returns ``{target: configuration}`` of the starting configurations."""
+    homo = sp.homogeneous_configs()
+    deltas = []
+    for a in tqdm(homo, desc="routers: homogeneous configs", disable=not progress, leave=False):
+        deltas.append(measure(a))
+        fit.add(*encode_arch(sp, a), deltas[-1])
+    start = {}
+    for t in targets.tolist():
+        fits = [(d, a) for d, a in zip(deltas, homo) if table.fraction(a) <= t + cfg.latency_tol]
+        start[t] = min(fits, key=lambda x: x[0])[1] if fits else sp.smallest()
+    _fit_router(router, opt, sp, list(start), list(start.values()))
+    log.info("router warm start (best homogeneous per target): %s", {f"{t:g}": (a.mlp[0], a.heads[0]) for t, a in start.items()})
     return start
+
+
+@torch.no_grad()
+def _keep_better_than_warm_start(router, opt, fx: ElasticModel, surrogate: Surrogate, table, pool: torch.Tensor,
+                                 grid: torch.Tensor, warm: dict[float, ArchConfig], progress: bool) -> dict:
+    """Validate the surrogate's refinement with the LLM itself: for every grid target, the routed
+    configuration (argmax, fitted to the budget) against the warm-start configuration fitted to
+    the same budget, by mean LM loss over ``pool`` ``(n_batches, B, T)``; where the routed one is
+    not better the router is refitted to the warm start. Returns per target the two losses
+    (nats) and which was kept, plus the number of LLM evaluations."""
+    sp = fx.space
+    tr = TargetRouter(router, table, sp, surrogate)
+    score = tr.scorer()
+    cache: dict[ArchConfig, float] = {}
+
+    def pooled(arch: ArchConfig) -> float:
+        if arch not in cache:
+            cache[arch] = sum(lm_loss_at(fx, arch, b) for b in pool) / len(pool)
+        return cache[arch]
+
+    verdicts, keep = {}, {}
+    for t in tqdm(grid.tolist(), desc="routers: validate against warm start", disable=not progress, leave=False):
+        if t >= 1.0 or t < tr.floor:
+            keep[t] = sp.full() if t >= 1.0 else warm[t]
+            continue
+        routed = tr.route(t)
+        start = fit_to_budget(sp, table, warm[t], t * table.full, score)
+        lr_, lw = pooled(routed), pooled(start)
+        kept = "router" if lr_ < lw else "warm start"
+        keep[t] = routed if lr_ < lw else start
+        verdicts[f"{t:g}"] = {"routed_loss": lr_, "warm_start_loss": lw, "kept": kept}
+    with torch.enable_grad():
+        _fit_router(router, opt, sp, list(keep), list(keep.values()))
+    mismatched = [f"{t:g}" for t, a in keep.items() if t < 1.0 and t >= tr.floor and tr.route(t) != a]
+    if mismatched:
+        log.warning("router refit does not reproduce the kept configuration at targets %s", mismatched)
+    log.info("router validation against the warm start: %s", {t: v["kept"] for t, v in verdicts.items()})
+    return {"targets": verdicts, "refit_mismatched_targets": mismatched, "llm_evaluations": len(cache) * len(pool)}
 
 
 # --------------------------------------------------------------------------- joint fine-tuning
