@@ -43,9 +43,12 @@ __all__ = [
     "write_json",
     "resolve_device",
     "forward_flops",
+    "generate_fn",
     "time_prefill_decode",
     "profile_ops",
     "training_step_costs",
+    "export_targets",
+    "load_exported",
     "dir_bytes",
     "serving_memory",
     "scaled_random_model",
@@ -179,6 +182,43 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# --------------------------------------------------------------------------- exported checkpoints
+
+
+def export_targets(run, targets: Sequence[float], out_root: str | Path, *, include_full: bool = True) -> dict[str, tuple[Path, ArchConfig]]:
+    """Save the routed sub-model of every target of a loaded run (:func:`flextron.load_run`) as a
+    checkpoint ``out_root/target_<t>`` (and the full model as ``out_root/full``), overwriting.
+
+    Returns ``{"<t>": (path, configuration), ..., "full": (path, configuration)}`` (keys are the
+    targets formatted with ``:g``).
+    """
+    from .export import export_subnetwork, save_subnetwork
+
+    root = Path(out_root)
+    out: dict[str, tuple[Path, ArchConfig]] = {}
+    items = [(f"{t:g}", run.fx.set_target(t)) for t in targets]
+    if include_full:
+        items.append(("full", run.fx.space.full()))
+    for key, arch in items:
+        meta = {"target": None if key == "full" else float(key), "config": arch.to_dict(),
+                "predicted_fraction": run.table.fraction(arch)}
+        sub = export_subnetwork(run.fx, arch)
+        name = "full" if key == "full" else f"target_{key}"
+        out[key] = (save_subnetwork(sub, root / name, tokenizer=run.tokenizer, metadata=meta, overwrite=True), arch)
+        del sub
+    run.fx.set_arch(None)
+    return out
+
+
+def load_exported(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """Reload an exported checkpoint with plain transformers (``trust_remote_code`` for per-layer
+    configurations), float32, eval mode, on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32)
+    return model.to(device).eval()
+
+
 # --------------------------------------------------------------------------- FLOPs and speed
 
 
@@ -205,7 +245,9 @@ def forward_flops(space: SearchSpace, arch: ArchConfig, vocab_size: int, *, batc
     return batch * total
 
 
-def _generate_fn(model: torch.nn.Module, ids: torch.Tensor, k: int) -> Callable[[], object]:
+def generate_fn(model: torch.nn.Module, ids: torch.Tensor, k: int) -> Callable[[], object]:
+    """A callable running greedy ``generate`` of exactly ``k`` new tokens from ``ids (B, P)``
+    with the KV cache (no grad)."""
     mask = torch.ones_like(ids)
     pad = getattr(model.config, "pad_token_id", None)
     pad = 0 if pad is None else pad
@@ -257,8 +299,8 @@ def time_prefill_decode(
     fns: dict[str, Callable[[], object]] = {}
     for name, m in models.items():
         fns[f"{name}|prefill"] = prefill_fn(m, prefill_ids)
-        fns[f"{name}|gen{new_tokens}"] = _generate_fn(m, prompt, new_tokens)
-        fns[f"{name}|gen1"] = _generate_fn(m, prompt, 1)
+        fns[f"{name}|gen{new_tokens}"] = generate_fn(m, prompt, new_tokens)
+        fns[f"{name}|gen1"] = generate_fn(m, prompt, 1)
     res = time_models(fns, repeats=repeats, warmup=warmup, progress=progress, desc="timing prefill/decode")
 
     def per_token(name: str) -> list[float]:
@@ -462,7 +504,6 @@ def _serve_worker(queue, kind: str, paths: list[str], targets: list[float], devi
             torch.set_num_threads(threads)
         import transformers  # noqa: F401  (counted in the baseline, like torch)
 
-        from .export import load_hf_model
         from .pipeline import load_run
 
         dev = torch.device(device)
@@ -475,12 +516,12 @@ def _serve_worker(queue, kind: str, paths: list[str], targets: list[float], devi
             loaded = _rss_bytes()
             for t in targets:
                 fx.set_target(t)
-                outputs.append(_generate_fn(fx, ids, new_tokens)())
+                outputs.append(generate_fn(fx, ids, new_tokens)())
         else:
-            models = [load_hf_model(p)[0].to(dev) for p in paths]
+            models = [load_exported(p, dev) for p in paths]
             loaded = _rss_bytes()
             for m in models:
-                outputs.append(_generate_fn(m, ids, new_tokens)())
+                outputs.append(generate_fn(m, ids, new_tokens)())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         queue.put({
