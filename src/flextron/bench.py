@@ -49,6 +49,7 @@ __all__ = [
     "training_step_costs",
     "export_targets",
     "load_exported",
+    "run_inputs",
     "dir_bytes",
     "serving_memory",
     "scaled_random_model",
@@ -208,6 +209,14 @@ def export_targets(run, targets: Sequence[float], out_root: str | Path, *, inclu
         del sub
     run.fx.set_arch(None)
     return out
+
+
+def run_inputs(cfg, tokenizer):
+    """The token blocks of a run config, rebuilt deterministically as the pipeline builds them:
+    ``calibration``, ``train``, ``router``, ``heldout``, ``ood`` (each ``(N, T)`` token ids)."""
+    from .pipeline import _inputs
+
+    return _inputs(cfg, tokenizer)
 
 
 def load_exported(path: str | Path, device: torch.device | str = "cpu") -> torch.nn.Module:
@@ -379,7 +388,9 @@ def training_step_costs(
     - **full**: plain fine-tuning of the full dense model.
 
     The elastic model's weights change (work on a copy). Returns ``{"steps", "tokens_per_step",
-    "elastic": {phase: mean s}, "dense": {...}, "full": {...}, "configs": [fraction per step]}``.
+    "elastic": {phase: mean s}, "dense": {...}, "full": {...}, "configs": [budget fraction per
+    step, None for the full model], "per_step_s": {"elastic" (teacher excluded), "dense", "full":
+    [total s per step]}}``.
     """
     from .export import export_subnetwork
     from .training import lm_kd_loss, step_generator
@@ -395,8 +406,14 @@ def training_step_costs(
     phases = {"elastic": {}, "dense": {}, "full": {}}
     fractions = []
 
+    per_step: dict[str, list[float]] = {"elastic": [], "dense": [], "full": []}  # step totals (elastic: without the teacher)
+
     def add(kind: str, phase: str, dt: float) -> None:
         phases[kind][phase] = phases[kind].get(phase, 0.0) + dt
+        if phase != "teacher_forward":
+            if len(per_step[kind]) < len(fractions):
+                per_step[kind].append(0.0)
+            per_step[kind][-1] += dt
 
     def timed(kind: str, phase: str, fn: Callable[[], object]):
         sync()
@@ -440,9 +457,9 @@ def training_step_costs(
             t_teacher = time.perf_counter() - t0
         kind = "elastic" if record else None
         if record:
+            fractions.append(frac)
             add("elastic", "sample", t_sample)
             add("elastic", "teacher_forward", t_teacher)
-            fractions.append(frac)
 
         def fwd():
             return lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, t_logits, kd_alpha)[0]
@@ -472,7 +489,7 @@ def training_step_costs(
     fx.set_arch(None)
     fx.eval()
     mean = {k: {ph: v / steps for ph, v in d.items()} for k, d in phases.items()}
-    return {"steps": steps, "tokens_per_step": int(batch_size * blocks.shape[1]), **mean, "configs": fractions}
+    return {"steps": steps, "tokens_per_step": int(batch_size * blocks.shape[1]), **mean, "configs": fractions, "per_step_s": per_step}
 
 
 # --------------------------------------------------------------------------- memory
