@@ -525,20 +525,23 @@ def _serve_worker(queue, kind: str, paths: list[str], targets: list[float], devi
 
         dev = torch.device(device)
         base = _rss_bytes()
-        ids = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
         outputs = []
+
+        def prompt(vocab: int) -> torch.Tensor:
+            return torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+
         if kind == "flextron":
             run = load_run(paths[0])
             fx = run.fx.to(dev)
             loaded = _rss_bytes()
             for t in targets:
                 fx.set_target(t)
-                outputs.append(generate_fn(fx, ids, new_tokens)())
+                outputs.append(generate_fn(fx, prompt(fx.config.vocab_size), new_tokens)())
         else:
             models = [load_exported(p, dev) for p in paths]
             loaded = _rss_bytes()
             for m in models:
-                outputs.append(generate_fn(m, ids, new_tokens)())
+                outputs.append(generate_fn(m, prompt(m.config.vocab_size), new_tokens)())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         queue.put({
