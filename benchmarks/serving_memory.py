@@ -7,7 +7,7 @@ Disk: the run's deployable files (``final/`` weights, config and tokenizer, ``fi
 ``latency_table.json``) against the N exported checkpoints of the same targets. Memory: each
 scenario runs in a fresh process, loads its model(s) and generates a few tokens for every target;
 resident memory above the process's baseline (torch and transformers imported) after loading,
-after serving, and at peak. Writes ``OUT/serving_memory.json``; prints the table last.
+after serving, and at peak (the two processes run concurrently; each measures itself). Writes ``OUT/serving_memory.json``; prints the table last.
 """
 
 from __future__ import annotations
@@ -54,11 +54,8 @@ def main(argv: list[str] | None = None) -> int:
             "separate_bytes": sum(dir_bytes(p) for p, _ in exported.values()),
             "separate_weight_bytes": sum(dir_bytes(p, "*.safetensors") for p, _ in exported.values()),
         }
-        mem = {
-            "flextron": serving_memory("flextron", [run_dir], targets, device=str(device), new_tokens=args.new_tokens, threads=threads),
-            "separate": serving_memory("separate", [p for p, _ in exported.values()], targets, device=str(device),
-                                       new_tokens=args.new_tokens, threads=threads),
-        }
+        mem = serving_memory({"flextron": ("flextron", [run_dir]), "separate": ("separate", [p for p, _ in exported.values()])},
+                             targets, device=str(device), new_tokens=args.new_tokens, threads=threads)
         ratios = {
             "disk_separate_over_flextron": disk["separate_bytes"] / disk["flextron_bytes"],
             "serving_rss_separate_over_flextron": mem["separate"]["serving_rss_bytes"] / max(1, mem["flextron"]["serving_rss_bytes"]),

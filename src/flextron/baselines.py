@@ -86,7 +86,8 @@ class ParetoSettings:
 
 PRESETS = {
     "tiny": ParetoSettings(targets=(0.6, 0.8, 1.0), random_search=3, search_batches=1, lut_configs=4, latency_repeats=3),
-    "demo": ParetoSettings(),
+    # sized so that the real SmolLM2 demo run (2 CPU cores) stays under an hour: baseline training is ~3× Flextron's tokens
+    "demo": ParetoSettings(random_search=8, search_batches=1, lut_configs=20, latency_repeats=5),
 }
 
 

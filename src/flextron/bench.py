@@ -556,33 +556,44 @@ def _serve_worker(queue, kind: str, paths: list[str], targets: list[float], devi
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def serving_memory(kind: str, paths: Sequence[str | Path], targets: Sequence[float], *, device: str = "cpu", new_tokens: int = 4, threads: int = 0) -> dict:
-    """Resident memory of a fresh process that loads and serves every target once (greedy
-    generation of ``new_tokens`` tokens each).
+def serving_memory(scenarios: dict[str, tuple[str, Sequence[str | Path]]], targets: Sequence[float], *, device: str = "cpu",
+                   new_tokens: int = 4, threads: int = 0) -> dict[str, dict]:
+    """Resident memory of fresh processes that each load and serve every target once (greedy
+    generation of ``new_tokens`` tokens per target). The processes run concurrently; each
+    measures only itself.
 
-    ``kind="flextron"``: ``paths = [run_dir]``; one elastic model switched between ``targets``
-    with ``set_target``. ``kind="separate"``: one exported checkpoint per path, all loaded at once.
-    Memory is counted above the process's baseline after importing torch and transformers.
+    ``scenarios``: name → ``(kind, paths)``. ``kind="flextron"``: ``paths = [run_dir]``, one
+    elastic model switched between ``targets`` with ``set_target``; ``kind="separate"``: one
+    exported checkpoint per path, all loaded at once. Memory is counted above the process's
+    baseline after importing torch and transformers.
 
     Returns:
-        ``{"baseline_rss_bytes", "loaded_rss_bytes", "serving_rss_bytes", "peak_rss_bytes",
-        "cuda_peak_bytes", "generated"}``.
+        name → ``{"baseline_rss_bytes", "loaded_rss_bytes", "serving_rss_bytes",
+        "peak_rss_bytes", "cuda_peak_bytes", "generated"}``.
     Raises:
-        ConfigError: unknown ``kind``; RuntimeError: the child process failed (its error named).
+        ConfigError: unknown kind; RuntimeError: a child process failed (its error named).
     """
-    if kind not in ("flextron", "separate"):
-        raise ConfigError(f"serving kind must be 'flextron' or 'separate', got {kind!r}")
+    for kind, _ in scenarios.values():
+        if kind not in ("flextron", "separate"):
+            raise ConfigError(f"serving kind must be 'flextron' or 'separate', got {kind!r}")
     ctx = multiprocessing.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_serve_worker, args=(queue, kind, [str(p) for p in paths], list(targets), device, new_tokens, threads))
-    proc.start()
+    procs = {}
+    for name, (kind, paths) in scenarios.items():
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_serve_worker, args=(queue, kind, [str(p) for p in paths], list(targets), device, new_tokens, threads))
+        proc.start()
+        procs[name] = (proc, queue)
+    out = {}
     try:
-        res = queue.get(timeout=3600)
+        for name, (proc, queue) in procs.items():
+            out[name] = queue.get(timeout=3600)
     finally:
-        proc.join(timeout=60)
-    if "error" in res:
-        raise RuntimeError(f"serving-memory child ({kind}) failed: {res['error']}")
-    return res
+        for proc, _ in procs.values():
+            proc.join(timeout=60)
+    for name, res in out.items():
+        if "error" in res:
+            raise RuntimeError(f"serving-memory child {name!r} failed: {res['error']}")
+    return out
 
 
 # --------------------------------------------------------------------------- model sizes
