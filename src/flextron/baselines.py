@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import logging
 import shutil
 import time
@@ -179,8 +180,6 @@ class _Work:
         self.root = root
 
     def dir(self, name: str, spec: dict) -> Path:
-        import json
-
         d = self.root / name
         f = d / "spec.json"
         if d.exists() and (not f.is_file() or json.loads(f.read_text()) != spec):
@@ -342,8 +341,6 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
 
 
 def _stage_tokens(run_dir: Path, stage: str) -> int | None:
-    import json
-
     p = run_dir / "stages.json"
     return json.loads(p.read_text()).get(stage, {}).get("tokens") if p.exists() else None
 
