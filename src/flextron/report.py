@@ -285,6 +285,42 @@ def plot_training_curves(metrics: list[dict], path: Path) -> list[str]:
     return stages
 
 
+def plot_pareto(rows: list[dict], path: Path) -> bool:
+    """Latency–perplexity plot of benchmark rows (``method``, ``latency_s``, ``perplexity``,
+    optional ``perplexity_ci``): one colour per method, 95% intervals as error bars, each
+    method's Pareto frontier (no point of that method is both faster and better) as a line.
+    Perplexity on a log axis (untrained cuts are orders of magnitude worse). Returns False when
+    no row has both values."""
+    from .bench import pareto_frontier
+
+    pts: dict[str, list[dict]] = {}
+    for r in rows:
+        if _num(r.get("latency_s")) is not None and _num(r.get("perplexity")) is not None:
+            pts.setdefault(str(r.get("method")), []).append(r)
+    if not pts:
+        return False
+    fig = _figure(figsize=(7.2, 4.8))
+    ax = fig.add_subplot()
+    for i, (method, rs) in enumerate(pts.items()):
+        color = f"C{i % 10}"
+        for r in rs:
+            x, y, ci = 1e3 * r["latency_s"], r["perplexity"], r.get("perplexity_ci")
+            err = None
+            if isinstance(ci, (list, tuple)) and len(ci) == 2 and _num(ci[0]) is not None and _num(ci[1]) is not None:
+                err = [[max(y - ci[0], 0)], [max(ci[1] - y, 0)]]
+            ax.errorbar([x], [y], yerr=err, color=color, marker="o", ms=4, capsize=2, ls="none")
+        front = pareto_frontier([(1e3 * r["latency_s"], r["perplexity"]) for r in rs])
+        ax.plot([p[0] for p in front], [p[1] for p in front], color=color, lw=1.2, label=method)
+    ax.set_yscale("log")
+    ax.set_xlabel("timed prefill latency (ms)")
+    ax.set_ylabel("held-out perplexity (log)")
+    ax.set_title("Latency vs perplexity, frontier per method")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    return True
+
+
 # --------------------------------------------------------------------------- markdown
 
 

@@ -347,16 +347,20 @@ def train_elastic(
     accelerator: Accelerator | None = None,
     min_fraction: float = 0.0,
     progress: bool = True,
+    sampler=None,
 ) -> dict:
     """Elastic continued training (METHOD §4): each step trains one sampled sub-network, sliced
     (full speed), on ``(1 − α)·CE + α·KL(teacher ‖ student)``. Logs the sampled budget.
     ``min_fraction``: lowest budget sampled (fraction of full cost; see :class:`BudgetSampler`).
+    ``sampler``: any object with ``sample(gen) -> (ArchConfig, budget fraction or None)`` used
+    instead of the :class:`BudgetSampler` built from ``cfg`` (e.g. one fixed configuration, to
+    fine-tune a single pruned sub-network with the same loop).
 
     ``blocks``: training token ids (N, T). Returns a summary dict (steps, tokens, wall time,
     histogram counts of sampled budgets).
     """
     accelerator = accelerator or make_accelerator(cfg.grad_accum)
-    sampler = BudgetSampler(fx.space, table, cfg.p_full, cfg.sampling, min_fraction)
+    sampler = sampler or BudgetSampler(fx.space, table, cfg.p_full, cfg.sampling, min_fraction)
     for p in fx.parameters():
         p.requires_grad_(True)
     fx.train()
