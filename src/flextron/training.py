@@ -6,17 +6,22 @@ distillation), training blocks ``(N, T)`` of token ids, the cost table. Outputs:
 metrics as JSON lines in ``run_dir/metrics.jsonl``.
 
 The same code runs on one process or under ``accelerate launch`` (DDP): every rank samples the
-same sub-network and target each step (seeded by step, not by rank) and takes its own slice of
-the global batch.
+same sub-network and targets each step (seeded by step, not by rank) and takes its own slice of
+the global batch; router training splits its LLM measurements over the ranks. Gradient
+accumulation and mixed precision (bf16) come from the stage configs. Randomness is a function of
+(seed, step, rank), so a resumed run draws what the uninterrupted one drew; SIGINT/SIGTERM finish
+the current step and save a checkpoint before :class:`KeyboardInterrupt` is raised.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import logging
 import math
-import os
-import shutil
+import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +31,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
-from safetensors.torch import load_file, load_model, save_file, save_model
+from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import JointConfig, RouterConfig, TrainConfig
 from .elastic import ArchConfig, ElasticModel, SearchSpace
-from .errors import ModelError
+from .errors import ConfigError
 from .routers import StaticRouter, choices_to_archs, choices_to_masks, gumbel_choice, latency_loss
 from .surrogate import Surrogate, SurrogateFit, encode_arch
 
@@ -41,21 +47,44 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- losses
 
 
+def _chunk_loss(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and KL(teacher ‖ student) of one chunk: ``s``/``t`` (n, V) logits, ``y`` (n,)
+    labels; computed in float32 (float64 stays float64)."""
+    dt = torch.promote_types(s.dtype, torch.float32)
+    logp = F.log_softmax(s.to(dt), -1)  # (n, V)
+    ce = F.nll_loss(logp, y, reduction="sum")
+    if t is None:
+        return ce, torch.zeros((), dtype=dt, device=s.device)
+    kd = F.kl_div(logp, F.log_softmax(t.to(dt), -1), log_target=True, reduction="sum")
+    return ce, kd
+
+
 def lm_kd_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float
+    logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float, chunk_tokens: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy and forward KL to the teacher (METHOD §4).
+    """Next-token cross-entropy and forward KL to the teacher (METHOD §4), in chunks.
 
     ``logits``/``teacher_logits``: (B, T, V); ``input_ids``: (B, T). Returns
     ``((1 - α)·CE + α·KL, CE, KL)``, each averaged over the B·(T−1) predicted tokens (nats).
+    The loss runs over chunks of at most ``chunk_tokens`` positions of one sequence (views, no
+    copy of the logits); with gradients on, each chunk is recomputed in the backward pass
+    (activation checkpointing), so the float32 log-softmaxes of a 49k vocabulary exist for one
+    chunk at a time: extra memory O(chunk_tokens · V) instead of O(B · T · V).
     """
-    s = logits[:, :-1].flatten(0, 1).float()  # (N, V)
-    y = input_ids[:, 1:].flatten()  # (N,)
-    ce = F.cross_entropy(s, y)
-    if teacher_logits is None or alpha == 0:
-        return ce, ce.detach(), torch.zeros((), device=ce.device)
-    t = teacher_logits[:, :-1].flatten(0, 1).float()
-    kd = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    B, T, _ = logits.shape
+    teacher = teacher_logits if teacher_logits is not None and alpha != 0 else None
+    recompute = torch.is_grad_enabled() and logits.requires_grad
+    ce = kd = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
+    for b in range(B):
+        for t0 in range(0, T - 1, chunk_tokens):
+            t1 = min(T - 1, t0 + chunk_tokens)
+            args = (logits[b, t0:t1], input_ids[b, t0 + 1 : t1 + 1], None if teacher is None else teacher[b, t0:t1])
+            c, k = checkpoint(_chunk_loss, *args, use_reentrant=False) if recompute else _chunk_loss(*args)
+            ce, kd = ce + c, kd + k
+    n = B * (T - 1)
+    ce, kd = ce / n, kd / n
+    if teacher is None:
+        return ce, ce.detach(), kd
     return (1 - alpha) * ce + alpha * kd, ce.detach(), kd.detach()
 
 
@@ -67,9 +96,14 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float)
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """The seed of one step (and ``salt``): a pure function, so it is the same after a resume."""
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
+
+
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """The generator of one step: identical on every rank, independent of resume history."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+    return torch.Generator().manual_seed(step_seed(seed, step, salt))
 
 
 # --------------------------------------------------------------------------- sub-network sampling
@@ -151,82 +185,18 @@ class MetricsLog:
             return
         keep = []
         for line in self.path.read_text().splitlines():
-            rec = json.loads(line)
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a killed process
+                continue
             if not (rec.get("stage") == stage and rec.get("step", -1) > after_step):
                 keep.append(line)
-        _atomic_write(self.path, "".join(k + "\n" for k in keep))
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
 
     def write(self, **rec) -> None:
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, extra: dict) -> Path:
-    """Atomically write ``ckpt_root/step_{step:06d}``: module weights and optimizer tensors as
-    safetensors, optimizer hyper-parameters and ``extra`` as JSON. Older checkpoints are removed
-    only after the new one is complete."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, mod in modules.items():
-        save_model(mod, str(tmp / f"{name}.safetensors"))  # handles tied (shared) tensors
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(
-        json.dumps({"step": step, "param_groups": sd["param_groups"], "optimizer_scalars": scalars, **extra})
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in ckpt_root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories are ignored)."""
-    done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict:
-    """Restore modules and optimizer from :func:`save_checkpoint`; returns the JSON state.
-
-    Raises:
-        ModelError: a file is missing or corrupt, or shapes differ from the model.
-    """
-    try:
-        state = json.loads((path / "state.json").read_text())
-        for name, mod in modules.items():
-            missing, unexpected = load_model(mod, str(path / f"{name}.safetensors"), strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{name}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        tensors = load_file(path / "optimizer.safetensors")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelError(f"checkpoint {path} is unreadable ({e}); delete it to restart this stage") from None
-    opt_state: dict = {}
-    for key, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
-        pid, k = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[k] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return state
 
 
 # --------------------------------------------------------------------------- data slicing
@@ -246,17 +216,60 @@ def batch_for_step(blocks: torch.Tensor, step: int, global_batch: int, seed: int
     return blocks[idx[rank * per : (rank + 1) * per]]
 
 
-def make_accelerator(grad_accum: int = 1) -> Accelerator:
+def make_accelerator(grad_accum: int = 1, mixed_precision: str = "no") -> Accelerator:
     """One ``Accelerator`` for every training stage; unused-parameter detection is on because a
-    sub-network may leave parameters out of the graph."""
+    sub-network may leave parameters out of the graph. ``mixed_precision``: ``no`` or ``bf16``
+    (autocast of the trained modules' forward; weights, gradients and optimizer stay float32)."""
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=grad_accum,
+        mixed_precision=mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
 
+class _Interrupt:
+    """SIGINT/SIGTERM received: the loop finishes its step, saves a checkpoint and stops."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Defer SIGINT and SIGTERM to the end of the current step (a second signal stops at once).
+    Only the main thread can install signal handlers; elsewhere signals keep their behaviour."""
+    flag = _Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        log.warning("signal %d: finishing this step and saving a checkpoint (send it again to stop at once)", signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (all ranks then stop at the same step)."""
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
 # --------------------------------------------------------------------------- the LM training loop
+
+
+StepFn = Callable[[int, torch.Tensor, torch.Generator, dict, slice, int], tuple[torch.Tensor, dict]]
+
+
+def _data_sha256(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _lm_loop(
@@ -274,65 +287,95 @@ def _lm_loop(
     blocks: torch.Tensor,
     seed: int,
     run_dir: Path,
-    step_fn: Callable[[int, torch.Tensor, torch.Generator, dict], tuple[torch.Tensor, dict]],
+    step_fn: StepFn,
     accelerator: Accelerator,
     progress: bool,
 ) -> dict:
     """Shared loop of elastic training and joint fine-tuning: AdamW, cosine schedule, gradient
-    accumulation, atomic checkpoints and resume, metrics. ``step_fn(step, batch, gen, wrapped)``
-    returns ``(loss, metrics)`` for one micro-batch; it must call the modules through ``wrapped``
-    (the accelerate-prepared ones) so that DDP synchronises gradients."""
+    accumulation, atomic checkpoints and resume, metrics.
+
+    A step's effective batch is ``micro_batch · world · grad_accum`` sequences; every micro-batch
+    of a step gets the same step generator. ``step_fn(step, batch, gen, wrapped, rows, n_rows)``
+    returns ``(loss, metrics)`` for one micro-batch: ``rows`` is the slice of ``batch`` within the
+    step's ``n_rows`` sequences, so per-sequence draws are made for the whole step and sliced and
+    the result does not depend on how the batch is split over processes and micro-batches. It
+    must call the modules through ``wrapped`` (the accelerate-prepared ones) so that DDP
+    synchronises gradients and autocast applies. The loss is a mean over the micro-batch; DDP
+    averages over ranks and accelerate divides by ``grad_accum``: the mean over the step.
+
+    Raises:
+        ConfigError: the accelerator's gradient accumulation differs from ``grad_accum``.
+        ModelError: the checkpoint to resume is corrupt or was written with other settings.
+        KeyboardInterrupt: after SIGINT/SIGTERM, once the current step is checkpointed.
+    """
+    if accelerator.gradient_accumulation_steps != grad_accum:
+        raise ConfigError(f"{stage}: the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
+                          f"the config grad_accum={grad_accum}; build it with make_accelerator({grad_accum}, ...)")
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95))
     base_lrs = [g["lr"] for g in param_groups]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_rows = micro_batch * world * grad_accum
+    settings = {"steps": steps, "global_batch": n_rows, "lrs": base_lrs, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
+                "max_grad_norm": max_grad_norm, "seed": seed, "data_sha256": _data_sha256(blocks),
+                "mixed_precision": str(accelerator.mixed_precision)}
     ckpt_root = run_dir / "checkpoints" / stage
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     start = 0
     last = latest_checkpoint(ckpt_root)
     if last is not None:
-        st = load_checkpoint(last, modules, opt)
-        start = st["step"]
+        start = load_checkpoint(last, modules, opt, settings)["step"]
         log.info("%s: resuming from %s (step %d of %d)", stage, last, start, steps)
     metrics.truncate(stage, start - 1)
     wrapped = {k: accelerator.prepare(m) if any(p.requires_grad for p in m.parameters()) else m for k, m in modules.items()}
     opt = accelerator.prepare(opt)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = micro_batch * world
-    resumed_steps = 0
-    tokens = 0
+    cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    steps_run = tokens = 0
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=stage, disable=not (progress and accelerator.is_main_process), initial=start, total=steps)
-    for step in bar:
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
-        rec: dict = {}
-        for micro in range(grad_accum):
-            batch = batch_for_step(blocks, step * grad_accum + micro, global_batch, seed, rank, world)
-            batch = batch.to(accelerator.device)
-            with accelerator.accumulate(*wrapped.values()):
-                loss, rec = step_fn(step, batch, step_generator(seed, step * grad_accum + micro), wrapped)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            tokens += batch.numel() * world
-        resumed_steps += 1
-        metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
-        if progress:
-            bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step + 1, modules, opt.optimizer if hasattr(opt, "optimizer") else opt, {"stage": stage})
-            accelerator.wait_for_everyone()
-    return {"steps": steps, "steps_run_now": resumed_steps, "resumed_from": start, "tokens": tokens, "wall_s": time.time() - t0}
+    try:
+        with _deferred_interrupt() as interrupt:
+            for step in bar:
+                for g, base in zip(opt.param_groups, base_lrs):
+                    g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
+                rec: dict = {}
+                for micro in range(grad_accum):
+                    batch = batch_for_step(blocks, step * grad_accum + micro, micro_batch * world, seed, rank, world)
+                    batch = batch.to(accelerator.device)
+                    first = (micro * world + rank) * micro_batch
+                    # the global RNG (dropout) is a function of (seed, step, rank, micro) too
+                    with accelerator.accumulate(*wrapped.values()), torch.random.fork_rng(devices=cuda):
+                        torch.manual_seed(step_seed(seed, step, salt=1 + rank * grad_accum + micro))
+                        loss, rec = step_fn(step, batch, step_generator(seed, step), wrapped, slice(first, first + micro_batch), n_rows)
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and max_grad_norm > 0:
+                            accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
+                        opt.step()
+                        opt.zero_grad(set_to_none=True)
+                    tokens += batch.numel() * world
+                steps_run += 1
+                metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
+                if progress:
+                    bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
+                stop = _any_rank(accelerator, interrupt.requested)
+                if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
+                    accelerator.wait_for_everyone()
+                    if accelerator.is_main_process:
+                        extra = {"stage": stage, "settings": settings}
+                        save_checkpoint(ckpt_root, step + 1, modules, opt.optimizer if hasattr(opt, "optimizer") else opt, extra)
+                    accelerator.wait_for_everyone()
+                if stop:
+                    raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt_root}")
+    finally:
+        for w in wrapped.values():  # drop DDP and autocast wrappers from the caller's modules
+            accelerator.unwrap_model(w, keep_fp32_wrapper=False)
+    return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "wall_s": time.time() - t0}
 
 
 def _teacher_logits(teacher: torch.nn.Module | None, batch: torch.Tensor, alpha: float) -> torch.Tensor | None:
     if teacher is None or alpha == 0:
         return None
     with torch.no_grad():
-        return teacher(input_ids=batch, use_cache=False).logits
+        return teacher.to(batch.device)(input_ids=batch, use_cache=False).logits
 
 
 def train_elastic(
@@ -351,23 +394,24 @@ def train_elastic(
     """Elastic continued training (METHOD §4): each step trains one sampled sub-network, sliced
     (full speed), on ``(1 − α)·CE + α·KL(teacher ‖ student)``. Logs the sampled budget.
     ``min_fraction``: lowest budget sampled (fraction of full cost; see :class:`BudgetSampler`).
+    ``accelerator``: default ``make_accelerator(cfg.grad_accum, cfg.mixed_precision)``.
 
     ``blocks``: training token ids (N, T). Returns a summary dict (steps, tokens, wall time,
-    histogram counts of sampled budgets).
+    number of full-model steps among those run now).
     """
-    accelerator = accelerator or make_accelerator(cfg.grad_accum)
+    accelerator = accelerator or make_accelerator(cfg.grad_accum, cfg.mixed_precision)
     sampler = BudgetSampler(fx.space, table, cfg.p_full, cfg.sampling, min_fraction)
     for p in fx.parameters():
         p.requires_grad_(True)
     fx.train()
-    budgets: list[float | None] = []
+    budgets: dict[int, float | None] = {}
 
-    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict):
+    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
         arch, frac = sampler.sample(gen)
         fx.set_arch(arch)
         out = wrapped["model"](input_ids=batch, use_cache=False)
         loss, ce, kd = lm_kd_loss(out.logits, batch, _teacher_logits(teacher, batch, cfg.kd_alpha), cfg.kd_alpha)
-        budgets.append(frac)
+        budgets[step] = frac
         return loss, {
             "lm_loss": float(ce),
             "kd_loss": float(kd),
@@ -395,7 +439,7 @@ def train_elastic(
     )
     fx.set_arch(None)
     fx.eval()
-    summary["full_model_steps"] = sum(b is None for b in budgets)
+    summary["full_model_steps"] = sum(b is None for b in budgets.values())
     return summary
 
 
@@ -410,6 +454,16 @@ def lm_loss_at(fx: ElasticModel, arch: ArchConfig | None, batch: torch.Tensor) -
     return float(lm_kd_loss(logits, batch, None, 0.0)[1])
 
 
+def _split_over_ranks(accelerator: Accelerator, n: int, fn: Callable[[int], float], desc: str, progress: bool) -> list[float]:
+    """``[fn(i) for i in range(n)]`` with rank ``r`` evaluating the ``i ≡ r (mod world)``; the
+    shares are summed over ranks, which is exact (each entry is one value plus zeros)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    out = torch.zeros(n, dtype=torch.float64, device=accelerator.device)
+    for i in tqdm(range(rank, n, world), desc=desc, disable=not (progress and accelerator.is_main_process), leave=False):
+        out[i] = fn(i)
+    return accelerator.reduce(out, "sum").tolist()
+
+
 def train_routers(
     fx: ElasticModel,
     router: StaticRouter,
@@ -420,6 +474,7 @@ def train_routers(
     run_dir: Path,
     *,
     seed: int = 0,
+    accelerator: Accelerator | None = None,
     progress: bool = True,
 ) -> dict:
     """Router training with the LLM frozen (METHOD §7).
@@ -429,37 +484,55 @@ def train_routers(
     update the surrogate; once the surrogate passes its held-out gate (MAE and Spearman), update
     the router on ``SM(π) + λ · latency_loss``. With ``cfg.surrogate = False`` (ablation) the
     router gets the LM loss directly through the soft masks instead.
+
+    Under several processes every rank draws the same targets and choices (seeded by step), the
+    LLM measurements are split over the ranks and shared, so every rank fits the same surrogate;
+    each rank takes the router loss of its share of the ``cfg.batch_size`` targets and DDP
+    averages the router's gradients, as for the model in the other stages.
+
+    Raises:
+        ConfigError: ``cfg.batch_size`` is not a multiple of the number of processes.
     """
-    fx.eval()
+    accelerator = accelerator or make_accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"routers.batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    device = accelerator.device
+    fx.eval().to(device)
     for p in fx.parameters():
         p.requires_grad_(False)
     sp = fx.space
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     metrics.truncate("routers", -1)
     pool = blocks[: max(1, min(len(blocks) // cfg.batch_size, 4)) * cfg.batch_size].view(-1, cfg.batch_size, blocks.shape[1])
-    full_loss = [lm_loss_at(fx, None, b) for b in pool]
+    pool = pool.to(device)
+    full_loss = _split_over_ranks(accelerator, len(pool), lambda i: lm_loss_at(fx, None, pool[i]), "routers: full model", progress)
     sampler = BudgetSampler(sp, table, p_full=0.0, min_fraction=min(cfg.targets))
     fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
     gen = torch.Generator().manual_seed(seed + 17)
     t0 = time.time()
     evals = 0
 
-    def measure(arch: ArchConfig, i: int) -> float:
+    def measure(archs: list[ArchConfig], offset: int, desc: str = "") -> list[float]:
+        """Δloss of ``archs[i]`` on pool batch ``offset + i`` (split over the ranks)."""
         nonlocal evals
-        evals += 1
-        return lm_loss_at(fx, arch, pool[i % len(pool)]) - full_loss[i % len(pool)]
+        evals += len(archs)
+        fn = lambda i: lm_loss_at(fx, archs[i], pool[(offset + i) % len(pool)]) - full_loss[(offset + i) % len(pool)]  # noqa: E731
+        return _split_over_ranks(accelerator, len(archs), fn, desc, progress and bool(desc))
 
     # held-out configurations spanning the budget range, and the warm-up buffer
     held = [sampler.sample(gen)[0] for _ in range(cfg.heldout_configs)]
     enc = [encode_arch(sp, a) for a in held]
-    held_delta = torch.tensor([measure(a, i) for i, a in enumerate(tqdm(held, desc="routers: held-out configs", disable=not progress, leave=False))])
+    held_delta = torch.tensor(measure(held, 0, "routers: held-out configs"))
     fit.set_heldout(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), held_delta)
-    for i in tqdm(range(cfg.warmup_samples), desc="routers: surrogate warm-up", disable=not progress, leave=False):
-        a = sampler.sample(gen)[0]
-        fit.add(*encode_arch(sp, a), measure(a, i))
+    warmup = [sampler.sample(gen)[0] for _ in range(cfg.warmup_samples)]
+    for a, d in zip(warmup, measure(warmup, 0, "routers: surrogate warm-up")):
+        fit.add(*encode_arch(sp, a), d)
+    wrapped = accelerator.prepare(router)
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
     targets = torch.tensor(cfg.targets)
-    warm = _warm_start_router(router, opt, fit, measure, sp, table, targets, cfg, progress) if cfg.warm_start else None
+    warm = _warm_start_router(wrapped, opt, fit, measure, sp, table, targets, cfg) if cfg.warm_start else None
     fit.fit(cfg.surrogate_updates * 10, gen=gen)
     ev = fit.evaluate()
     log.info("surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
@@ -467,50 +540,50 @@ def train_routers(
 
     grad_steps = 0
     router.train()
-    bar = tqdm(range(cfg.steps), desc="routers", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="routers", disable=not (progress and accelerator.is_main_process))
     for step in bar:
         tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
         g = step_generator(seed, step, salt=1)
         t = targets[torch.randint(len(targets), (cfg.batch_size,), generator=g)]
-        mlp_logits, head_logits = router(t)
-        mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)
-        archs = choices_to_archs(sp, mlp_c, head_c)
-        deltas = [measure(a, step + j) for j, a in enumerate(archs)]
-        for j in range(len(archs)):
-            fit.add(mlp_c[j], head_c[j], deltas[j])
+        mlp_logits, head_logits = wrapped(t)
+        mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)  # (B, L, K), same on every rank
+        deltas = measure(choices_to_archs(sp, mlp_c, head_c), step)
+        for j, d in enumerate(deltas):
+            fit.add(mlp_c[j], head_c[j], d)
         fit.fit(cfg.surrogate_updates, gen=gen)
         ev = fit.evaluate()
         gate = ev["heldout_spearman"] >= cfg.surrogate_gate_spearman and ev["heldout_relative_error"] <= cfg.surrogate_gate_error
+        t_dev = t.to(mlp_c.device)
         frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
-        lat = latency_loss(frac, t, cfg.latency_tol).mean()
-        loss = cfg.latency_weight * lat
+        lat = latency_loss(frac, t_dev, cfg.latency_tol)  # (B,)
+        loss = cfg.latency_weight * lat[mine].mean()  # this rank's share; DDP averages the shares
         if cfg.surrogate:
             if gate:
                 surrogate.eval()
-                loss = loss + surrogate(mlp_c, head_c).mean()
+                loss = loss + surrogate(mlp_c[mine], head_c[mine]).mean()
                 grad_steps += 1
         else:
-            mlp_m, head_m = choices_to_masks(sp, mlp_c, head_c)
+            mlp_m, head_m = choices_to_masks(sp, mlp_c[mine], head_c[mine])
             fx.set_arch(None)
             fx.set_masks(mlp_m, head_m)
-            batch = pool[step % len(pool)][: cfg.batch_size]
+            batch = pool[step % len(pool)][mine]
             with torch.enable_grad():
                 lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
             fx.set_masks(None, None)
             loss = loss + lm
             grad_steps += 1
         opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            opt.step()
-        lat_err = float((frac.detach() / t - 1).abs().mean())
+        loss.backward()
+        opt.step()
+        lat_err = float((frac.detach() / t_dev - 1).abs().mean())
         metrics.write(
-            stage="routers", step=step, tau=tau, lm_delta=sum(deltas) / len(deltas), latency_loss=float(lat.detach()),
+            stage="routers", step=step, tau=tau, lm_delta=sum(deltas) / len(deltas), latency_loss=float(lat.detach().mean()),
             latency_error=lat_err, surrogate_heldout_mae=ev["heldout_mae"], surrogate_spearman=ev["heldout_spearman"],
             surrogate_relative_error=ev["heldout_relative_error"],
             surrogate_gate_open=gate, router_steps_with_surrogate_grad=grad_steps,
         )
         bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
+    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     fx.set_arch(None)
     router.eval()
     return {
@@ -526,16 +599,17 @@ def train_routers(
     }
 
 
-def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, cfg: RouterConfig, progress: bool) -> dict:
+def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, cfg: RouterConfig) -> dict:
     """Project choice: measure every homogeneous configuration (the measurements also train the
     surrogate), then fit the router to output, for each target, the best homogeneous
     configuration that meets it; surrogate training then departs from that baseline only where
-    it predicts a gain. Returns ``{target: [mlp, heads]}`` of the starting configurations."""
+    it predicts a gain. ``router`` may be DDP-wrapped: every rank fits all targets, so the
+    averaged gradient equals each rank's. Returns ``{target: [mlp, heads]}`` of the starting
+    configurations."""
     homo = sp.homogeneous_configs()
-    deltas = []
-    for i, a in enumerate(tqdm(homo, desc="routers: homogeneous configs", disable=not progress, leave=False)):
-        deltas.append(measure(a, i))
-        fit.add(*encode_arch(sp, a), deltas[-1])
+    deltas = measure(homo, 0, "routers: homogeneous configs")
+    for a, d in zip(homo, deltas):
+        fit.add(*encode_arch(sp, a), d)
     start = {}
     mlp_idx, head_idx = [], []
     for t in targets.tolist():
@@ -548,7 +622,9 @@ def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace,
     mlp_idx, head_idx = torch.tensor(mlp_idx), torch.tensor(head_idx)  # (n_targets, L)
     for _ in range(200):
         mlp_logits, head_logits = router(targets)
-        loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.flatten()) + F.cross_entropy(head_logits.flatten(0, 1), head_idx.flatten())
+        loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.to(mlp_logits.device).flatten()) + F.cross_entropy(
+            head_logits.flatten(0, 1), head_idx.to(head_logits.device).flatten()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -573,11 +649,13 @@ def train_joint(
     accelerator: Accelerator | None = None,
     progress: bool = True,
 ) -> dict:
-    """Joint fine-tuning of model and router (METHOD §8): each sequence of a batch gets a target
-    from the trained set; the router's straight-through choices become soft masks (masked
-    forward, differentiable), and the loss is LM + KD + λ · latency loss. The router's learning
-    rate is higher than the model's."""
-    accelerator = accelerator or make_accelerator(1)
+    """Joint fine-tuning of model and router (METHOD §8): each sequence of a step's batch gets a
+    target from the trained set (drawn for the whole step, then sliced, so the split over
+    processes and micro-batches does not matter); the router's straight-through choices become
+    soft masks (masked forward, differentiable), and the loss is LM + KD + λ · latency loss. The
+    router's learning rate is higher than the model's. ``accelerator``: default
+    ``make_accelerator(cfg.grad_accum, cfg.mixed_precision)``."""
+    accelerator = accelerator or make_accelerator(cfg.grad_accum, cfg.mixed_precision)
     sp = fx.space
     for p in fx.parameters():
         p.requires_grad_(True)
@@ -586,11 +664,12 @@ def train_joint(
     fx.set_arch(None)
     targets = torch.tensor(router_cfg.targets)
 
-    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict):
-        t = targets[torch.randint(len(targets), (batch.shape[0],), generator=gen)].to(batch.device)
+    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
+        t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the whole step's targets
         mlp_logits, head_logits = wrapped["router"](t)
-        mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)
-        head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)
+        mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)[rows]
+        head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)[rows]
+        t = t[rows]
         fx.set_masks(*choices_to_masks(sp, mlp_c, head_c))
         out = wrapped["model"](input_ids=batch, use_cache=False)
         fx.set_masks(None, None)
@@ -611,7 +690,7 @@ def train_joint(
         ],
         steps=cfg.steps,
         micro_batch=cfg.batch_size,
-        grad_accum=1,
+        grad_accum=cfg.grad_accum,
         warmup=0,
         min_lr_ratio=0.1,
         max_grad_norm=1.0,
