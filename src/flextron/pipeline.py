@@ -199,7 +199,7 @@ def _teacher(run_dir: Path, alpha: float):
 def _stage_elastic(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     fx = load_elastic(run_dir / "ranked")
     table = CostTable.load(run_dir / "latency_table.json")
-    acc = make_accelerator(cfg.train.grad_accum, cfg.train.mixed_precision)
+    acc = make_accelerator(cfg.train.grad_accum)
     summary = train_elastic(
         fx, _teacher(run_dir, cfg.train.kd_alpha), inp.train, cfg.train, table, run_dir,
         seed=cfg.seed, accelerator=acc, min_fraction=min(cfg.routers.targets),
@@ -271,7 +271,7 @@ def _stage_joint(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     fx = load_elastic(run_dir / "elastic")
     table = CostTable.load(run_dir / "latency_table.json")
     router, sm = _load_routers(run_dir / "routers", cfg, fx)
-    acc = make_accelerator(cfg.joint.grad_accum, cfg.joint.mixed_precision)
+    acc = make_accelerator(cfg.joint.grad_accum)
     summary = train_joint(
         fx, _teacher(run_dir, cfg.joint.kd_alpha), router, table, inp.train, cfg.joint, cfg.routers, run_dir, seed=cfg.seed, accelerator=acc
     )

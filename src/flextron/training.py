@@ -216,14 +216,13 @@ def batch_for_step(blocks: torch.Tensor, step: int, global_batch: int, seed: int
     return blocks[idx[rank * per : (rank + 1) * per]]
 
 
-def make_accelerator(grad_accum: int = 1, mixed_precision: str = "no") -> Accelerator:
+def make_accelerator(grad_accum: int = 1) -> Accelerator:
     """One ``Accelerator`` for every training stage; unused-parameter detection is on because a
-    sub-network may leave parameters out of the graph. ``mixed_precision``: ``no`` or ``bf16``
-    (autocast of the trained modules' forward; weights, gradients and optimizer stay float32)."""
+    sub-network may leave parameters out of the graph. Mixed precision is not set here:
+    accelerate fixes it once per process, while each stage has its own (see :func:`_lm_loop`)."""
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=grad_accum,
-        mixed_precision=mixed_precision,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
 
@@ -290,6 +289,7 @@ def _lm_loop(
     step_fn: StepFn,
     accelerator: Accelerator,
     progress: bool,
+    mixed_precision: str = "no",
 ) -> dict:
     """Shared loop of elastic training and joint fine-tuning: AdamW, cosine schedule, gradient
     accumulation, atomic checkpoints and resume, metrics.
@@ -302,6 +302,8 @@ def _lm_loop(
     must call the modules through ``wrapped`` (the accelerate-prepared ones) so that DDP
     synchronises gradients and autocast applies. The loss is a mean over the micro-batch; DDP
     averages over ranks and accelerate divides by ``grad_accum``: the mean over the step.
+    ``mixed_precision="bf16"``: ``step_fn`` runs under bf16 autocast (weights, gradients and
+    optimizer state stay float32; the loss is computed in float32).
 
     Raises:
         ConfigError: the accelerator's gradient accumulation differs from ``grad_accum``.
@@ -317,7 +319,7 @@ def _lm_loop(
     n_rows = micro_batch * world * grad_accum
     settings = {"steps": steps, "global_batch": n_rows, "lrs": base_lrs, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
                 "max_grad_norm": max_grad_norm, "seed": seed, "data_sha256": _data_sha256(blocks),
-                "mixed_precision": str(accelerator.mixed_precision)}
+                "mixed_precision": mixed_precision}
     ckpt_root = run_dir / "checkpoints" / stage
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     start = 0
@@ -332,42 +334,39 @@ def _lm_loop(
     steps_run = tokens = 0
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=stage, disable=not (progress and accelerator.is_main_process), initial=start, total=steps)
-    try:
-        with _deferred_interrupt() as interrupt:
-            for step in bar:
-                for g, base in zip(opt.param_groups, base_lrs):
-                    g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
-                rec: dict = {}
-                for micro in range(grad_accum):
-                    batch = batch_for_step(blocks, step * grad_accum + micro, micro_batch * world, seed, rank, world)
-                    batch = batch.to(accelerator.device)
-                    first = (micro * world + rank) * micro_batch
-                    # the global RNG (dropout) is a function of (seed, step, rank, micro) too
-                    with accelerator.accumulate(*wrapped.values()), torch.random.fork_rng(devices=cuda):
-                        torch.manual_seed(step_seed(seed, step, salt=1 + rank * grad_accum + micro))
+    with _deferred_interrupt() as interrupt:
+        for step in bar:
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
+            rec: dict = {}
+            for micro in range(grad_accum):
+                batch = batch_for_step(blocks, step * grad_accum + micro, micro_batch * world, seed, rank, world)
+                batch = batch.to(accelerator.device)
+                first = (micro * world + rank) * micro_batch
+                # the global RNG (dropout) is a function of (seed, step, rank, micro) too
+                with accelerator.accumulate(*wrapped.values()), torch.random.fork_rng(devices=cuda):
+                    torch.manual_seed(step_seed(seed, step, salt=1 + rank * grad_accum + micro))
+                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
                         loss, rec = step_fn(step, batch, step_generator(seed, step), wrapped, slice(first, first + micro_batch), n_rows)
-                        accelerator.backward(loss)
-                        if accelerator.sync_gradients and max_grad_norm > 0:
-                            accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
-                        opt.step()
-                        opt.zero_grad(set_to_none=True)
-                    tokens += batch.numel() * world
-                steps_run += 1
-                metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
-                if progress:
-                    bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
-                stop = _any_rank(accelerator, interrupt.requested)
-                if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
-                    accelerator.wait_for_everyone()
-                    if accelerator.is_main_process:
-                        extra = {"stage": stage, "settings": settings}
-                        save_checkpoint(ckpt_root, step + 1, modules, opt.optimizer if hasattr(opt, "optimizer") else opt, extra)
-                    accelerator.wait_for_everyone()
-                if stop:
-                    raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt_root}")
-    finally:
-        for w in wrapped.values():  # drop DDP and autocast wrappers from the caller's modules
-            accelerator.unwrap_model(w, keep_fp32_wrapper=False)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and max_grad_norm > 0:
+                        accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                tokens += batch.numel() * world
+            steps_run += 1
+            metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
+            if progress:
+                bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
+            stop = _any_rank(accelerator, interrupt.requested)
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    extra = {"stage": stage, "settings": settings}
+                    save_checkpoint(ckpt_root, step + 1, modules, opt.optimizer if hasattr(opt, "optimizer") else opt, extra)
+                accelerator.wait_for_everyone()
+            if stop:
+                raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt_root}")
     return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "wall_s": time.time() - t0}
 
 
@@ -394,12 +393,12 @@ def train_elastic(
     """Elastic continued training (METHOD §4): each step trains one sampled sub-network, sliced
     (full speed), on ``(1 − α)·CE + α·KL(teacher ‖ student)``. Logs the sampled budget.
     ``min_fraction``: lowest budget sampled (fraction of full cost; see :class:`BudgetSampler`).
-    ``accelerator``: default ``make_accelerator(cfg.grad_accum, cfg.mixed_precision)``.
+    ``accelerator``: default ``make_accelerator(cfg.grad_accum)``.
 
     ``blocks``: training token ids (N, T). Returns a summary dict (steps, tokens, wall time,
     number of full-model steps among those run now).
     """
-    accelerator = accelerator or make_accelerator(cfg.grad_accum, cfg.mixed_precision)
+    accelerator = accelerator or make_accelerator(cfg.grad_accum)
     sampler = BudgetSampler(fx.space, table, cfg.p_full, cfg.sampling, min_fraction)
     for p in fx.parameters():
         p.requires_grad_(True)
@@ -436,6 +435,7 @@ def train_elastic(
         step_fn=step_fn,
         accelerator=accelerator,
         progress=progress,
+        mixed_precision=cfg.mixed_precision,
     )
     fx.set_arch(None)
     fx.eval()
@@ -583,7 +583,6 @@ def train_routers(
             surrogate_gate_open=gate, router_steps_with_surrogate_grad=grad_steps,
         )
         bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
-    accelerator.unwrap_model(wrapped, keep_fp32_wrapper=False)
     fx.set_arch(None)
     router.eval()
     return {
@@ -654,8 +653,8 @@ def train_joint(
     processes and micro-batches does not matter); the router's straight-through choices become
     soft masks (masked forward, differentiable), and the loss is LM + KD + λ · latency loss. The
     router's learning rate is higher than the model's. ``accelerator``: default
-    ``make_accelerator(cfg.grad_accum, cfg.mixed_precision)``."""
-    accelerator = accelerator or make_accelerator(cfg.grad_accum, cfg.mixed_precision)
+    ``make_accelerator(cfg.grad_accum)``."""
+    accelerator = accelerator or make_accelerator(cfg.grad_accum)
     sp = fx.space
     for p in fx.parameters():
         p.requires_grad_(True)
@@ -701,6 +700,7 @@ def train_joint(
         step_fn=step_fn,
         accelerator=accelerator,
         progress=progress,
+        mixed_precision=cfg.mixed_precision,
     )
     fx.eval()
     router.eval()
