@@ -54,3 +54,29 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     budgets = lambda p: [json.loads(l)["budget"] for l in (p / "run" / "metrics.jsonl").read_text().splitlines()  # noqa: E731
                          if json.loads(l)["stage"] == "elastic"]
     assert budgets(tmp_path / "one") == budgets(tmp_path / "two")
+
+
+def test_fsdp_two_cpu_processes_one_elastic_step(tmp_path):
+    """torch's FSDP2 (``fully_shard``) runs on CPU with gloo: one elastic step on a sampled
+    sub-network, sharded over 2 processes, equals the unsharded step on one process.
+
+    This drives the step directly: accelerate enables FSDP only for accelerator devices (with
+    ``cpu=True`` its distributed type stays MULTI_CPU and an FSDP plugin is ignored), so the
+    ``accelerate launch`` FSDP path of the training loop cannot run on a CPU-only machine."""
+    from fsdp_worker import elastic_step
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(Path(__file__).parent / "fsdp_worker.py"), str(tmp_path)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert [(tmp_path / f"world_{i}.txt").read_text() for i in (0, 1)] == ["2", "2"]
+    sharded = load_file(tmp_path / "weights.safetensors")
+    ref = elastic_step(0, 1)
+    from conftest import make_tiny
+
+    init = make_tiny("llama_gqa_tied").state_dict()
+    assert set(sharded) == {k for k in ref if "lm_head" not in k}
+    for k, v in sharded.items():
+        assert torch.allclose(v, ref[k], atol=1e-9, rtol=0), k
+    assert any(not torch.allclose(sharded[k], init[k]) for k in sharded)
