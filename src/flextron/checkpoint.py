@@ -1,5 +1,6 @@
 """Persistence that survives interruptions and refuses bad files: atomic writes, sha256 manifests,
-shape checks and the training checkpoints of every stage that trains.
+shape checks, the training checkpoints of every stage that trains, the metrics log, and the
+deferral of SIGINT/SIGTERM to the end of a training step.
 
 Inputs: modules, optimizers and JSON-ready state. Outputs: ``ckpt_root/step_NNNNNN/`` directories
 holding ``<module>.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, optimizer
@@ -16,10 +17,14 @@ every tensor's shape is checked before anything is loaded, and a mismatch raises
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
 import shutil
+import signal
+import threading
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -29,6 +34,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from .errors import ModelError
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -212,3 +219,60 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, SafetensorError) as e:
         raise ModelError(f"checkpoint {path} does not match the model or optimizer ({type(e).__name__}: {e}); {fix}") from None
     return state
+
+
+class MetricsLog:
+    """Append-only JSON lines (``metrics.jsonl``), one record per step, tagged with the stage."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate(self, stage: str, after_step: int) -> None:
+        """Drop records of ``stage`` beyond ``after_step`` (a resumed stage rewrites them)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a killed process
+                continue
+            if not (rec.get("stage") == stage and rec.get("step", -1) > after_step):
+                keep.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def write(self, **rec) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class Interrupt:
+    """SIGINT/SIGTERM received: the loop finishes its step, saves a checkpoint and stops."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Defer SIGINT and SIGTERM to the end of the current step (a second signal stops at once).
+    Only the main thread can install signal handlers; elsewhere signals keep their behaviour."""
+    flag = Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        log.warning("signal %d: finishing this step and saving a checkpoint (send it again to stop at once)", signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

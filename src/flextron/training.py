@@ -15,13 +15,9 @@ the current step and save a checkpoint before :class:`KeyboardInterrupt` is rais
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import json
 import logging
 import math
-import signal
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,13 +27,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from .checkpoint import atomic_write_text, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import MetricsLog, deferred_interrupt, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import JointConfig, RouterConfig, TrainConfig
 from .elastic import ArchConfig, ElasticModel, SearchSpace
 from .errors import ConfigError
+from .losses import lm_kd_loss
 from .routers import StaticRouter, choices_to_archs, choices_to_masks, gumbel_choice, latency_loss
 from .surrogate import Surrogate, SurrogateFit, encode_arch
 
@@ -45,47 +41,6 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- losses
-
-
-def _chunk_loss(s: torch.Tensor, y: torch.Tensor, t: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and KL(teacher ‖ student) of one chunk: ``s``/``t`` (n, V) logits, ``y`` (n,)
-    labels; computed in float32 (float64 stays float64)."""
-    dt = torch.promote_types(s.dtype, torch.float32)
-    logp = F.log_softmax(s.to(dt), -1)  # (n, V)
-    ce = F.nll_loss(logp, y, reduction="sum")
-    if t is None:
-        return ce, torch.zeros((), dtype=dt, device=s.device)
-    kd = F.kl_div(logp, F.log_softmax(t.to(dt), -1), log_target=True, reduction="sum")
-    return ce, kd
-
-
-def lm_kd_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float, chunk_tokens: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy and forward KL to the teacher (METHOD §4), in chunks.
-
-    ``logits``/``teacher_logits``: (B, T, V); ``input_ids``: (B, T). Returns
-    ``((1 - α)·CE + α·KL, CE, KL)``, each averaged over the B·(T−1) predicted tokens (nats).
-    The loss runs over chunks of at most ``chunk_tokens`` positions of one sequence (views, no
-    copy of the logits); with gradients on, each chunk is recomputed in the backward pass
-    (activation checkpointing), so the float32 log-softmaxes of a 49k vocabulary exist for one
-    chunk at a time: extra memory O(chunk_tokens · V) instead of O(B · T · V).
-    """
-    B, T, _ = logits.shape
-    teacher = teacher_logits if teacher_logits is not None and alpha != 0 else None
-    recompute = torch.is_grad_enabled() and logits.requires_grad
-    ce = kd = torch.zeros((), dtype=torch.promote_types(logits.dtype, torch.float32), device=logits.device)
-    for b in range(B):
-        for t0 in range(0, T - 1, chunk_tokens):
-            t1 = min(T - 1, t0 + chunk_tokens)
-            args = (logits[b, t0:t1], input_ids[b, t0 + 1 : t1 + 1], None if teacher is None else teacher[b, t0:t1])
-            c, k = checkpoint(_chunk_loss, *args, use_reentrant=False) if recompute else _chunk_loss(*args)
-            ce, kd = ce + c, kd + k
-    n = B * (T - 1)
-    ce, kd = ce / n, kd / n
-    if teacher is None:
-        return ce, ce.detach(), kd
-    return (1 - alpha) * ce + alpha * kd, ce.detach(), kd.detach()
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float) -> float:
@@ -171,34 +126,6 @@ class BudgetSampler:
 # --------------------------------------------------------------------------- checkpoints & metrics
 
 
-class MetricsLog:
-    """Append-only JSON lines (``metrics.jsonl``), one record per step, tagged with the stage."""
-
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = Path(path), enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def truncate(self, stage: str, after_step: int) -> None:
-        """Drop records of ``stage`` beyond ``after_step`` (a resumed stage rewrites them)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:  # a line torn by a killed process
-                continue
-            if not (rec.get("stage") == stage and rec.get("step", -1) > after_step):
-                keep.append(line)
-        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
-
-    def write(self, **rec) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
 # --------------------------------------------------------------------------- data slicing
 
 
@@ -225,35 +152,6 @@ def make_accelerator(grad_accum: int = 1) -> Accelerator:
         gradient_accumulation_steps=grad_accum,
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
-
-
-class _Interrupt:
-    """SIGINT/SIGTERM received: the loop finishes its step, saves a checkpoint and stops."""
-
-    requested = False
-
-
-@contextlib.contextmanager
-def _deferred_interrupt():
-    """Defer SIGINT and SIGTERM to the end of the current step (a second signal stops at once).
-    Only the main thread can install signal handlers; elsewhere signals keep their behaviour."""
-    flag = _Interrupt()
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
-
-    def handler(signum, frame):
-        if flag.requested:
-            raise KeyboardInterrupt
-        flag.requested = True
-        log.warning("signal %d: finishing this step and saving a checkpoint (send it again to stop at once)", signum)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield flag
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)
 
 
 def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
@@ -334,7 +232,7 @@ def _lm_loop(
     steps_run = tokens = 0
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=stage, disable=not (progress and accelerator.is_main_process), initial=start, total=steps)
-    with _deferred_interrupt() as interrupt:
+    with deferred_interrupt() as interrupt:
         for step in bar:
             for g, base in zip(opt.param_groups, base_lrs):
                 g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
