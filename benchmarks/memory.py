@@ -4,8 +4,10 @@ against the budget weights + gradients + optimizer state + teacher + measured ac
 Each stage runs in a fresh process (so the peak is that stage's): after the imports and the token
 blocks exist, the resident set size is the baseline; the stage then builds its models and runs a
 few steps through the library's own functions (``train_elastic``, ``train_routers``,
-``train_joint``, ``perplexity``); the stage's memory is the process peak (``ru_maxrss``) minus
-the baseline. Activations are measured, not estimated: the unique storages that autograd saves
+``train_joint``, ``perplexity``). The peak (VmHWM) is restarted once the models are built; the
+stage's memory is the peak of its computation minus the baseline. The peak while building the
+models is reported separately ("load"): loading safetensors maps the file while the weights are
+copied, so it briefly holds about twice the weights. Activations are measured, not estimated: the unique storages that autograd saves
 for the backward pass of one micro-batch (``saved_tensors_hooks``), the logits (student and
 teacher) and the gradient buffer the chunked loss fills (the logits' size); for stages without a
 backward pass, the largest output of a module (the logits) of one no-grad forward.
@@ -26,7 +28,6 @@ import argparse
 import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -43,8 +44,15 @@ def _rss() -> int:
 
 
 def _peak() -> int:
-    """Peak resident set size of this process so far (bytes; ru_maxrss is in KiB on Linux)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size (bytes) since the start or the last :func:`_reset_peak` (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_peak() -> None:
+    """Restart the peak at the current resident set size (Linux: ``5`` to /proc/self/clear_refs)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def _bytes(tensors) -> int:
@@ -125,6 +133,8 @@ def run_stage(stage: str, args) -> dict:
     batch = blocks[: args.batch]
     fx.train(training)
     acts = _activations(fx, teacher, batch, with_grad=training)
+    load_peak = _peak()  # building the models (safetensors maps the file while copying it)
+    _reset_peak()
     params = [p for p in fx.parameters()]
     weights = _bytes(params) + _bytes(list(router.parameters()) + list(sm.parameters()))
     parts = {"weights": weights, "gradients": 0, "optimizer": 0, "teacher": 0, "activations": acts}
@@ -145,7 +155,7 @@ def run_stage(stage: str, args) -> dict:
             train_routers(fx, router, sm, table, blocks, rcfg, Path(run_dir), progress=False)
         else:
             perplexity(fx, blocks, batch_size=args.batch, progress=False)
-    return {"baseline": base, "peak": _peak(), "parts": parts}
+    return {"baseline": base, "load_peak": load_peak, "peak": _peak(), "parts": parts}
 
 
 def main(argv=None) -> int:
@@ -166,7 +176,7 @@ def main(argv=None) -> int:
     common = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
               "--threads", str(args.threads)]
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps per stage (MB = 1e6 bytes)")
-    print(f"{'stage':<9} {'weights':>8} {'grads':>8} {'optim':>8} {'teacher':>8} {'activ':>8} {'budget':>8} {'measured':>9} {'ratio':>6}")
+    print(f"{'stage':<9} {'weights':>8} {'grads':>8} {'optim':>8} {'teacher':>8} {'activ':>8} {'budget':>8} {'measured':>9} {'ratio':>6} {'load':>8}")
     worst = 0.0
     for stage in STAGES:
         r = subprocess.run([sys.executable, __file__, "--stage", stage, *common], capture_output=True, text=True, check=True)
@@ -178,7 +188,7 @@ def main(argv=None) -> int:
         results[stage] = {**m, "budget": budget, "stage_peak": used, "ratio": ratio}
         q = m["parts"]
         print(f"{stage:<9} {q['weights'] / MB:>8.1f} {q['gradients'] / MB:>8.1f} {q['optimizer'] / MB:>8.1f} {q['teacher'] / MB:>8.1f} "
-              f"{q['activations'] / MB:>8.1f} {budget / MB:>8.1f} {used / MB:>9.1f} {ratio:>5.2f}x")
+              f"{q['activations'] / MB:>8.1f} {budget / MB:>8.1f} {used / MB:>9.1f} {ratio:>5.2f}x {(m['load_peak'] - m['baseline']) / MB:>8.1f}")
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps({"model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps,
