@@ -110,3 +110,13 @@ def write_tiny_run(tmp_path, name: str = "tiny", **overrides):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def pytest_terminal_summary(terminalreporter):
+    """State how many cases the fuzz tests (tests/test_untrusted.py) tried."""
+    import sys
+
+    fuzz = sys.modules.get("test_untrusted")
+    if fuzz is not None and fuzz.CASES:
+        parts = ", ".join(f"{name}: {n}" for name, n in sorted(fuzz.CASES.items()))
+        terminalreporter.write_line(f"fuzz cases tried: {sum(fuzz.CASES.values())} ({parts})")

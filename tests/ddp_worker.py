@@ -1,10 +1,13 @@
-"""Worker for test_distributed: elastic training on a tiny float64 model, 1 or 2 processes.
+"""Worker for test_distributed: elastic training, router training and joint fine-tuning of a tiny
+float64 model (router and surrogate in float64 too), on 1 or 2 processes.
 
 Usage: python -m torch.distributed.run --nproc_per_node=N tests/ddp_worker.py OUT_DIR MICRO_BATCH
-Writes OUT_DIR/weights.safetensors (rank 0) and OUT_DIR/world_<rank>.txt.
+Writes OUT_DIR/weights_<rank>.safetensors (every stage's result, prefixed by stage),
+OUT_DIR/world_<rank>.txt and OUT_DIR/summary.json (rank 0).
 """
 
 import copy
+import json
 import sys
 from pathlib import Path
 
@@ -14,10 +17,16 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny  # noqa: E402
 
-from flextron.config import ElasticConfig, TrainConfig  # noqa: E402
+from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig  # noqa: E402
 from flextron.elastic import convert  # noqa: E402
 from flextron.latency import CostTable  # noqa: E402
-from flextron.training import make_accelerator, train_elastic  # noqa: E402
+from flextron.routers import StaticRouter  # noqa: E402
+from flextron.surrogate import Surrogate  # noqa: E402
+from flextron.training import make_accelerator, train_elastic, train_joint, train_routers  # noqa: E402
+
+
+def _snapshot(prefix: str, module: torch.nn.Module) -> dict:
+    return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items() if "lm_head" not in k}
 
 
 def main(out: Path, micro_batch: int) -> None:
@@ -27,10 +36,32 @@ def main(out: Path, micro_batch: int) -> None:
     fx = convert(make_tiny("llama_gqa_tied", dtype=torch.float64), ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8))
     teacher = copy.deepcopy(fx.model).requires_grad_(False)
     blocks = torch.randint(0, 97, (32, 12), generator=torch.Generator().manual_seed(0))
+    table = CostTable.from_parameters(fx.space)
     cfg = TrainConfig(steps=5, batch_size=micro_batch, seq_len=12, checkpoint_every=100, warmup_steps=1, lr=1e-2)
-    train_elastic(fx, teacher, blocks, cfg, CostTable.from_parameters(fx.space), out / "run", seed=0, accelerator=acc, progress=False)
+    train_elastic(fx, teacher, blocks, cfg, table, out / "run", seed=0, accelerator=acc, progress=False)
+    weights = _snapshot("elastic", fx.model)
+
+    # routers: the batch of targets is global (4), each rank measures and back-propagates its share;
+    # the surrogate gate is forced open so the router gets the surrogate's gradient every step
+    sp = fx.space
+    torch.manual_seed(0)
+    router = StaticRouter((0.6, 0.8, 1.0), sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 16).double()
+    sm = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 16).double()
+    weights.update(_snapshot("router_init", router))
+    rcfg = RouterConfig(targets=(0.6, 0.8, 1.0), steps=4, warmup_samples=4, heldout_configs=4, batch_size=4, seq_len=12,
+                        surrogate_updates=5, surrogate_gate_spearman=-1.0, surrogate_gate_error=1e9,
+                        tau_start=2.0, tau_end=1.0)  # a warm Gumbel-softmax keeps the joint stage's router gradient non-zero
+    rsum = train_routers(fx, router, sm, table, blocks, rcfg, out / "run", seed=0, accelerator=acc, progress=False)
+    weights.update(_snapshot("router", router))
+    weights.update(_snapshot("surrogate", sm))
+
+    jcfg = JointConfig(steps=3, batch_size=micro_batch, seq_len=12, checkpoint_every=100)
+    train_joint(fx, teacher, router, table, blocks, jcfg, rcfg, out / "run", seed=0, accelerator=acc, progress=False)
+    weights.update(_snapshot("joint_model", fx.model))
+    weights.update(_snapshot("joint_router", router))
+    save_file(weights, str(out / f"weights_{acc.process_index}.safetensors"))
     if acc.is_main_process:
-        save_file({k: v.detach().contiguous() for k, v in fx.model.state_dict().items() if "lm_head" not in k}, str(out / "weights.safetensors"))
+        (out / "summary.json").write_text(json.dumps({"routers": rsum}))
     acc.wait_for_everyone()
 
 

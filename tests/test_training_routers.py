@@ -174,3 +174,85 @@ def test_interrupted_training_resumes_to_same_weights(tmp_path):
         assert torch.allclose(a, b, atol=1e-6)
     steps = [r for r in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert len(steps) == 4  # no duplicated step records after the resume
+
+
+def _elastic_and_joint(run_dir, batch_size, grad_accum):
+    """Elastic training then joint fine-tuning of a float64 model; returns the trained weights."""
+    from flextron.config import JointConfig, RouterConfig
+    from flextron.training import train_joint
+
+    fx = _fx(torch.float64)
+    teacher = copy.deepcopy(fx.model).requires_grad_(False)
+    table = CostTable.from_parameters(fx.space)
+    blocks = torch.randint(0, 97, (32, 12), generator=torch.Generator().manual_seed(0))
+    cfg = TrainConfig(steps=3, batch_size=batch_size, grad_accum=grad_accum, seq_len=12, checkpoint_every=100, warmup_steps=1, lr=1e-2)
+    train_elastic(fx, teacher, blocks, cfg, table, run_dir, seed=0, progress=False)
+    rcfg = RouterConfig(targets=(0.6, 1.0), tau_end=1.0)
+    torch.manual_seed(0)
+    router = StaticRouter(rcfg.targets, fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), 16).double()
+    jcfg = JointConfig(steps=2, batch_size=batch_size, grad_accum=grad_accum, seq_len=12, checkpoint_every=100)
+    train_joint(fx, teacher, router, table, blocks, jcfg, rcfg, run_dir, seed=0, progress=False)
+    return {**fx.state_dict(), **{f"router.{k}": v for k, v in router.state_dict().items()}}
+
+
+def test_grad_accum_from_config_equals_the_larger_batch(tmp_path):
+    """grad_accum=2 × batch 2 trains exactly what batch 4 trains (same sub-network and targets per
+    step, loss averaged over the step), for elastic training and joint fine-tuning."""
+    big = _elastic_and_joint(tmp_path / "big", 4, 1)
+    accum = _elastic_and_joint(tmp_path / "accum", 2, 2)
+    init = _fx(torch.float64).state_dict()
+    assert any(not torch.allclose(big[k], init[k]) for k in init)
+    for k in big:
+        assert torch.allclose(big[k], accum[k], atol=1e-10, rtol=0), k
+
+
+def test_mixed_precision_bf16_from_config(tmp_path):
+    """train.mixed_precision=bf16 runs the trained model's forward under bf16 autocast, keeps
+    float32 weights, and leaves the model's own forward in float32 afterwards."""
+    blocks = torch.randint(0, 97, (16, 12), generator=torch.Generator().manual_seed(0))
+    dtypes = {}
+    for mp in ("no", "bf16"):
+        fx = _fx()
+        seen = []
+        fx.model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+        cfg = TrainConfig(steps=2, batch_size=2, seq_len=12, checkpoint_every=100, warmup_steps=1, mixed_precision=mp)
+        summary = train_elastic(fx, None, blocks, cfg, CostTable.from_parameters(fx.space), tmp_path / mp, progress=False)
+        dtypes[mp] = set(seen)
+        assert summary["steps_run_now"] == 2 and all(p.dtype == torch.float32 for p in fx.parameters())
+        seen.clear()
+        fx(input_ids=blocks[:1])
+        assert seen == [torch.float32]
+    assert dtypes == {"no": {torch.float32}, "bf16": {torch.bfloat16}}
+
+
+def test_chunked_loss_equals_direct_and_keeps_no_vocab_sized_activations():
+    """lm_kd_loss in chunks equals the one-shot formula (value and gradient), and nothing of
+    vocabulary size is kept for the backward pass beyond the logits themselves."""
+    import torch.nn.functional as F
+
+    from flextron.training import lm_kd_loss
+
+    B, T, V = 3, 11, 500
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(B, T, V, generator=g, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(B, T, V, generator=g, dtype=torch.float64)
+    ids = torch.randint(0, V, (B, T), generator=g)
+    saved = []
+    inputs = {x.untyped_storage().data_ptr() for x in (logits, teacher)}
+
+    def pack(t):  # bytes kept for backward that are not views of the logits
+        if t.untyped_storage().data_ptr() not in inputs:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, ce, kd = lm_kd_loss(logits, ids, teacher, 0.3, chunk_tokens=4)
+    assert sum(saved) < B * T * V * 8 / 10  # the direct formula keeps several (B·T, V) tensors
+    (grad,) = torch.autograd.grad(loss, logits)
+    s, t, y = logits[:, :-1].reshape(-1, V), teacher[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1)
+    ce_ref = F.cross_entropy(s, y)
+    kd_ref = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
+    ref = 0.7 * ce_ref + 0.3 * kd_ref
+    (grad_ref,) = torch.autograd.grad(ref, logits)
+    assert torch.allclose(loss, ref, atol=1e-12) and torch.allclose(ce, ce_ref, atol=1e-12) and torch.allclose(kd, kd_ref, atol=1e-12)
+    assert torch.allclose(grad, grad_ref, atol=1e-14)

@@ -20,6 +20,7 @@ import yaml
 from .errors import ConfigError
 
 ORDERINGS = ("importance", "none", "random")
+MIXED_PRECISION = ("no", "bf16")
 
 
 def _check(cond: bool, where: str, value: Any, allowed: str) -> None:
@@ -100,6 +101,8 @@ class TrainConfig:
     ``p_full``: probability of the full model in a step; ``sampling``: ``budget`` (draw a target,
     then a per-layer configuration meeting it) or ``homogeneous``; ``kd_alpha``: weight of the
     forward KL to the original model (``loss = (1 - kd_alpha) * CE + kd_alpha * KL``).
+    ``batch_size`` is per process and micro-batch: a step trains on ``batch_size × processes ×
+    grad_accum`` sequences. ``mixed_precision``: ``no`` or ``bf16`` (autocast; float32 weights).
     """
 
     steps: int = 1000
@@ -116,6 +119,7 @@ class TrainConfig:
     kd_alpha: float = 0.5
     checkpoint_every: int = 50
     log_every: int = 1
+    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "log_every"):
@@ -126,6 +130,7 @@ class TrainConfig:
         _check(0 <= self.kd_alpha <= 1, "train.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
         _check(self.sampling in ("budget", "homogeneous"), "train.sampling", self.sampling, "'budget' or 'homogeneous'")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        _check(self.mixed_precision in MIXED_PRECISION, "train.mixed_precision", self.mixed_precision, f"one of {MIXED_PRECISION}")
 
 
 @dataclass(frozen=True)
@@ -211,19 +216,23 @@ class RouterConfig:
 
 @dataclass(frozen=True)
 class JointConfig:
-    """Joint fine-tuning of model and routers (METHOD §8)."""
+    """Joint fine-tuning of model and routers (METHOD §8); ``batch_size``, ``grad_accum`` and
+    ``mixed_precision`` as in :class:`TrainConfig`."""
 
     steps: int = 100
     batch_size: int = 4
+    grad_accum: int = 1
     seq_len: int = 256
     model_lr: float = 1e-4
     router_lr: float = 1e-2
     kd_alpha: float = 0.5
     checkpoint_every: int = 25
+    mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
-        for k in ("batch_size", "seq_len", "checkpoint_every"):
+        for k in ("batch_size", "grad_accum", "seq_len", "checkpoint_every"):
             _check(getattr(self, k) >= 1, f"joint.{k}", getattr(self, k), "must be >= 1")
+        _check(self.mixed_precision in MIXED_PRECISION, "joint.mixed_precision", self.mixed_precision, f"one of {MIXED_PRECISION}")
         _check(self.steps >= 0, "joint.steps", self.steps, "must be >= 0")
         for k in ("model_lr", "router_lr"):
             _check(getattr(self, k) > 0, f"joint.{k}", getattr(self, k), "must be > 0")

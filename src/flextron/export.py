@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import copy
 import json
-import os
+import logging
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 
+from .checkpoint import atomic_write_dir, file_hashes, verify_hashes
 from .elastic import ArchConfig, ElasticModel, convert, elastic_config_from_metadata
 from .errors import ConfigError, FlextronError, ModelError, OutputExistsError
 from .families import adapter_for
@@ -35,6 +35,7 @@ HF_MODELING_FILE = "hf_modeling.py"
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SUBNETWORK_INFO_FILE = "flextron_subnetwork.json"
 ELASTIC_INFO_FILE = "flextron.json"
+log = logging.getLogger(__name__)
 AUTO_MAP = {"AutoConfig": "hf_modeling.FlextronConfig", "AutoModelForCausalLM": "hf_modeling.FlextronForCausalLM"}
 
 
@@ -156,27 +157,10 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 
 
 def _atomic_write(out_dir, overwrite: bool, write: Callable[[Path], None]) -> Path:
-    """Run ``write(tmp)`` in a temp sibling of ``out_dir``, then rename it into place."""
+    """Refuse a non-empty ``out_dir`` unless ``overwrite``, then :func:`atomic_write_dir`."""
     out_dir = Path(out_dir).expanduser().resolve()
     _check_out_dir(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-tmp-"))
-    old = None
-    try:
-        write(tmp)
-        tmp.chmod(0o755)  # mkdtemp makes it private
-        if out_dir.exists():
-            if out_dir.is_dir() and not any(out_dir.iterdir()):
-                out_dir.rmdir()
-            else:  # overwrite: move the old one aside, swap, then delete it
-                old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
-                os.replace(out_dir, old / "x")
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return atomic_write_dir(out_dir, write)
 
 
 def _write_json(path: Path, obj: dict) -> None:
@@ -215,7 +199,8 @@ def save_subnetwork(model, out_dir, *, tokenizer=None, metadata: dict | None = N
 
 def save_elastic(fx: ElasticModel, out_dir, *, tokenizer=None, extra: dict | None = None, overwrite: bool = False) -> Path:
     """Save the whole (permuted) elastic model: a plain HF checkpoint (safetensors, HF keys) plus
-    ``flextron.json`` (``fx.metadata()``, with ``extra`` merged in at the top level).
+    ``flextron.json`` (``fx.metadata()``, with ``extra`` merged in at the top level, and the
+    sha256 of every weight file under ``weights_sha256``, checked by :func:`load_elastic`).
 
     Raises:
         OutputExistsError: ``out_dir`` exists and is not empty (and ``overwrite`` is False).
@@ -227,7 +212,8 @@ def save_elastic(fx: ElasticModel, out_dir, *, tokenizer=None, extra: dict | Non
         fx.model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        _write_json(tmp / ELASTIC_INFO_FILE, meta)
+        weights = sorted(p.name for p in tmp.glob("*.safetensors"))
+        _write_json(tmp / ELASTIC_INFO_FILE, {**meta, "weights_sha256": file_hashes(tmp, weights)})
 
     return _atomic_write(out_dir, overwrite, write)
 
@@ -279,8 +265,9 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
     """Load a directory written by :func:`save_elastic` as an :class:`ElasticModel`.
 
     Raises:
-        ModelError: missing directory, ``config.json`` or ``flextron.json``; corrupt or truncated
-            safetensors; weights that do not match the config.
+        ModelError: missing directory, ``config.json`` or ``flextron.json``; a weight file whose
+            sha256 differs from the one recorded at save (truncated or altered); corrupt
+            safetensors; weights whose shapes do not match the config.
     """
     path = Path(path).expanduser()
     _require_hf_dir(path, "elastic checkpoint")
@@ -291,10 +278,23 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
     try:
         meta = json.loads(meta_file.read_text())
         elastic_config = elastic_config_from_metadata(meta)
-    except (json.JSONDecodeError, KeyError, TypeError, ConfigError) as e:
-        raise ModelError(f"{meta_file} is corrupt ({e}); {fix}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError) as e:
+        raise ModelError(f"{meta_file} is corrupt ({type(e).__name__}: {e}); {fix}") from None
+    if "weights_sha256" in meta:
+        verify_hashes(path, meta["weights_sha256"], fix)
+    else:  # written before hashes were recorded
+        log.warning("%s records no weight hashes; corruption of its weights cannot be detected", meta_file)
     model = _load_causal_lm(path, dtype, fix)
-    fx = convert(model, elastic_config)
+    try:
+        fx = convert(model, elastic_config)
+    except ConfigError as e:
+        raise ModelError(f"{meta_file}: its elastic_config does not fit the model in {path} ({e}); {fix}") from None
+    recorded = meta.get("search_space")
+    if isinstance(recorded, dict):
+        now = fx.space.to_dict()
+        diff = [f"{k}: {recorded.get(k)!r} recorded vs {v!r} from the weights" for k, v in now.items() if recorded.get(k) != v]
+        if diff:
+            raise ModelError(f"{meta_file} does not match the model in {path} ({'; '.join(diff[:3])}); {fix}")
     fx.ranking = dict(meta.get("ranking", fx.ranking))
     return fx
 

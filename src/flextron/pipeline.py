@@ -14,7 +14,6 @@ import copy
 import json
 import logging
 import math
-import os
 import platform
 import shutil
 import subprocess
@@ -27,6 +26,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from . import __version__
+from .checkpoint import atomic_write_dir, atomic_write_text, check_shapes, file_hashes, verify_hashes
 from .config import RunConfig, dump_config, load_config
 from .data import Corpora, build_corpora, load_text_files, tokenize_blocks
 from .elastic import ArchConfig, ElasticModel, convert
@@ -48,9 +48,7 @@ STAGES = ("rank", "latency", "elastic", "routers", "joint", "evaluate")
 
 
 def _atomic_json(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2))
 
 
 def _stages(run_dir: Path) -> dict:
@@ -82,9 +80,7 @@ def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_name(".config.yaml.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, saved)
+    atomic_write_text(saved, text)
     return run_dir
 
 
@@ -222,24 +218,42 @@ def _new_router(cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRouter, Surroga
     return router, sm
 
 
+ROUTER_FILES = {"router": "router.safetensors", "surrogate": "surrogate.safetensors"}
+ROUTER_MANIFEST = "routers.json"
+
+
 def _save_routers(path: Path, router: StaticRouter, sm: Surrogate) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model(router, str(tmp / "router.safetensors"))
-    save_model(sm, str(tmp / "surrogate.safetensors"))
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    """Router and surrogate (safetensors) plus ``routers.json`` with their sha256, written atomically."""
+
+    def write(tmp: Path) -> None:
+        save_model(router, str(tmp / ROUTER_FILES["router"]))
+        save_model(sm, str(tmp / ROUTER_FILES["surrogate"]))
+        (tmp / ROUTER_MANIFEST).write_text(json.dumps({"sha256": file_hashes(tmp, list(ROUTER_FILES.values()))}, indent=2))
+
+    atomic_write_dir(path, write)
 
 
 def _load_routers(path: Path, cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRouter, Surrogate]:
+    """Routers written by :func:`_save_routers`, checked against their sha256 and the config's shapes.
+
+    Raises:
+        ModelError: missing or malformed manifest, altered file, or shapes that differ from ``cfg``.
+    """
     router, sm = _new_router(cfg, fx)
+    fix = "rerun the router stage (delete the directory and the 'routers'/'joint' entries of stages.json)"
     try:
-        load_model(router, str(path / "router.safetensors"))
-        load_model(sm, str(path / "surrogate.safetensors"))
+        manifest = json.loads((path / ROUTER_MANIFEST).read_text())
+        hashes = manifest["sha256"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{path / ROUTER_MANIFEST} is missing or malformed ({type(e).__name__}: {e}); {fix}") from None
+    verify_hashes(path, hashes, fix)
+    for name, mod in (("router", router), ("surrogate", sm)):
+        check_shapes(mod, path / ROUTER_FILES[name], fix)
+    try:
+        load_model(router, str(path / ROUTER_FILES["router"]))
+        load_model(sm, str(path / ROUTER_FILES["surrogate"]))
     except (OSError, RuntimeError, ValueError) as e:
-        raise ModelError(f"routers in {path} are unreadable or do not match the config ({e}); rerun the router stage") from None
+        raise ModelError(f"routers in {path} are unreadable or do not match the config ({e}); {fix}") from None
     return router.eval(), sm.eval()
 
 
@@ -247,8 +261,10 @@ def _stage_routers(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     fx = load_elastic(run_dir / "elastic")
     table = CostTable.load(run_dir / "latency_table.json")
     router, sm = _new_router(cfg, fx)
-    summary = train_routers(fx, router, sm, table, inp.router, cfg.routers, run_dir, seed=cfg.seed)
-    _save_routers(run_dir / "routers", router, sm)
+    acc = make_accelerator()
+    summary = train_routers(fx, router, sm, table, inp.router, cfg.routers, run_dir, seed=cfg.seed, accelerator=acc)
+    if acc.is_main_process:
+        _save_routers(run_dir / "routers", router, sm)
     return summary
 
 
@@ -256,7 +272,7 @@ def _stage_joint(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     fx = load_elastic(run_dir / "elastic")
     table = CostTable.load(run_dir / "latency_table.json")
     router, sm = _load_routers(run_dir / "routers", cfg, fx)
-    acc = make_accelerator(1)
+    acc = make_accelerator(cfg.joint.grad_accum)
     summary = train_joint(
         fx, _teacher(run_dir, cfg.joint.kd_alpha), router, table, inp.train, cfg.joint, cfg.routers, run_dir, seed=cfg.seed, accelerator=acc
     )

@@ -41,11 +41,11 @@ class StaticRouter(nn.Module):
         ts = self.targets
         t = t.to(ts).clamp(ts[0], ts[-1])
         if len(ts) == 1:
-            return torch.ones(t.shape[0], 1, device=t.device)
+            return torch.ones(t.shape[0], 1, dtype=ts.dtype, device=t.device)
         hi = torch.searchsorted(ts, t).clamp(1, len(ts) - 1)  # (B,)
         lo = hi - 1
         w = ((t - ts[lo]) / (ts[hi] - ts[lo])).clamp(0, 1)
-        enc = torch.zeros(t.shape[0], len(ts), device=t.device)
+        enc = torch.zeros(t.shape[0], len(ts), dtype=ts.dtype, device=t.device)
         enc.scatter_(1, lo[:, None], (1 - w)[:, None])
         enc.scatter_add_(1, hi[:, None], w[:, None])
         return enc

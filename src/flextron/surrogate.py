@@ -36,7 +36,7 @@ class Surrogate(nn.Module):
     def forward(self, mlp: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
         """``mlp`` (B, L, K_mlp), ``heads`` (B, L, K_heads) → predicted Δloss (B,)."""
         x = torch.cat([mlp.flatten(1), heads.flatten(1)], dim=1)  # (B, L·(K_mlp+K_heads))
-        return self.net(x).squeeze(-1)
+        return self.net(x.to(self.net[0].weight.dtype)).squeeze(-1)
 
 
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -79,7 +79,8 @@ class SurrogateFit:
         """``updates`` AdamW steps of MSE on random minibatches of the buffer; returns the last loss."""
         if not self.delta:
             return float("nan")
-        m, h, y = torch.stack(self.mlp), torch.stack(self.heads), torch.tensor(self.delta)
+        m, h = torch.stack(self.mlp), torch.stack(self.heads)
+        y = torch.tensor(self.delta, dtype=self.model.net[0].weight.dtype)
         loss = torch.tensor(float("nan"))
         self.model.train()
         for _ in range(updates):

@@ -6,17 +6,18 @@ distillation), training blocks ``(N, T)`` of token ids, the cost table. Outputs:
 metrics as JSON lines in ``run_dir/metrics.jsonl``.
 
 The same code runs on one process or under ``accelerate launch`` (DDP): every rank samples the
-same sub-network and target each step (seeded by step, not by rank) and takes its own slice of
-the global batch.
+same sub-network and targets each step (seeded by step, not by rank) and takes its own slice of
+the global batch; router training splits its LLM measurements over the ranks. Gradient
+accumulation and mixed precision (bf16) come from the stage configs. Randomness is a function of
+(seed, step, rank), so a resumed run draws what the uninterrupted one drew; SIGINT/SIGTERM finish
+the current step and save a checkpoint before :class:`KeyboardInterrupt` is raised.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
 import logging
 import math
-import os
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +27,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs
-from safetensors.torch import load_file, load_model, save_file, save_model
 from tqdm.auto import tqdm
 
+from .checkpoint import MetricsLog, deferred_interrupt, latest_checkpoint, load_checkpoint, save_checkpoint
 from .config import JointConfig, RouterConfig, TrainConfig
 from .elastic import ArchConfig, ElasticModel, SearchSpace
-from .errors import ModelError
+from .errors import ConfigError
+from .losses import lm_kd_loss
 from .routers import StaticRouter, TargetRouter, choices_to_archs, choices_to_masks, fit_to_budget, gumbel_choice, latency_loss
 from .surrogate import Surrogate, SurrogateFit, encode_arch
 
@@ -39,24 +41,6 @@ log = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------- losses
-
-
-def lm_kd_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy and forward KL to the teacher (METHOD §4).
-
-    ``logits``/``teacher_logits``: (B, T, V); ``input_ids``: (B, T). Returns
-    ``((1 - α)·CE + α·KL, CE, KL)``, each averaged over the B·(T−1) predicted tokens (nats).
-    """
-    s = logits[:, :-1].flatten(0, 1).float()  # (N, V)
-    y = input_ids[:, 1:].flatten()  # (N,)
-    ce = F.cross_entropy(s, y)
-    if teacher_logits is None or alpha == 0:
-        return ce, ce.detach(), torch.zeros((), device=ce.device)
-    t = teacher_logits[:, :-1].flatten(0, 1).float()
-    kd = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
-    return (1 - alpha) * ce + alpha * kd, ce.detach(), kd.detach()
 
 
 def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float) -> float:
@@ -67,9 +51,14 @@ def cosine_lr(step: int, total: int, warmup: int, base: float, min_ratio: float)
     return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p)))
 
 
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """The seed of one step (and ``salt``): a pure function, so it is the same after a resume."""
+    return (seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1)
+
+
 def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
     """The generator of one step: identical on every rank, independent of resume history."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + step * 7919 + salt) % (2**63 - 1))
+    return torch.Generator().manual_seed(step_seed(seed, step, salt))
 
 
 # --------------------------------------------------------------------------- sub-network sampling
@@ -137,98 +126,6 @@ class BudgetSampler:
 # --------------------------------------------------------------------------- checkpoints & metrics
 
 
-class MetricsLog:
-    """Append-only JSON lines (``metrics.jsonl``), one record per step, tagged with the stage."""
-
-    def __init__(self, path: Path, enabled: bool = True) -> None:
-        self.path, self.enabled = Path(path), enabled
-        if enabled:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-
-    def truncate(self, stage: str, after_step: int) -> None:
-        """Drop records of ``stage`` beyond ``after_step`` (a resumed stage rewrites them)."""
-        if not (self.enabled and self.path.exists()):
-            return
-        keep = []
-        for line in self.path.read_text().splitlines():
-            rec = json.loads(line)
-            if not (rec.get("stage") == stage and rec.get("step", -1) > after_step):
-                keep.append(line)
-        _atomic_write(self.path, "".join(k + "\n" for k in keep))
-
-    def write(self, **rec) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def save_checkpoint(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, extra: dict) -> Path:
-    """Atomically write ``ckpt_root/step_{step:06d}``: module weights and optimizer tensors as
-    safetensors, optimizer hyper-parameters and ``extra`` as JSON. Older checkpoints are removed
-    only after the new one is complete."""
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    final = ckpt_root / f"step_{step:06d}"
-    tmp = ckpt_root / f".tmp_step_{step:06d}_{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    for name, mod in modules.items():
-        save_model(mod, str(tmp / f"{name}.safetensors"))  # handles tied (shared) tensors
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    save_file(tensors, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(
-        json.dumps({"step": step, "param_groups": sd["param_groups"], "optimizer_scalars": scalars, **extra})
-    )
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    for old in ckpt_root.glob("step_*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def latest_checkpoint(ckpt_root: Path) -> Path | None:
-    """The newest complete checkpoint (temporary directories are ignored)."""
-    done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.json").exists())
-    return done[-1] if done else None
-
-
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer) -> dict:
-    """Restore modules and optimizer from :func:`save_checkpoint`; returns the JSON state.
-
-    Raises:
-        ModelError: a file is missing or corrupt, or shapes differ from the model.
-    """
-    try:
-        state = json.loads((path / "state.json").read_text())
-        for name, mod in modules.items():
-            missing, unexpected = load_model(mod, str(path / f"{name}.safetensors"), strict=False)
-            if missing or unexpected:
-                raise ValueError(f"{name}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        tensors = load_file(path / "optimizer.safetensors")
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
-        raise ModelError(f"checkpoint {path} is unreadable ({e}); delete it to restart this stage") from None
-    opt_state: dict = {}
-    for key, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
-        pid, k = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[k] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    return state
-
-
 # --------------------------------------------------------------------------- data slicing
 
 
@@ -248,7 +145,8 @@ def batch_for_step(blocks: torch.Tensor, step: int, global_batch: int, seed: int
 
 def make_accelerator(grad_accum: int = 1) -> Accelerator:
     """One ``Accelerator`` for every training stage; unused-parameter detection is on because a
-    sub-network may leave parameters out of the graph."""
+    sub-network may leave parameters out of the graph. Mixed precision is not set here:
+    accelerate fixes it once per process, while each stage has its own (see :func:`_lm_loop`)."""
     return Accelerator(
         cpu=not torch.cuda.is_available(),
         gradient_accumulation_steps=grad_accum,
@@ -256,7 +154,19 @@ def make_accelerator(grad_accum: int = 1) -> Accelerator:
     )
 
 
+def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (all ranks then stop at the same step)."""
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
+
+
 # --------------------------------------------------------------------------- the LM training loop
+
+
+StepFn = Callable[[int, torch.Tensor, torch.Generator, dict, slice, int], tuple[torch.Tensor, dict]]
+
+
+def _data_sha256(blocks: torch.Tensor) -> str:
+    return hashlib.sha256(blocks.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
 def _lm_loop(
@@ -274,65 +184,95 @@ def _lm_loop(
     blocks: torch.Tensor,
     seed: int,
     run_dir: Path,
-    step_fn: Callable[[int, torch.Tensor, torch.Generator, dict], tuple[torch.Tensor, dict]],
+    step_fn: StepFn,
     accelerator: Accelerator,
     progress: bool,
+    mixed_precision: str = "no",
 ) -> dict:
     """Shared loop of elastic training and joint fine-tuning: AdamW, cosine schedule, gradient
-    accumulation, atomic checkpoints and resume, metrics. ``step_fn(step, batch, gen, wrapped)``
-    returns ``(loss, metrics)`` for one micro-batch; it must call the modules through ``wrapped``
-    (the accelerate-prepared ones) so that DDP synchronises gradients."""
+    accumulation, atomic checkpoints and resume, metrics.
+
+    A step's effective batch is ``micro_batch · world · grad_accum`` sequences; every micro-batch
+    of a step gets the same step generator. ``step_fn(step, batch, gen, wrapped, rows, n_rows)``
+    returns ``(loss, metrics)`` for one micro-batch: ``rows`` is the slice of ``batch`` within the
+    step's ``n_rows`` sequences, so per-sequence draws are made for the whole step and sliced and
+    the result does not depend on how the batch is split over processes and micro-batches. It
+    must call the modules through ``wrapped`` (the accelerate-prepared ones) so that DDP
+    synchronises gradients and autocast applies. The loss is a mean over the micro-batch; DDP
+    averages over ranks and accelerate divides by ``grad_accum``: the mean over the step.
+    ``mixed_precision="bf16"``: ``step_fn`` runs under bf16 autocast (weights, gradients and
+    optimizer state stay float32; the loss is computed in float32).
+
+    Raises:
+        ConfigError: the accelerator's gradient accumulation differs from ``grad_accum``.
+        ModelError: the checkpoint to resume is corrupt or was written with other settings.
+        KeyboardInterrupt: after SIGINT/SIGTERM, once the current step is checkpointed.
+    """
+    if accelerator.gradient_accumulation_steps != grad_accum:
+        raise ConfigError(f"{stage}: the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
+                          f"the config grad_accum={grad_accum}; build it with make_accelerator({grad_accum}, ...)")
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95))
     base_lrs = [g["lr"] for g in param_groups]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_rows = micro_batch * world * grad_accum
+    settings = {"steps": steps, "global_batch": n_rows, "lrs": base_lrs, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
+                "max_grad_norm": max_grad_norm, "seed": seed, "data_sha256": _data_sha256(blocks),
+                "mixed_precision": mixed_precision}
     ckpt_root = run_dir / "checkpoints" / stage
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     start = 0
     last = latest_checkpoint(ckpt_root)
     if last is not None:
-        st = load_checkpoint(last, modules, opt)
-        start = st["step"]
+        start = load_checkpoint(last, modules, opt, settings)["step"]
         log.info("%s: resuming from %s (step %d of %d)", stage, last, start, steps)
     metrics.truncate(stage, start - 1)
     wrapped = {k: accelerator.prepare(m) if any(p.requires_grad for p in m.parameters()) else m for k, m in modules.items()}
     opt = accelerator.prepare(opt)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    global_batch = micro_batch * world
-    resumed_steps = 0
-    tokens = 0
+    cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
+    steps_run = tokens = 0
     t0 = time.time()
     bar = tqdm(range(start, steps), desc=stage, disable=not (progress and accelerator.is_main_process), initial=start, total=steps)
-    for step in bar:
-        for g, base in zip(opt.param_groups, base_lrs):
-            g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
-        rec: dict = {}
-        for micro in range(grad_accum):
-            batch = batch_for_step(blocks, step * grad_accum + micro, global_batch, seed, rank, world)
-            batch = batch.to(accelerator.device)
-            with accelerator.accumulate(*wrapped.values()):
-                loss, rec = step_fn(step, batch, step_generator(seed, step * grad_accum + micro), wrapped)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and max_grad_norm > 0:
-                    accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-            tokens += batch.numel() * world
-        resumed_steps += 1
-        metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
-        if progress:
-            bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
-            accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                save_checkpoint(ckpt_root, step + 1, modules, opt.optimizer if hasattr(opt, "optimizer") else opt, {"stage": stage})
-            accelerator.wait_for_everyone()
-    return {"steps": steps, "steps_run_now": resumed_steps, "resumed_from": start, "tokens": tokens, "wall_s": time.time() - t0}
+    with deferred_interrupt() as interrupt:
+        for step in bar:
+            for g, base in zip(opt.param_groups, base_lrs):
+                g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
+            rec: dict = {}
+            for micro in range(grad_accum):
+                batch = batch_for_step(blocks, step * grad_accum + micro, micro_batch * world, seed, rank, world)
+                batch = batch.to(accelerator.device)
+                first = (micro * world + rank) * micro_batch
+                # the global RNG (dropout) is a function of (seed, step, rank, micro) too
+                with accelerator.accumulate(*wrapped.values()), torch.random.fork_rng(devices=cuda):
+                    torch.manual_seed(step_seed(seed, step, salt=1 + rank * grad_accum + micro))
+                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+                        loss, rec = step_fn(step, batch, step_generator(seed, step), wrapped, slice(first, first + micro_batch), n_rows)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and max_grad_norm > 0:
+                        accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                tokens += batch.numel() * world
+            steps_run += 1
+            metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
+            if progress:
+                bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
+            stop = _any_rank(accelerator, interrupt.requested)
+            if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
+                accelerator.wait_for_everyone()
+                if accelerator.is_main_process:
+                    extra = {"stage": stage, "settings": settings}
+                    save_checkpoint(ckpt_root, step + 1, modules, opt.optimizer if hasattr(opt, "optimizer") else opt, extra)
+                accelerator.wait_for_everyone()
+            if stop:
+                raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt_root}")
+    return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "wall_s": time.time() - t0}
 
 
 def _teacher_logits(teacher: torch.nn.Module | None, batch: torch.Tensor, alpha: float) -> torch.Tensor | None:
     if teacher is None or alpha == 0:
         return None
     with torch.no_grad():
-        return teacher(input_ids=batch, use_cache=False).logits
+        return teacher.to(batch.device)(input_ids=batch, use_cache=False).logits
 
 
 def train_elastic(
@@ -355,23 +295,24 @@ def train_elastic(
     ``sampler``: any object with ``sample(gen) -> (ArchConfig, budget fraction or None)`` used
     instead of the :class:`BudgetSampler` built from ``cfg`` (e.g. one fixed configuration, to
     fine-tune a single pruned sub-network with the same loop).
+    ``accelerator``: default ``make_accelerator(cfg.grad_accum)``.
 
     ``blocks``: training token ids (N, T). Returns a summary dict (steps, tokens, wall time,
-    histogram counts of sampled budgets).
+    number of full-model steps among those run now).
     """
     accelerator = accelerator or make_accelerator(cfg.grad_accum)
     sampler = sampler or BudgetSampler(fx.space, table, cfg.p_full, cfg.sampling, min_fraction)
     for p in fx.parameters():
         p.requires_grad_(True)
     fx.train()
-    budgets: list[float | None] = []
+    budgets: dict[int, float | None] = {}
 
-    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict):
+    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
         arch, frac = sampler.sample(gen)
         fx.set_arch(arch)
         out = wrapped["model"](input_ids=batch, use_cache=False)
         loss, ce, kd = lm_kd_loss(out.logits, batch, _teacher_logits(teacher, batch, cfg.kd_alpha), cfg.kd_alpha)
-        budgets.append(frac)
+        budgets[step] = frac
         return loss, {
             "lm_loss": float(ce),
             "kd_loss": float(kd),
@@ -396,10 +337,11 @@ def train_elastic(
         step_fn=step_fn,
         accelerator=accelerator,
         progress=progress,
+        mixed_precision=cfg.mixed_precision,
     )
     fx.set_arch(None)
     fx.eval()
-    summary["full_model_steps"] = sum(b is None for b in budgets)
+    summary["full_model_steps"] = sum(b is None for b in budgets.values())
     return summary
 
 
@@ -412,6 +354,16 @@ def lm_loss_at(fx: ElasticModel, arch: ArchConfig | None, batch: torch.Tensor) -
     fx.set_arch(arch)
     logits = fx(input_ids=batch, use_cache=False).logits
     return float(lm_kd_loss(logits, batch, None, 0.0)[1])
+
+
+def _split_over_ranks(accelerator: Accelerator, n: int, fn: Callable[[int], float], desc: str, progress: bool) -> list[float]:
+    """``[fn(i) for i in range(n)]`` with rank ``r`` evaluating the ``i ≡ r (mod world)``; the
+    shares are summed over ranks, which is exact (each entry is one value plus zeros)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    out = torch.zeros(n, dtype=torch.float64, device=accelerator.device)
+    for i in tqdm(range(rank, n, world), desc=desc, disable=not (progress and accelerator.is_main_process), leave=False):
+        out[i] = fn(i)
+    return accelerator.reduce(out, "sum").tolist()
 
 
 def target_grid(targets: tuple[float, ...] | list[float]) -> list[float]:
@@ -431,31 +383,49 @@ def train_routers(
     run_dir: Path,
     *,
     seed: int = 0,
+    accelerator: Accelerator | None = None,
     progress: bool = True,
 ) -> dict:
     """Router training with the LLM frozen (METHOD §7).
 
     The LM loss of a configuration is measured on one fixed batch (``blocks[:batch_size]``,
     METHOD §7 "or use a fixed batch"), as ``ℓ − ℓ_full`` on that batch, so configurations are
-    compared on the same text. Each step: sample targets from :func:`target_grid` → router
-    logits → straight-through Gumbel choices → run the LLM (sliced, no grad) at each choice →
-    update the surrogate; once the surrogate passes its held-out gate (relative error and
-    Spearman), update the router on ``SM(π) + λ · latency_loss``. With ``cfg.surrogate = False``
-    (ablation) the router gets the LM loss directly through the soft masks instead.
+    compared on the same text; targets are drawn from :func:`target_grid`.
 
     With ``cfg.warm_start`` (project choice) the router starts from the best measured
     homogeneous configuration of every grid target, and at the end each grid target's routed
     configuration is kept only if its LM loss on all router blocks (``blocks``, up to four
     batches) is lower than the warm-start configuration's, both fitted to the budget; otherwise
     the router is refitted to the warm start there. The verdicts are in the returned summary.
+
+    Each step: sample targets → router logits → straight-through Gumbel choices → run the LLM
+    (sliced, no grad) at each chosen configuration on a fixed text batch → ``ℓ − ℓ_full`` →
+    update the surrogate; once the surrogate passes its held-out gate (MAE and Spearman), update
+    the router on ``SM(π) + λ · latency_loss``. With ``cfg.surrogate = False`` (ablation) the
+    router gets the LM loss directly through the soft masks instead.
+
+    Under several processes every rank draws the same targets and choices (seeded by step), the
+    LLM measurements are split over the ranks and shared, so every rank fits the same surrogate;
+    each rank takes the router loss of its share of the ``cfg.batch_size`` targets and DDP
+    averages the router's gradients, as for the model in the other stages.
+
+    Raises:
+        ConfigError: ``cfg.batch_size`` is not a multiple of the number of processes.
     """
-    fx.eval()
+    accelerator = accelerator or make_accelerator()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    if cfg.batch_size % world:
+        raise ConfigError(f"routers.batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+    mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
+    device = accelerator.device
+    fx.eval().to(device)
     for p in fx.parameters():
         p.requires_grad_(False)
     sp = fx.space
-    metrics = MetricsLog(run_dir / "metrics.jsonl")
+    metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     metrics.truncate("routers", -1)
     pool = blocks[: max(1, min(len(blocks) // cfg.batch_size, 4)) * cfg.batch_size].view(-1, cfg.batch_size, blocks.shape[1])
+    pool = pool.to(device)
     full_loss = lm_loss_at(fx, None, pool[0])
     sampler = BudgetSampler(sp, table, p_full=0.0, min_fraction=min(cfg.targets))
     fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
@@ -463,22 +433,25 @@ def train_routers(
     t0 = time.time()
     evals = 0
 
-    def measure(arch: ArchConfig) -> float:
+    def measure(archs: list[ArchConfig], desc: str = "") -> list[float]:
+        """Δloss of each configuration on the fixed batch (split over the ranks)."""
         nonlocal evals
-        evals += 1
-        return lm_loss_at(fx, arch, pool[0]) - full_loss
+        evals += len(archs)
+        fn = lambda i: lm_loss_at(fx, archs[i], pool[0]) - full_loss  # noqa: E731
+        return _split_over_ranks(accelerator, len(archs), fn, desc, progress and bool(desc))
 
     # held-out configurations spanning the budget range, and the warm-up buffer
     held = [sampler.sample(gen)[0] for _ in range(cfg.heldout_configs)]
     enc = [encode_arch(sp, a) for a in held]
-    held_delta = torch.tensor([measure(a) for a in tqdm(held, desc="routers: held-out configs", disable=not progress, leave=False)])
+    held_delta = torch.tensor(measure(held, "routers: held-out configs"))
     fit.set_heldout(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), held_delta)
-    for _ in tqdm(range(cfg.warmup_samples), desc="routers: surrogate warm-up", disable=not progress, leave=False):
-        a = sampler.sample(gen)[0]
-        fit.add(*encode_arch(sp, a), measure(a))
+    warmup = [sampler.sample(gen)[0] for _ in range(cfg.warmup_samples)]
+    for a, d in zip(warmup, measure(warmup, "routers: surrogate warm-up")):
+        fit.add(*encode_arch(sp, a), d)
+    wrapped = accelerator.prepare(router)
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
     grid = torch.tensor(target_grid(cfg.targets))
-    warm = _warm_start_router(router, opt, fit, measure, sp, table, grid, cfg, progress) if cfg.warm_start else None
+    warm = _warm_start_router(wrapped, opt, fit, measure, sp, table, grid, cfg) if cfg.warm_start else None
     fit.fit(cfg.surrogate_updates * 10, gen=gen)
     ev = fit.evaluate()
     log.info("surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
@@ -486,44 +459,44 @@ def train_routers(
 
     grad_steps = 0
     router.train()
-    bar = tqdm(range(cfg.steps), desc="routers", disable=not progress)
+    bar = tqdm(range(cfg.steps), desc="routers", disable=not (progress and accelerator.is_main_process))
     for step in bar:
         tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
         g = step_generator(seed, step, salt=1)
         t = grid[torch.randint(len(grid), (cfg.batch_size,), generator=g)]
-        mlp_logits, head_logits = router(t)
-        mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)
-        archs = choices_to_archs(sp, mlp_c, head_c)
-        deltas = [measure(a) for a in archs]
-        for j in range(len(archs)):
-            fit.add(mlp_c[j], head_c[j], deltas[j])
+        mlp_logits, head_logits = wrapped(t)
+        mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)  # (B, L, K), same on every rank
+        deltas = measure(choices_to_archs(sp, mlp_c, head_c))
+        for j, d in enumerate(deltas):
+            fit.add(mlp_c[j], head_c[j], d)
         fit.fit(cfg.surrogate_updates, gen=gen)
         ev = fit.evaluate()
         gate = ev["heldout_spearman"] >= cfg.surrogate_gate_spearman and ev["heldout_relative_error"] <= cfg.surrogate_gate_error
+        t_dev = t.to(mlp_c.device)
         frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
-        lat = latency_loss(frac, t, cfg.latency_tol).mean()
-        loss = cfg.latency_weight * lat
+        lat = latency_loss(frac, t_dev, cfg.latency_tol)  # (B,)
+        loss = cfg.latency_weight * lat[mine].mean()  # this rank's share; DDP averages the shares
         if cfg.surrogate:
             if gate:
                 surrogate.eval()
-                loss = loss + surrogate(mlp_c, head_c).mean()
+                loss = loss + surrogate(mlp_c[mine], head_c[mine]).mean()
                 grad_steps += 1
         else:
-            mlp_m, head_m = choices_to_masks(sp, mlp_c, head_c)
+            mlp_m, head_m = choices_to_masks(sp, mlp_c[mine], head_c[mine])
             fx.set_arch(None)
             fx.set_masks(mlp_m, head_m)
+            batch = pool[step % len(pool)][mine]
             with torch.enable_grad():
-                lm = lm_kd_loss(fx(input_ids=pool[0], use_cache=False).logits, pool[0], None, 0.0)[0]
+                lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
             fx.set_masks(None, None)
             loss = loss + lm
             grad_steps += 1
         opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            opt.step()
-        lat_err = float((frac.detach() / t - 1).abs().mean())
+        loss.backward()
+        opt.step()
+        lat_err = float((frac.detach() / t_dev - 1).abs().mean())
         metrics.write(
-            stage="routers", step=step, tau=tau, lm_delta=sum(deltas) / len(deltas), latency_loss=float(lat.detach()),
+            stage="routers", step=step, tau=tau, lm_delta=sum(deltas) / len(deltas), latency_loss=float(lat.detach().mean()),
             latency_error=lat_err, surrogate_heldout_mae=ev["heldout_mae"], surrogate_spearman=ev["heldout_spearman"],
             surrogate_relative_error=ev["heldout_relative_error"],
             surrogate_gate_open=gate, router_steps_with_surrogate_grad=grad_steps,
@@ -532,7 +505,7 @@ def train_routers(
     router.eval()
     validation = None
     if warm is not None:
-        validation = _keep_better_than_warm_start(router, opt, fx, surrogate, table, pool, grid, warm, progress)
+        validation = _keep_better_than_warm_start(wrapped, router, opt, fx, surrogate, table, pool, grid, warm, accelerator, progress)
         evals += validation.pop("llm_evaluations")
     fx.set_arch(None)
     return {
@@ -549,32 +522,31 @@ def train_routers(
     }
 
 
-def _fit_router(router: StaticRouter, opt, sp: SearchSpace, targets: list[float], archs: list[ArchConfig], steps: int = 200) -> None:
-    """Supervised fit of the router's argmax to ``archs`` at ``targets`` (cross-entropy)."""
+def _fit_router(router, opt, sp: SearchSpace, targets: list[float], archs: list[ArchConfig], steps: int = 200) -> None:
+    """Supervised fit of the router's argmax to ``archs`` at ``targets`` (cross-entropy).
+    ``router`` may be DDP-wrapped: every rank fits all targets, so the averaged gradient equals
+    each rank's."""
     idx = [sp.indices(a) for a in archs]
-    mlp_idx = torch.tensor([i[0] for i in idx])  # (n_targets, L)
-    head_idx = torch.tensor([i[1] for i in idx])
     t = torch.tensor(targets, dtype=torch.float32)
-    router.train()
     for _ in range(steps):
         mlp_logits, head_logits = router(t)
+        mlp_idx = torch.tensor([i[0] for i in idx], device=mlp_logits.device)  # (n_targets, L)
+        head_idx = torch.tensor([i[1] for i in idx], device=mlp_logits.device)
         loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.flatten()) + F.cross_entropy(head_logits.flatten(0, 1), head_idx.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    router.eval()
 
 
-def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, cfg: RouterConfig, progress: bool) -> dict[float, ArchConfig]:
+def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, cfg: RouterConfig) -> dict[float, ArchConfig]:
     """Project choice: measure every homogeneous configuration (the measurements also train the
     surrogate), then fit the router to output, for each target, the best homogeneous
     configuration that meets it; surrogate training then departs from that baseline only where
     it predicts a gain. Returns ``{target: configuration}`` of the starting configurations."""
     homo = sp.homogeneous_configs()
-    deltas = []
-    for a in tqdm(homo, desc="routers: homogeneous configs", disable=not progress, leave=False):
-        deltas.append(measure(a))
-        fit.add(*encode_arch(sp, a), deltas[-1])
+    deltas = measure(homo, "routers: homogeneous configs")
+    for a, d in zip(homo, deltas):
+        fit.add(*encode_arch(sp, a), d)
     start = {}
     for t in targets.tolist():
         fits = [(d, a) for d, a in zip(deltas, homo) if table.fraction(a) <= t + cfg.latency_tol]
@@ -584,42 +556,44 @@ def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace,
     return start
 
 
-@torch.no_grad()
-def _keep_better_than_warm_start(router, opt, fx: ElasticModel, surrogate: Surrogate, table, pool: torch.Tensor,
-                                 grid: torch.Tensor, warm: dict[float, ArchConfig], progress: bool) -> dict:
+def _keep_better_than_warm_start(wrapped, router: StaticRouter, opt, fx: ElasticModel, surrogate: Surrogate, table, pool: torch.Tensor,
+                                 grid: torch.Tensor, warm: dict[float, ArchConfig], accelerator: Accelerator, progress: bool) -> dict:
     """Validate the surrogate's refinement with the LLM itself: for every grid target, the routed
-    configuration (argmax, fitted to the budget) against the warm-start configuration fitted to
-    the same budget, by mean LM loss over ``pool`` ``(n_batches, B, T)``; where the routed one is
-    not better the router is refitted to the warm start. Returns per target the two losses
-    (nats) and which was kept, plus the number of LLM evaluations."""
+    configuration (argmax, fitted to the budget as at deployment) against the warm-start
+    configuration fitted to the same budget, by mean LM loss over ``pool`` ``(n_batches, B, T)``
+    (measurements split over the ranks); where the routed one is not better the router is
+    refitted to the warm start. Returns per target the two losses (nats) and which was kept,
+    the targets where the refit does not reproduce the kept configuration, and the number of
+    LLM evaluations (batches)."""
     sp = fx.space
     tr = TargetRouter(router, table, sp, surrogate)
     score = tr.scorer()
-    cache: dict[ArchConfig, float] = {}
-
-    def pooled(arch: ArchConfig) -> float:
-        if arch not in cache:
-            cache[arch] = sum(lm_loss_at(fx, arch, b) for b in pool) / len(pool)
-        return cache[arch]
-
-    verdicts, keep = {}, {}
-    for t in tqdm(grid.tolist(), desc="routers: validate against warm start", disable=not progress, leave=False):
-        if t >= 1.0 or t < tr.floor:
-            keep[t] = sp.full() if t >= 1.0 else warm[t]
-            continue
-        routed = tr.route(t)
-        start = fit_to_budget(sp, table, warm[t], t * table.full, score)
-        lr_, lw = pooled(routed), pooled(start)
-        kept = "router" if lr_ < lw else "warm start"
-        keep[t] = routed if lr_ < lw else start
-        verdicts[f"{t:g}"] = {"routed_loss": lr_, "warm_start_loss": lw, "kept": kept}
-    with torch.enable_grad():
-        _fit_router(router, opt, sp, list(keep), list(keep.values()))
-    mismatched = [f"{t:g}" for t, a in keep.items() if t < 1.0 and t >= tr.floor and tr.route(t) != a]
+    pairs, keep = {}, {}
+    with torch.no_grad():
+        for t in grid.tolist():
+            if t >= 1.0 or t < tr.floor:
+                keep[t] = sp.full() if t >= 1.0 else warm[t]
+            else:
+                pairs[t] = (tr.route(t), fit_to_budget(sp, table, warm[t], t * table.full, score))
+        archs = sorted({a for p in pairs.values() for a in p}, key=lambda a: (a.mlp, a.heads))
+        jobs = [(a, b) for a in archs for b in range(len(pool))]
+        losses = _split_over_ranks(accelerator, len(jobs), lambda i: lm_loss_at(fx, jobs[i][0], pool[jobs[i][1]]),
+                                   "routers: validate against warm start", progress)
+    mean = {a: sum(losses[i * len(pool):(i + 1) * len(pool)]) / len(pool) for i, a in enumerate(archs)}
+    verdicts = {}
+    for t, (routed, start) in pairs.items():
+        better = mean[routed] < mean[start]
+        keep[t] = routed if better else start
+        verdicts[f"{t:g}"] = {"routed_loss": mean[routed], "warm_start_loss": mean[start], "kept": "router" if better else "warm start"}
+    router.train()
+    _fit_router(wrapped, opt, sp, list(keep), list(keep.values()))
+    router.eval()
+    with torch.no_grad():
+        mismatched = [f"{t:g}" for t in pairs if tr.route(t) != keep[t]]
     if mismatched:
         log.warning("router refit does not reproduce the kept configuration at targets %s", mismatched)
     log.info("router validation against the warm start: %s", {t: v["kept"] for t, v in verdicts.items()})
-    return {"targets": verdicts, "refit_mismatched_targets": mismatched, "llm_evaluations": len(cache) * len(pool)}
+    return {"targets": verdicts, "refit_mismatched_targets": mismatched, "llm_evaluations": len(jobs)}
 
 
 # --------------------------------------------------------------------------- joint fine-tuning
@@ -639,11 +613,13 @@ def train_joint(
     accelerator: Accelerator | None = None,
     progress: bool = True,
 ) -> dict:
-    """Joint fine-tuning of model and router (METHOD §8): each sequence of a batch gets a target
-    from the trained set; the router's straight-through choices become soft masks (masked
-    forward, differentiable), and the loss is LM + KD + λ · latency loss. The router's learning
-    rate is higher than the model's."""
-    accelerator = accelerator or make_accelerator(1)
+    """Joint fine-tuning of model and router (METHOD §8): each sequence of a step's batch gets a
+    target from the trained set (drawn for the whole step, then sliced, so the split over
+    processes and micro-batches does not matter); the router's straight-through choices become
+    soft masks (masked forward, differentiable), and the loss is LM + KD + λ · latency loss. The
+    router's learning rate is higher than the model's. ``accelerator``: default
+    ``make_accelerator(cfg.grad_accum)``."""
+    accelerator = accelerator or make_accelerator(cfg.grad_accum)
     sp = fx.space
     for p in fx.parameters():
         p.requires_grad_(True)
@@ -652,11 +628,12 @@ def train_joint(
     fx.set_arch(None)
     targets = torch.tensor(router_cfg.targets)
 
-    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict):
-        t = targets[torch.randint(len(targets), (batch.shape[0],), generator=gen)].to(batch.device)
+    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
+        t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the whole step's targets
         mlp_logits, head_logits = wrapped["router"](t)
-        mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)
-        head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)
+        mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)[rows]
+        head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)[rows]
+        t = t[rows]
         fx.set_masks(*choices_to_masks(sp, mlp_c, head_c))
         out = wrapped["model"](input_ids=batch, use_cache=False)
         fx.set_masks(None, None)
@@ -677,7 +654,7 @@ def train_joint(
         ],
         steps=cfg.steps,
         micro_batch=cfg.batch_size,
-        grad_accum=1,
+        grad_accum=cfg.grad_accum,
         warmup=0,
         min_lr_ratio=0.1,
         max_grad_norm=1.0,
@@ -688,6 +665,7 @@ def train_joint(
         step_fn=step_fn,
         accelerator=accelerator,
         progress=progress,
+        mixed_precision=cfg.mixed_precision,
     )
     fx.eval()
     router.eval()

@@ -1,0 +1,278 @@
+"""Persistence that survives interruptions and refuses bad files: atomic writes, sha256 manifests,
+shape checks, the training checkpoints of every stage that trains, the metrics log, and the
+deferral of SIGINT/SIGTERM to the end of a training step.
+
+Inputs: modules, optimizers and JSON-ready state. Outputs: ``ckpt_root/step_NNNNNN/`` directories
+holding ``<module>.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, optimizer
+hyper-parameters, the sha256 of every tensor file and the settings the run was started with).
+
+Interruption safety: a checkpoint is written into a temporary sibling (``.tmp_step_*``) and
+renamed into place once complete; a replaced or outdated checkpoint is first renamed to
+``.trash_*`` and then deleted, so a process killed at any moment leaves only complete
+``step_*`` directories plus dot-directories that are ignored and removed by the next save.
+Untrusted input: tensors are read from safetensors only (no unpickling); every file's sha256 and
+every tensor's shape is checked before anything is loaded, and a mismatch raises
+:class:`~flextron.errors.ModelError` naming the file or tensor and what differs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import threading
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from .errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace`` (atomic on POSIX)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def atomic_write_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` in a temporary sibling of ``out_dir``, then rename it into place. An
+    existing ``out_dir`` is moved aside first and deleted after the swap, so ``out_dir`` is at
+    every moment absent, the old complete directory or the new complete one."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-tmp-"))
+    old = None
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            else:
+                old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
+                os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path, names: list[str]) -> dict[str, str]:
+    """``{name: sha256}`` of the files ``names`` in ``folder``."""
+    return {n: sha256_file(Path(folder) / n) for n in names}
+
+
+def verify_hashes(folder: Path, expected: dict, fix: str) -> None:
+    """Check that every file in ``expected`` (``{name: sha256}``) exists in ``folder`` with that hash.
+
+    Raises:
+        ModelError: the manifest is malformed, a file is missing, or its bytes differ (the message
+            names the file and both hash prefixes).
+    """
+    folder = Path(folder)
+    if not isinstance(expected, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in expected.items()):
+        raise ModelError(f"the sha256 manifest of {folder} is malformed; {fix}")
+    for name, want in expected.items():
+        p = folder / name
+        if Path(name).name != name or not p.is_file():
+            raise ModelError(f"{p} is missing (listed in the sha256 manifest of {folder}); {fix}")
+        got = sha256_file(p)
+        if got != want:
+            raise ModelError(f"{p} is corrupt or altered: sha256 {got[:12]}… differs from the recorded {want[:12]}…; {fix}")
+
+
+def check_shapes(module: torch.nn.Module, path: Path, fix: str) -> None:
+    """Compare the tensor shapes in the safetensors ``path`` with ``module``'s state dict (reads only
+    the header). Keys absent on either side are left to the loader (tied weights are stored once).
+
+    Raises:
+        ModelError: unreadable header, or a tensor whose shape differs (named, with both shapes).
+    """
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                got = tuple(f.get_slice(key).get_shape())
+                if key in want and got != want[key]:
+                    raise ModelError(f"{path}: tensor {key} has shape {got} but the model expects {want[key]}; {fix}")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path} is not a readable safetensors file ({e}); {fix}") from None
+
+
+def _remove(path: Path) -> None:
+    """Delete a directory without ever exposing it half-deleted under its own name."""
+    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def save_checkpoint(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, extra: dict) -> Path:
+    """Atomically write ``ckpt_root/step_{step:06d}``: module weights and optimizer tensors as
+    safetensors; optimizer hyper-parameters, their sha256 and ``extra`` as JSON. Older
+    checkpoints and leftovers of killed writers are removed only after the new one is in place."""
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    final = ckpt_root / f"step_{step:06d}"
+    tmp = ckpt_root / f".tmp_step_{step:06d}_{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, mod in modules.items():
+        save_model(mod, str(tmp / f"{name}.safetensors"))  # handles tied (shared) tensors
+    sd = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for pid, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars[f"{pid}.{k}"] = v
+    save_file(tensors, tmp / "optimizer.safetensors")
+    files = [f"{n}.safetensors" for n in modules] + ["optimizer.safetensors"]
+    state = {"step": step, "param_groups": sd["param_groups"], "optimizer_scalars": scalars, "sha256": file_hashes(tmp, files), **extra}
+    (tmp / "state.json").write_text(json.dumps(state))  # written last: a directory with state.json is complete
+    if final.exists():
+        _remove(final)
+    os.replace(tmp, final)
+    for old in ckpt_root.iterdir():
+        if old == final:
+            continue
+        if old.name.startswith("step_"):
+            _remove(old)
+        elif old.name.startswith((".tmp_step_", ".trash_")):  # left by a killed writer
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    """The newest complete checkpoint (temporary and trash directories are ignored)."""
+    done = sorted(p for p in Path(ckpt_root).glob("step_*") if (p / "state.json").exists())
+    return done[-1] if done else None
+
+
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, settings: dict | None = None) -> dict:
+    """Restore modules and optimizer from :func:`save_checkpoint`; returns the JSON state.
+
+    ``settings``: what the resuming run was configured with; each key must equal the value
+    recorded in the checkpoint (a resume with another batch size, learning rate or data would
+    not reproduce the uninterrupted run).
+
+    Raises:
+        ModelError: a file is missing, corrupt or altered (sha256), a tensor's shape differs from
+            the model's, or the recorded settings differ (each message names what differs).
+    """
+    fix = f"delete {path.parent} to restart this stage"
+    try:
+        state = json.loads((path / "state.json").read_text())
+        if not isinstance(state, dict):
+            raise ValueError("state.json is not an object")
+        hashes, step = state["sha256"], state["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"step={step!r}")
+    except (OSError, ValueError, KeyError) as e:
+        raise ModelError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {fix}") from None
+    verify_hashes(path, hashes, fix)
+    if settings is not None:
+        recorded = state.get("settings", {})
+        diff = [f"{k}: {recorded.get(k)!r} in the checkpoint vs {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+        if diff:
+            raise ModelError(f"checkpoint {path} was written with other settings ({'; '.join(diff)}); restore them or {fix}")
+    for name, mod in modules.items():
+        check_shapes(mod, path / f"{name}.safetensors", fix)
+    try:
+        for name, mod in modules.items():
+            missing, unexpected = load_model(mod, str(path / f"{name}.safetensors"), strict=False)
+            if missing or unexpected:
+                raise ValueError(f"{name}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
+        tensors = load_file(path / "optimizer.safetensors")
+        opt_state: dict = {}
+        for key, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
+            pid, k = key.split(".", 1)
+            opt_state.setdefault(int(pid), {})[k] = v
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        for pid, st in opt_state.items():
+            for k, v in st.items():
+                if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[pid].shape):
+                    raise ValueError(f"optimizer state {pid}.{k} has shape {tuple(v.shape)}, the parameter {tuple(params[pid].shape)}")
+        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, SafetensorError) as e:
+        raise ModelError(f"checkpoint {path} does not match the model or optimizer ({type(e).__name__}: {e}); {fix}") from None
+    return state
+
+
+class MetricsLog:
+    """Append-only JSON lines (``metrics.jsonl``), one record per step, tagged with the stage."""
+
+    def __init__(self, path: Path, enabled: bool = True) -> None:
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def truncate(self, stage: str, after_step: int) -> None:
+        """Drop records of ``stage`` beyond ``after_step`` (a resumed stage rewrites them)."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line torn by a killed process
+                continue
+            if not (rec.get("stage") == stage and rec.get("step", -1) > after_step):
+                keep.append(line)
+        atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+    def write(self, **rec) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+
+class Interrupt:
+    """SIGINT/SIGTERM received: the loop finishes its step, saves a checkpoint and stops."""
+
+    requested = False
+
+
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Defer SIGINT and SIGTERM to the end of the current step (a second signal stops at once).
+    Only the main thread can install signal handlers; elsewhere signals keep their behaviour."""
+    flag = Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        if flag.requested:
+            raise KeyboardInterrupt
+        flag.requested = True
+        log.warning("signal %d: finishing this step and saving a checkpoint (send it again to stop at once)", signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield flag
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
