@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import interrupt_worker
-from flextron.checkpoint import latest_checkpoint, load_checkpoint
+from flextron.checkpoint import load_checkpoint
 
 TIMEOUT_S = 120
 
@@ -77,7 +77,7 @@ def _complete_checkpoints(run: Path) -> int:
 
 
 def test_killed_run_resumes_to_the_same_weights(tmp_path, ctx):
-    steps, every = interrupt_worker.CFG.steps, interrupt_worker.CFG.checkpoint_every
+    steps = interrupt_worker.CFG.steps
     ref_dir = tmp_path / "ref"
     p = _start(ctx, ref_dir)
     p.join(TIMEOUT_S)

@@ -28,7 +28,7 @@ from flextron.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from flextron.cli import main, parse_target
 from flextron.config import ElasticConfig, RunConfig, dump_config, from_dict, load_config
 from flextron.elastic import convert
-from flextron.errors import ConfigError, FlextronError, ModelError, TargetError
+from flextron.errors import ConfigError, ModelError, TargetError
 from flextron.export import load_elastic, load_hf_model, save_elastic
 from flextron.latency import CostTable
 from flextron.routers import StaticRouter, TargetRouter

@@ -17,13 +17,11 @@ ready for JSON. What lives here:
 
 from __future__ import annotations
 
-import json
 import math
 import multiprocessing
 import os
 import platform
 import resource
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -31,6 +29,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write_json
 from .elastic import ArchConfig, ElasticModel, SearchSpace
 from .errors import ConfigError, DataError
 from .evaluate import bootstrap_ci
@@ -107,21 +106,8 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write ``obj`` as indented JSON atomically (temporary file in the same folder, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return p
+    """Write ``obj`` as indented JSON atomically (see :func:`flextron.checkpoint.atomic_write_json`)."""
+    return atomic_write_json(Path(path), obj)
 
 
 def parse_overrides(items: Sequence[str]) -> dict:
@@ -455,7 +441,6 @@ def training_step_costs(
             t_logits = None if teacher is None or kd_alpha == 0 else teacher(input_ids=batch, use_cache=False).logits
             sync()
             t_teacher = time.perf_counter() - t0
-        kind = "elastic" if record else None
         if record:
             fractions.append(frac)
             add("elastic", "sample", t_sample)

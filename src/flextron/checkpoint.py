@@ -38,12 +38,23 @@ from .errors import ModelError
 log = logging.getLogger(__name__)
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace`` (atomic on POSIX)."""
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace`` (atomic on POSIX);
+    the parent folder is created, and the temporary file removed if the write fails."""
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_json(path: Path, obj) -> Path:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON."""
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def atomic_write_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:

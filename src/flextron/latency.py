@@ -19,8 +19,6 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,6 +27,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from .checkpoint import atomic_write_json
 from .config import LatencyConfig
 from .elastic import ArchConfig, ElasticModel, SearchSpace, sample_arch
 from .errors import ConfigError
@@ -324,19 +323,7 @@ class CostTable:
 
     def save(self, path: str | Path) -> Path:
         """Write JSON atomically (temporary file in the same folder, then ``os.replace``)."""
-        p = Path(path)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w") as f:
-                json.dump(self.to_json(), f, indent=2)
-                f.write("\n")
-            os.replace(tmp, p)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        return p
+        return atomic_write_json(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | Path) -> "CostTable":

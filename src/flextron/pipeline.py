@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from . import __version__
-from .checkpoint import atomic_write_dir, atomic_write_text, check_shapes, file_hashes, verify_hashes
+from .checkpoint import atomic_write_dir, atomic_write_json, atomic_write_text, check_shapes, file_hashes, verify_hashes
 from .config import RunConfig, dump_config, load_config
 from .data import Corpora, build_corpora, load_text_files, tokenize_blocks
 from .elastic import ArchConfig, ElasticModel, convert
@@ -47,10 +47,6 @@ STAGES = ("rank", "latency", "elastic", "routers", "joint", "evaluate")
 # --------------------------------------------------------------------------- run directory state
 
 
-def _atomic_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2))
-
-
 def _stages(run_dir: Path) -> dict:
     p = run_dir / "stages.json"
     return json.loads(p.read_text()) if p.exists() else {}
@@ -59,7 +55,7 @@ def _stages(run_dir: Path) -> dict:
 def _finish_stage(run_dir: Path, name: str, summary: dict, wall_s: float) -> None:
     st = _stages(run_dir)
     st[name] = {"wall_s": round(wall_s, 2), "tokens": int(summary.get("tokens", 0)), "summary": summary}
-    _atomic_json(run_dir / "stages.json", st)
+    atomic_write_json(run_dir / "stages.json", st)
     log.info("stage %s done in %.1f s (%d tokens)", name, wall_s, st[name]["tokens"])
     print(f"[flextron] stage {name}: {wall_s:.1f} s, {st[name]['tokens']} tokens", flush=True)
 
@@ -421,7 +417,7 @@ def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, pro
         fx.set_arch(None)
     results = _results(run, rows, orig_ppl, orig_ood, time.time() - t0)
     results["exported_check"] = _exported_check(run, min(targets), ids)
-    _atomic_json(run.run_dir / "results.json", results)
+    atomic_write_json(run.run_dir / "results.json", results)
     from .report import write_report
 
     write_report(run.run_dir, results)
