@@ -20,6 +20,20 @@ import torch
 
 PLAN = (("piqa", None), ("arc_easy", None), ("hellaswag", 2000))  # (task, items: None = all)
 
+# Published figures for comparison (percent). Not measured here.
+PUBLISHED = {
+    "model_card": {
+        "source": "HuggingFaceTB/SmolLM2-135M-Instruct model card (README, 'Instruction model' table): "
+                  "zero-shot, lighteval, bf16 weights",
+        "hellaswag": 40.9, "arc_average_easy_challenge": 37.3, "piqa": 66.3,
+    },
+    "lm_eval_third_party": {
+        "source": "baseline row of huggingface.co/lldois/SmolLM2-135M-Reasoning-SLERP-Champion "
+                  "(SmolLM2-135M-Instruct, lm-eval, 0-shot)",
+        "arc_easy_acc": 54.12, "hellaswag_acc_norm": 42.99, "piqa_acc_norm": 66.92,
+    },
+}
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -47,12 +61,13 @@ def main() -> None:
         "num_fewshot": 0, "dtype": "float32", "batch_size": args.batch_size, "seed": 0,
         "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "cpu": platform.processor() or platform.machine(), "tasks": {},
+        "cpu": platform.processor() or platform.machine(), "published": PUBLISHED, "tasks": {},
     }
     for task, limit in PLAN:
         t0 = time.perf_counter()
         summary, _ = evaluate_tasks(lm, [task], limit=limit, seed=0, num_fewshot=0)
         row = summary[task]
+        row["eval_s"] = summary["_wall_s"]  # lm-eval's evaluation; wall_s also counts building the task
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         row["items_per_s"] = round(row["n"] / row["wall_s"], 3)
         row["subset"] = "all" if limit is None else f"{limit} items, seeded (random.Random('0:{task}'))"

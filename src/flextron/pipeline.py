@@ -437,7 +437,7 @@ def _downstream(run: LoadedRun, arch: ArchConfig, target: float, plan: dict) -> 
     summary, _ = evaluate_tasks(lm, plan["tasks"], limit=plan["limit"], seed=run.cfg.seed, num_fewshot=plan["num_fewshot"])
     del lm
     return {
-        "tasks": {name: {k: v for k, v in res.items() if k != "wall_s"} for name, res in summary.items()},
+        "tasks": {name: res for name, res in summary.items() if not name.startswith("_")},
         "tasks_wall_s": round(time.time() - t0, 1),
         "tasks_protocol": {"limit": plan["limit"], "num_fewshot": plan["num_fewshot"], "seed": run.cfg.seed},
     }

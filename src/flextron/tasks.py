@@ -112,6 +112,9 @@ def load_split(rel: str, *, root: Path | None = None):
     for f in files:
         if not f.is_file():
             raise TaskFileError(f"task file {f} is missing; {_fix(root)}")
+    key = (str(path), tuple((f.stat().st_mtime_ns, f.stat().st_size) for f in files))
+    if key in _SPLITS:  # the same unchanged files: reuse (a Dataset is immutable and memory-mapped)
+        return _SPLITS[key]
     try:
         ds = datasets.load_from_disk(str(path))
         if len(ds) == 0:
@@ -123,7 +126,11 @@ def load_split(rel: str, *, root: Path | None = None):
             f"task file {files[0] if len(files) == 1 else path} is truncated or malformed "
             f"({type(e).__name__}: {first}); {_fix(root)}"
         ) from None
+    _SPLITS[key] = ds
     return ds
+
+
+_SPLITS: dict = {}  # load_split cache: (directory, data files' mtime and size) -> Dataset
 
 
 @functools.lru_cache(maxsize=8)
