@@ -27,6 +27,9 @@ def _results() -> dict:
             "homogeneous": {"config": {"mlp": [768] * L, "heads": [2] * L}, "predicted_latency_s": 0.1 * target,
                             "perplexity": ppl + 3.0},
             "decode_tokens_per_s": 40.0 / target, "full_decode_tokens_per_s": 40.0,
+            "tasks": {"piqa": {"acc": 0.5 + 0.1 * target, "acc_norm": 0.55 + 0.1 * target, "n": 50},
+                      "lambada": {"acc": 0.2 * target, "perplexity": 90.0 / target, "n": 50}},
+            "tasks_protocol": {"limit": 50, "num_fewshot": 0, "seed": 0},
         }
 
     return {
@@ -84,6 +87,10 @@ def test_write_report_makes_markdown_and_plots(tmp_path: Path):
     assert "abc1234" in text and "gate_passed" in text
     assert "| speed-up | 1.65× |" in text
     assert "8 budgeted steps and 4 full-model steps" in text
+    # downstream tasks: task x target table (accuracy in %, LAMBADA perplexity), protocol stated
+    assert "## Downstream tasks" in text and "0-shot" in text and "at most 50 items" in text
+    assert "| target | timed (ms) | piqa acc | piqa acc_norm | lambada acc | lambada perplexity |" in text
+    assert "| 0.60 | 61.2 | 56.0 | 61.0 | 12.0 | 150.00 |" in text
     assert not list(tmp_path.glob(".*.tmp")), "temporary files left behind"
 
 
@@ -178,18 +185,19 @@ def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(pipeline, "run", lambda cfg, overwrite=False: calls.append(("run", cfg.name, overwrite)) or tmp_path / cfg.name)
     monkeypatch.setattr(pipeline, "export_target", lambda run, t, out, overwrite=False: calls.append(("export", t, overwrite)) or out)
-    monkeypatch.setattr(pipeline, "evaluate_run", lambda run, targets=None: calls.append(("eval", targets)) or {"rows": [{"target": 0.6, "perplexity": 20.0, "latency_s": 0.05}]})
+    monkeypatch.setattr(pipeline, "evaluate_run", lambda run, targets=None, **kw: calls.append(("eval", targets, kw)) or {"rows": [{"target": 0.6, "perplexity": 20.0, "latency_s": 0.05, "tasks": {"piqa": {"acc": 0.61, "n": 7}}}]})
     monkeypatch.setattr(pipeline, "generate_text", lambda run, t, prompt, max_new_tokens=64: calls.append(("gen", t, max_new_tokens)) or " there was")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: demo\n")
     code, out, _ = _run_main(capsys, ["run", str(cfg), "--overwrite", "-q"])
     assert code == 0 and str(tmp_path / "demo" / "report.md") in out
-    code, out, _ = _run_main(capsys, ["eval", "runs/x", "--targets", "0.6,1"])
+    code, out, _ = _run_main(capsys, ["eval", "runs/x", "--targets", "0.6,1", "--tasks", "piqa,mmlu", "--limit", "7", "--num-fewshot", "0"])
+    assert "piqa: acc 0.61 (7 items)" in out
     assert code == 0 and "20.00" in out
     assert _run_main(capsys, ["export", "runs/x", "--target", "0.6", "--out", str(tmp_path / "o")])[0] == 0
     code, out, _ = _run_main(capsys, ["generate", "runs/x", "--target", "0.5", "--max-new-tokens", "8", "Once"])
     assert code == 0 and out.strip() == "Once there was"
-    assert calls == [("run", "demo", True), ("eval", [0.6, 1.0]), ("export", 0.6, False), ("gen", 0.5, 8)]
+    assert calls == [("run", "demo", True), ("eval", [0.6, 1.0], {"tasks": ["piqa", "mmlu"], "limit": 7, "num_fewshot": 0}), ("export", 0.6, False), ("gen", 0.5, 8)]
 
 
 def test_cli_reports_flextron_errors(capsys, monkeypatch):

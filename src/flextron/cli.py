@@ -52,6 +52,29 @@ def parse_targets(text: str) -> list[float]:
     return [parse_target(p) for p in parts]
 
 
+def parse_tasks(text: str) -> list[str]:
+    """Comma-separated downstream task names: ``arc_easy,piqa``."""
+    from .tasks import TASKS
+
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"give at least one task, from {','.join(TASKS)}")
+    bad = [p for p in parts if p not in TASKS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"unknown task {bad[0]!r}; choose from {','.join(TASKS)}")
+    return parts
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return n
+
+
 def _positive_int(text: str) -> int:
     try:
         n = int(text)
@@ -89,7 +112,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import pipeline
 
     run_dir = Path(args.run)
-    results = pipeline.evaluate_run(run_dir, args.targets)
+    results = pipeline.evaluate_run(run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot)
     for row in results.get("rows", []) if isinstance(results, dict) else []:
         ppl, lat = row.get("perplexity"), row.get("latency_s")
         print(
@@ -97,6 +120,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             + (f"{ppl:.2f}" if isinstance(ppl, (int, float)) else "n/a")
             + (f", timed latency {1e3 * lat:.1f} ms" if isinstance(lat, (int, float)) else "")
         )
+        for name, res in (row.get("tasks") or {}).items():
+            shown = ", ".join(f"{k} {v:.4g}" for k, v in res.items() if k != "n" and not k.endswith("_stderr"))
+            print(f"  {name}: {shown} ({res.get('n')} items)")
     print(f"report: {run_dir / 'report.md'}")
     return 0
 
@@ -143,6 +169,13 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     v.add_argument("--targets", type=parse_targets, default=None,
                    help="comma-separated targets in (0, 1] (default: the config's eval.targets), e.g. 0.6,0.7,0.85,1.0")
+    v.add_argument("--tasks", type=parse_tasks, default=None,
+                   help="downstream tasks scored with lm-eval at every target, from arc_easy,lambada,piqa,winogrande,mmlu,hellaswag "
+                        "(default: the config's eval.tasks at eval.task_targets)")
+    v.add_argument("--limit", type=_positive_int, default=None, metavar="N",
+                   help="items per task: a fixed seeded subset, the same in every run (default: eval.task_limit; all)")
+    v.add_argument("--num-fewshot", type=_nonnegative_int, default=None, metavar="K",
+                   help="few-shot examples for every task (default: each task's protocol: MMLU 5, HellaSwag 10, others 0)")
     v.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", parents=[common], help="generate text with the sub-network of one target")

@@ -250,6 +250,12 @@ class EvalConfig:
     batch_size: int = 8
     latency_repeats: int = 7
     ablation_mlp_fraction: float = 0.5
+    # downstream tasks (flextron.tasks) scored with lm-eval during evaluation; () = none
+    tasks: tuple[str, ...] = ()
+    task_limit: int = 0  # items per task, a fixed seeded subset; 0 = every item
+    task_targets: tuple[float, ...] = ()  # targets whose sub-models are scored; () = all of `targets`
+    task_num_fewshot: int = -1  # -1 = each task's protocol (MMLU 5, HellaSwag 10, others 0)
+    task_batch_size: int = 16
 
     def __post_init__(self) -> None:
         _check(len(self.targets) >= 1, "eval.targets", self.targets, "give at least one target")
@@ -259,6 +265,15 @@ class EvalConfig:
             _check(getattr(self, k) >= 1, f"eval.{k}", getattr(self, k), "must be >= 1")
         _check(self.latency_repeats >= 5, "eval.latency_repeats", self.latency_repeats, "must be >= 5")
         _check(0 < self.ablation_mlp_fraction <= 1, "eval.ablation_mlp_fraction", self.ablation_mlp_fraction, "must lie in (0, 1]")
+        from .tasks import TASKS
+
+        for name in self.tasks:
+            _check(name in TASKS, "eval.tasks", name, f"each task must be one of {', '.join(TASKS)}")
+        _check(self.task_limit >= 0, "eval.task_limit", self.task_limit, "must be >= 0 (0 = every item)")
+        for t in self.task_targets:
+            _check(t in self.targets, "eval.task_targets", t, f"each must be one of eval.targets {list(self.targets)}")
+        _check(self.task_num_fewshot >= -1, "eval.task_num_fewshot", self.task_num_fewshot, "must be >= 0, or -1 for each task's protocol")
+        _check(self.task_batch_size >= 1, "eval.task_batch_size", self.task_batch_size, "must be >= 1")
 
 
 @dataclass(frozen=True)

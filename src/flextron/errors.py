@@ -21,6 +21,10 @@ class AssetError(FlextronError, OSError):
     """An embedded asset (model or data package) cannot be fetched, verified or read."""
 
 
+class TaskFileError(AssetError):
+    """A file of a downstream evaluation task (``flextron.tasks``) is missing, truncated or malformed."""
+
+
 class DataError(FlextronError, ValueError):
     """A corpus or calibration set is empty, too short or malformed."""
 

@@ -352,20 +352,36 @@ def _homogeneous_baseline(fx: ElasticModel, table: CostTable, predicted: float, 
     return {**best, "candidates": rivals, "interpolated": interp}
 
 
-def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, progress: bool = True) -> dict:
+def evaluate_run(
+    run_dir: str | Path,
+    targets: list[float] | None = None,
+    *,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate every target: routed configuration, parameters, timed vs predicted latency,
     held-out and out-of-domain perplexity after and before training, the homogeneous
-    configuration of nearest predicted latency, decode speed. Writes ``results.json`` and the
-    report atomically and returns the results.
+    configuration of nearest predicted latency, decode speed, and downstream tasks. Writes
+    ``results.json`` and the report atomically and returns the results.
+
+    Downstream tasks (:mod:`flextron.tasks`, scored with lm-eval): ``tasks`` at every target, or,
+    when ``tasks`` is ``None``, the config's ``eval.tasks`` at ``eval.task_targets``. ``limit``:
+    items per task (a fixed seeded subset; default ``eval.task_limit``, 0 = all); ``num_fewshot``
+    (default ``eval.task_num_fewshot``; ``None``/-1 = each task's protocol). Each scored row gets
+    ``tasks`` = {task: {metric: value, "n": items}} and ``tasks_wall_s``.
 
     Raises:
         TargetError: a target outside (0, 1] or below the smallest sub-network.
+        ConfigError: an unknown task, ``limit < 1``; TaskFileError: a bad task data file.
     """
     run = load_run(run_dir)
     cfg, fx, table = run.cfg, run.fx, run.table
     targets = list(targets or cfg.eval.targets)
     for t in targets:
         fx.router.check_target(t)
+    task_plan = _task_plan(cfg, targets, tasks, limit, num_fewshot)
     _set_threads(cfg)
     t0 = time.time()
     original, tok = _load_original(cfg)
@@ -412,6 +428,8 @@ def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, pro
             "decode_tokens_per_s": decode_tokens_per_s(sub),
             "full_decode_tokens_per_s": full_decode,
         }
+        if task_plan is not None and t in task_plan["targets"]:
+            row.update(_downstream(run, arch, t, task_plan))
         rows.append(row)
         log.info("target %.2f: latency %.1f ms (%.2f of full), ppl %.2f (untrained %.2f)", t, row["latency_s"] * 1e3, row["latency_ratio"], row["perplexity"], u_ppl)
         fx.set_arch(None)
@@ -422,6 +440,43 @@ def evaluate_run(run_dir: str | Path, targets: list[float] | None = None, *, pro
 
     write_report(run.run_dir, results)
     return results
+
+
+def _task_plan(cfg: RunConfig, targets: list[float], tasks, limit, num_fewshot) -> dict | None:
+    """What downstream evaluation to run (``None``: none); validates names and numbers early."""
+    from .tasks import check_task_names
+
+    ev = cfg.eval
+    if tasks is None:
+        if not ev.tasks:
+            return None
+        tasks, on = list(ev.tasks), [t for t in targets if not ev.task_targets or t in ev.task_targets]
+    else:
+        on = list(targets)
+    limit = (ev.task_limit or None) if limit is None else limit
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit must be >= 1 items per task, got {limit}")
+    if num_fewshot is None and ev.task_num_fewshot >= 0:
+        num_fewshot = ev.task_num_fewshot
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ConfigError(f"num_fewshot must be >= 0, got {num_fewshot}")
+    return {"tasks": check_task_names(tasks), "targets": on, "limit": limit, "num_fewshot": num_fewshot}
+
+
+def _downstream(run: LoadedRun, arch: ArchConfig, target: float, plan: dict) -> dict:
+    """Score the sub-model of ``arch`` on the planned tasks (lm-eval, batched)."""
+    from .lm_eval_model import FlextronLM, evaluate_tasks
+
+    t0 = time.time()
+    lm = FlextronLM(fx=run.fx, tokenizer=run.tokenizer, arch=arch, target=target,
+                    device=next(run.fx.parameters()).device, batch_size=run.cfg.eval.task_batch_size)
+    summary, _ = evaluate_tasks(lm, plan["tasks"], limit=plan["limit"], seed=run.cfg.seed, num_fewshot=plan["num_fewshot"])
+    del lm
+    return {
+        "tasks": {name: res for name, res in summary.items() if not name.startswith("_")},
+        "tasks_wall_s": round(time.time() - t0, 1),
+        "tasks_protocol": {"limit": plan["limit"], "num_fewshot": plan["num_fewshot"], "seed": run.cfg.seed},
+    }
 
 
 def _exported_check(run: LoadedRun, target: float, ids: torch.Tensor) -> dict:

