@@ -40,7 +40,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/smollm2_downstream.json")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--tasks", help="comma-separated subset of the plan (default: all); tasks already in --out are kept")
     args = ap.parse_args()
+    plan = [(t, n) for t, n in PLAN if not args.tasks or t in args.tasks.split(",")]
     torch.set_num_threads(args.threads)
 
     import lm_eval
@@ -63,7 +65,10 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
         "cpu": platform.processor() or platform.machine(), "published": PUBLISHED, "tasks": {},
     }
-    for task, limit in PLAN:
+    if out.exists():  # resume: keep the tasks an earlier (possibly interrupted) invocation finished
+        prev = json.loads(out.read_text())
+        result["tasks"] = {t: {"torch_threads": prev.get("torch_threads"), **row} for t, row in prev.get("tasks", {}).items()}
+    for task, limit in plan:
         t0 = time.perf_counter()
         summary, _ = evaluate_tasks(lm, [task], limit=limit, seed=0, num_fewshot=0)
         row = summary[task]
@@ -71,6 +76,7 @@ def main() -> None:
         row["wall_s"] = round(time.perf_counter() - t0, 1)
         row["items_per_s"] = round(row["n"] / row["wall_s"], 3)
         row["subset"] = "all" if limit is None else f"{limit} items, seeded (random.Random('0:{task}'))"
+        row["torch_threads"] = torch.get_num_threads()
         result["tasks"][task] = row
         print(json.dumps({task: row}), flush=True)
         tmp = out.with_name(f".{out.name}.tmp")

@@ -439,9 +439,12 @@ def _summary(results: dict, metrics: list[dict]) -> list[str]:
     smallest = min((r for r in rows if _num(r.get("target")) is not None), key=lambda r: r["target"], default=None)
     if smallest is not None:
         lat, full = _num(smallest.get("latency_s")), _num(smallest.get("full_latency_s"))
+        ratio = _num(smallest.get("latency_ratio"))
+        if ratio is None and lat is not None and full:
+            ratio = lat / full
         s = f"At target {_fmt(smallest['target'])} the routed sub-network has perplexity {_fmt(smallest.get('perplexity'))}"
-        if lat is not None and full:
-            s += f" at {lat / full:.2f}× the full model's timed latency"
+        if ratio is not None:
+            s += f" at {ratio:.2f}× the full model's timed latency (median of paired rounds)"
         lines.append(s + ".")
     mape = _num((results.get("latency_table") or {}).get("mape"))
     if mape is not None:
