@@ -197,11 +197,14 @@ def plot_latency_perplexity(results: dict, path: Path) -> bool:
     if full is not None and orig is not None:
         ax.plot([full * 1e3], [orig], marker="*", ms=14, ls="none", color="k", label="original model")
         drawn = True
-    if not drawn:
-        return False
+    return drawn and _finish_axes(fig, ax, path, "held-out perplexity", "Latency vs perplexity")
+
+
+def _finish_axes(fig, ax, path: Path, ylabel: str, title: str) -> bool:
+    """Label a plot whose x axis is timed latency (ms), add grid and legend, save it; True."""
     ax.set_xlabel("timed latency (ms)")
-    ax.set_ylabel("held-out perplexity")
-    ax.set_title("Latency vs perplexity")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     _save_figure(fig, path)
@@ -354,15 +357,7 @@ def plot_downstream(results: dict, path: Path) -> bool:
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{task} ({metric})")
             drawn = True
-    if not drawn:
-        return False
-    ax.set_xlabel("timed latency (ms)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Downstream accuracy vs latency (routed sub-models)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    _save_figure(fig, path)
-    return True
+    return drawn and _finish_axes(fig, ax, path, "accuracy", "Downstream accuracy vs latency (routed sub-models)")
 
 
 # --------------------------------------------------------------------------- markdown
