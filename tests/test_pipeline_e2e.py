@@ -10,6 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flextron.cli import main
+from flextron.elastic import ArchConfig
 
 from conftest import write_tiny_run
 
@@ -59,6 +60,13 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     rs = res["training"]["routers"]
     start = rs["warm_start"]
     assert set(start) == {"0.6", "0.7", "0.8", "0.9", "1"} and start["1"] == [64, 3]
+    from flextron.latency import CostTable
+
+    table = CostTable.load(run_dir / "latency_table.json")
+    sp_dict = res["search_space"]
+    for t, (m, a) in start.items():  # the warm start lies within its target (the budget fit only grows it)
+        arch = ArchConfig(mlp=(m,) * sp_dict["num_layers"], heads=(a,) * sp_dict["num_layers"])
+        assert table.fraction(arch) <= float(t) + 1e-9 or (m, a) == (min(sp_dict["mlp_choices"]), min(sp_dict["head_choices"]))
     verdicts = rs["validation"]["targets"]
     assert verdicts and all(v["kept"] in ("router", "warm start") for v in verdicts.values())
     assert all((v["kept"] == "router") == (v["routed_loss"] < v["warm_start_loss"]) for v in verdicts.values())

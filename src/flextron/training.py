@@ -528,11 +528,12 @@ def _fit_router(router, opt, sp: SearchSpace, targets: list[float], archs: list[
     ``router`` may be DDP-wrapped: every rank fits all targets, so the averaged gradient equals
     each rank's."""
     idx = [sp.indices(a) for a in archs]
+    device = next(router.parameters()).device
     t = torch.tensor(targets, dtype=torch.float32)
+    mlp_idx = torch.tensor([i[0] for i in idx], device=device)  # (n_targets, L)
+    head_idx = torch.tensor([i[1] for i in idx], device=device)
     for _ in range(steps):
         mlp_logits, head_logits = router(t)
-        mlp_idx = torch.tensor([i[0] for i in idx], device=mlp_logits.device)  # (n_targets, L)
-        head_idx = torch.tensor([i[1] for i in idx], device=mlp_logits.device)
         loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.flatten()) + F.cross_entropy(head_logits.flatten(0, 1), head_idx.flatten())
         opt.zero_grad(set_to_none=True)
         loss.backward()
