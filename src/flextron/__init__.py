@@ -9,6 +9,7 @@ The public API, next to transformers::
     sub = flextron.export_subnetwork(fx)                         # a plain transformers model
     flextron.save_elastic(fx, "dir"); fx = flextron.load_elastic("dir")
     flextron.run(flextron.load_config("configs/smollm2.yaml"))   # the whole pipeline
+    flextron.train_dynamic_run("runs/smollm2")                   # input-adaptive routers (RUN/dynamic)
 
 Names are imported on first use (PEP 562), so ``flextron --help`` does not load torch.
 """
@@ -22,15 +23,20 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ArchConfig": "elastic",
     "CostTable": "latency",
+    "DynamicConfig": "dynamic_train",
+    "DynamicRouter": "dynamic",
+    "DynamicRouting": "dynamic",
     "ElasticConfig": "config",
     "ElasticModel": "elastic",
     "FlextronError": "errors",
     "RunConfig": "config",
     "SearchSpace": "elastic",
     "convert": "elastic",
+    "evaluate_dynamic_run": "dynamic_eval",
     "evaluate_run": "pipeline",
     "export_subnetwork": "export",
     "export_target": "pipeline",
+    "generate_dynamic": "dynamic_eval",
     "generate_text": "pipeline",
     "load_config": "config",
     "load_elastic": "export",
@@ -38,6 +44,7 @@ _EXPORTS = {
     "run": "pipeline",
     "save_elastic": "export",
     "save_subnetwork": "export",
+    "train_dynamic_run": "dynamic_eval",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,8 @@
 """Command line: a thin layer over :mod:`flextron.pipeline` (parse, call, print).
 
 ``flextron run CONFIG``, ``flextron export RUN --target T --out DIR``, ``flextron eval RUN``,
-``flextron generate RUN --target T PROMPT``. Errors the user can cause (every
+``flextron generate RUN --target T PROMPT``, ``flextron dynamic RUN`` (input-adaptive routers; ``eval`` and
+``generate`` take ``--dynamic``). Errors the user can cause (every
 :class:`~flextron.errors.FlextronError`, and ``OSError`` on paths they gave) print one line
 ``error: <message>`` to stderr and exit with status 2; Ctrl-C exits with 130. The pipeline is
 imported inside the command functions so ``--help`` and argument errors stay fast.
@@ -112,6 +113,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from . import pipeline
 
     run_dir = Path(args.run)
+    if args.dynamic or args.dynamic_only:
+        from .dynamic_eval import evaluate_dynamic_run
+
+        if not args.dynamic_only:
+            pipeline.evaluate_run(run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot)
+        targets = [t for t in args.targets if t < 1.0] if args.targets else None
+        res = evaluate_dynamic_run(run_dir, args.dynamic_dir, targets=targets, blocks_per_domain=args.blocks_per_domain,
+                                   timed_blocks=args.timed_blocks)
+        for r in res["dynamic"]:
+            v = r["vs_static_predicted"]
+            print(f"target {r['target']:g} (dynamic): average predicted latency {r['predicted_fraction']:.3f} of full "
+                  f"({100 * r['predicted_latency_error']:+.1f}%), perplexity {r['perplexity']:.2f}"
+                  + (f", static at equal latency {v['static_ppl']:.2f} ({v['verdict']})" if "static_ppl" in v else ""))
+        print(f"report: {run_dir / 'dynamic_report.md'}")
+        return 0
     results = pipeline.evaluate_run(run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot)
     for row in results.get("rows", []) if isinstance(results, dict) else []:
         ppl, lat = row.get("perplexity"), row.get("latency_s")
@@ -130,8 +146,28 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate(args: argparse.Namespace) -> int:
     from . import pipeline
 
-    text = pipeline.generate_text(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens)
+    if args.dynamic:
+        from .dynamic_eval import generate_dynamic
+
+        text = generate_dynamic(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens, dyn_dir=args.dynamic_dir)
+    else:
+        text = pipeline.generate_text(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens)
     print(args.prompt + text)  # the prompt, then its continuation
+    return 0
+
+
+def cmd_dynamic(args: argparse.Namespace) -> int:
+    from .dynamic_eval import train_dynamic_run
+    from .dynamic_train import config_from_overrides
+
+    cfg = config_from_overrides(targets=tuple(args.targets) if args.targets else None, steps=args.steps,
+                                latency_weight=args.latency_weight, surrogate=False if args.direct else None,
+                                per_token=True if args.per_token else None, joint_steps=args.joint_steps)
+    out = Path(args.out) if args.out else Path(args.run) / "dynamic"
+    summary = train_dynamic_run(Path(args.run), out, cfg, train_blocks=args.train_blocks)
+    for t, c in summary["calibration"].items():
+        print(f"target {t}: average predicted latency {c['mean_fraction']:.3f} of full ({100 * c['error']:+.1f}%) on the calibration blocks")
+    print(f"dynamic router: {out / 'router'}")
     return 0
 
 
@@ -176,14 +212,39 @@ def build_parser() -> argparse.ArgumentParser:
                    help="items per task: a fixed seeded subset, the same in every run (default: eval.task_limit; all)")
     v.add_argument("--num-fewshot", type=_nonnegative_int, default=None, metavar="K",
                    help="few-shot examples for every task (default: each task's protocol: MMLU 5, HellaSwag 10, others 0)")
+    v.add_argument("--dynamic", action="store_true", help="also evaluate the dynamic router (RUN/dynamic): per-domain compute, "
+                   "dynamic vs static at equal latency; adds mode=dynamic rows and writes dynamic_report.md")
+    v.add_argument("--dynamic-only", action="store_true", help="like --dynamic, without re-running the static evaluation")
+    v.add_argument("--dynamic-dir", default=None, metavar="DIR", help="dynamic router directory (default RUN/dynamic)")
+    v.add_argument("--blocks-per-domain", type=_positive_int, default=8, metavar="N", help="held-out blocks per domain (default 8)")
+    v.add_argument("--timed-blocks", type=_nonnegative_int, default=2, metavar="N",
+                   help="blocks per domain timed for every static and dynamic point (default 2; 0 = predicted latency only)")
     v.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", parents=[common], help="generate text with the sub-network of one target")
     g.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     g.add_argument("--target", type=parse_target, required=True, help="latency target in (0, 1], e.g. 0.5")
     g.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate (default 64)")
+    g.add_argument("--dynamic", action="store_true", help="let the prompt choose its sub-network (dynamic router, RUN/dynamic)")
+    g.add_argument("--dynamic-dir", default=None, metavar="DIR", help="dynamic router directory (default RUN/dynamic)")
     g.add_argument("prompt", metavar="PROMPT", help="text to continue")
     g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("dynamic", parents=[common], help="train input-adaptive (dynamic) routers on a finished run",
+                       description="Train dynamic routers (warm start from the run's static router, surrogate training, latency "
+                                   "price calibrated so the average predicted latency meets each target) on Wikipedia, "
+                                   "Shakespeare and Python source; writes OUT (default RUN/dynamic).")
+    d.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
+    d.add_argument("--out", default=None, metavar="DIR", help="output directory (default RUN/dynamic)")
+    d.add_argument("--targets", type=parse_targets, default=None, help="targets served (default 0.6,0.7,0.85,1.0)")
+    d.add_argument("--steps", type=_nonnegative_int, default=None, metavar="N", help="router training steps (default 30)")
+    d.add_argument("--train-blocks", type=_positive_int, default=16, metavar="N", help="training blocks per domain (default 16)")
+    d.add_argument("--latency-weight", type=float, default=None, metavar="λ", help="weight of the latency loss (default 10)")
+    d.add_argument("--direct", action="store_true", help="ablation: train through the LM loss (soft masks), no surrogate")
+    d.add_argument("--per-token", action="store_true", help="per-token MLP routing (grouped by width)")
+    d.add_argument("--joint-steps", type=_nonnegative_int, default=None, metavar="N",
+                   help="joint fine-tuning steps of model and router afterwards (default 0; the model is saved to OUT/model)")
+    d.set_defaults(func=cmd_dynamic)
     return p
 
 

@@ -175,7 +175,9 @@ class ElasticMLP(nn.Module):
 
     Holds the original ``gate_proj``/``up_proj``/``down_proj``/``act_fn``. Sliced mode uses the first
     ``width`` neurons; masked mode (``mask`` set, shape ``(B or 1, intermediate_size)``) multiplies the
-    ``down_proj`` input by the mask: ``Σ_k π_k MLP_{m_k}(x)`` for nested candidates.
+    ``down_proj`` input by the mask: ``Σ_k π_k MLP_{m_k}(x)`` for nested candidates. Grouped mode
+    (``token_widths`` set, shape ``(B, T)``, set by :mod:`flextron.dynamic`): every token runs at its
+    own width, tokens grouped by width so each group computes only its slice.
     """
 
     def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: nn.Module) -> None:
@@ -184,14 +186,33 @@ class ElasticMLP(nn.Module):
         self.full_width = gate.out_features
         self.width = self.full_width
         self.mask: torch.Tensor | None = None
+        self.token_widths: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, d)
+        if self.token_widths is not None and self.mask is None:
+            return self._grouped(x, self.token_widths)
         m = self.width
         if self.mask is not None or m == self.full_width:
             z = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (B, T, D)
             if self.mask is not None:
                 z = z * self.mask[:, None, :].to(z.dtype)
             return self.down_proj(z)
+        return self._sliced(x, m)
+
+    def _grouped(self, x: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
+        """Per-token widths ``(B, T)``: gather the tokens of each width, run that slice, scatter back."""
+        B, T, d = x.shape
+        flat, w = x.reshape(B * T, d), widths.reshape(B * T)
+        out = x.new_empty(B * T, self.down_proj.out_features)
+        for m in torch.unique(w).tolist():
+            idx = (w == m).nonzero().squeeze(1)  # (n_m,)
+            out.index_copy_(0, idx, self._sliced(flat.index_select(0, idx), int(m)))
+        return out.view(B, T, -1)
+
+    def _sliced(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """The first ``m`` neurons only: ``(..., d) → (..., d)``."""
+        if m == self.full_width:
+            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
         g = F.linear(x, self.gate_proj.weight[:m], _slice_bias(self.gate_proj, m))  # (B, T, m)
         u = F.linear(x, self.up_proj.weight[:m], _slice_bias(self.up_proj, m))
         return F.linear(self.act_fn(g) * u, self.down_proj.weight[:, :m], self.down_proj.bias)  # (B, T, d)

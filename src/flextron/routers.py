@@ -24,6 +24,21 @@ from .errors import ConfigError, TargetError
 from .surrogate import Surrogate, encode_arch
 
 
+def encode_targets(ts: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Targets ``t`` (B,) → one-hot over the sorted trained targets ``ts`` (n_targets,), linearly
+    interpolated between neighbours and clamped to the trained range: ``(B, n_targets)`` (METHOD §6)."""
+    t = t.to(ts).clamp(ts[0], ts[-1])
+    if len(ts) == 1:
+        return torch.ones(t.shape[0], 1, dtype=ts.dtype, device=t.device)
+    hi = torch.searchsorted(ts, t).clamp(1, len(ts) - 1)  # (B,)
+    lo = hi - 1
+    w = ((t - ts[lo]) / (ts[hi] - ts[lo])).clamp(0, 1)
+    enc = torch.zeros(t.shape[0], len(ts), dtype=ts.dtype, device=t.device)
+    enc.scatter_(1, lo[:, None], (1 - w)[:, None])
+    enc.scatter_add_(1, hi[:, None], w[:, None])
+    return enc
+
+
 class StaticRouter(nn.Module):
     """Target → per-layer logits (paper §3.2, static router).
 
@@ -41,17 +56,7 @@ class StaticRouter(nn.Module):
 
     def encode(self, t: torch.Tensor) -> torch.Tensor:
         """Targets ``(B,)`` → interpolated one-hot ``(B, n_targets)`` (clamped to the trained range)."""
-        ts = self.targets
-        t = t.to(ts).clamp(ts[0], ts[-1])
-        if len(ts) == 1:
-            return torch.ones(t.shape[0], 1, dtype=ts.dtype, device=t.device)
-        hi = torch.searchsorted(ts, t).clamp(1, len(ts) - 1)  # (B,)
-        lo = hi - 1
-        w = ((t - ts[lo]) / (ts[hi] - ts[lo])).clamp(0, 1)
-        enc = torch.zeros(t.shape[0], len(ts), dtype=ts.dtype, device=t.device)
-        enc.scatter_(1, lo[:, None], (1 - w)[:, None])
-        enc.scatter_add_(1, hi[:, None], w[:, None])
-        return enc
+        return encode_targets(self.targets, t)
 
     def forward(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``t`` (B,) → MLP logits ``(B, L, K_mlp)`` and head logits ``(B, L, K_heads)``."""

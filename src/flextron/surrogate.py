@@ -27,15 +27,21 @@ def encode_arch(space: SearchSpace, arch: ArchConfig) -> tuple[torch.Tensor, tor
 
 
 class Surrogate(nn.Module):
-    """Two-layer MLP (hidden ``P``) over the concatenated per-layer choices (paper §3.3, Eq. 9)."""
+    """Two-layer MLP (hidden ``P``) over the concatenated per-layer choices (paper §3.3, Eq. 9).
 
-    def __init__(self, num_layers: int, n_mlp: int, n_heads: int, hidden: int = 256) -> None:
+    ``n_features > 0`` (dynamic routers, :mod:`flextron.dynamic_train`): the input also holds
+    per-input features (e.g. the full model's loss on that input), so the predicted Δloss can
+    depend on the input as well as on the configuration."""
+
+    def __init__(self, num_layers: int, n_mlp: int, n_heads: int, hidden: int = 256, n_features: int = 0) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_layers * (n_mlp + n_heads), hidden), nn.LeakyReLU(), nn.Linear(hidden, 1))
+        self.n_features = n_features
+        self.net = nn.Sequential(nn.Linear(num_layers * (n_mlp + n_heads) + n_features, hidden), nn.LeakyReLU(), nn.Linear(hidden, 1))
 
-    def forward(self, mlp: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
-        """``mlp`` (B, L, K_mlp), ``heads`` (B, L, K_heads) → predicted Δloss (B,)."""
-        x = torch.cat([mlp.flatten(1), heads.flatten(1)], dim=1)  # (B, L·(K_mlp+K_heads))
+    def forward(self, mlp: torch.Tensor, heads: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
+        """``mlp`` (B, L, K_mlp), ``heads`` (B, L, K_heads), ``features`` (B, n_features) → predicted Δloss (B,)."""
+        parts = [mlp.flatten(1), heads.flatten(1)] + ([features.to(mlp.dtype)] if self.n_features else [])
+        x = torch.cat(parts, dim=1)  # (B, L·(K_mlp+K_heads) + n_features)
         return self.net(x.to(self.net[0].weight.dtype)).squeeze(-1)
 
 
@@ -60,32 +66,40 @@ class SurrogateFit:
     mlp: list[torch.Tensor] = field(default_factory=list)
     heads: list[torch.Tensor] = field(default_factory=list)
     delta: list[float] = field(default_factory=list)
+    features: list[torch.Tensor] = field(default_factory=list)
     heldout: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    heldout_features: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=self.lr, weight_decay=1e-4)
 
-    def add(self, mlp: torch.Tensor, heads: torch.Tensor, delta: float) -> None:
-        """Record one measurement: one-hot ``mlp`` (L, K_mlp), ``heads`` (L, K_heads), Δloss."""
+    def add(self, mlp: torch.Tensor, heads: torch.Tensor, delta: float, features: torch.Tensor | None = None) -> None:
+        """Record one measurement: one-hot ``mlp`` (L, K_mlp), ``heads`` (L, K_heads), Δloss, and the
+        input's ``features`` (n_features,) when the surrogate reads them."""
         self.mlp.append(mlp.detach().float().cpu())
         self.heads.append(heads.detach().float().cpu())
         self.delta.append(float(delta))
+        if features is not None:
+            self.features.append(features.detach().float().cpu())
 
-    def set_heldout(self, mlp: torch.Tensor, heads: torch.Tensor, delta: torch.Tensor) -> None:
-        """Held-out configurations ``(N, L, K)`` with their measured Δloss ``(N,)``."""
+    def set_heldout(self, mlp: torch.Tensor, heads: torch.Tensor, delta: torch.Tensor, features: torch.Tensor | None = None) -> None:
+        """Held-out configurations ``(N, L, K)`` with their measured Δloss ``(N,)`` (and input
+        features ``(N, n_features)``)."""
         self.heldout = (mlp.float(), heads.float(), delta.float())
+        self.heldout_features = None if features is None else features.float()
 
     def fit(self, updates: int, batch_size: int = 64, gen: torch.Generator | None = None) -> float:
         """``updates`` AdamW steps of MSE on random minibatches of the buffer; returns the last loss."""
         if not self.delta:
             return float("nan")
         m, h = torch.stack(self.mlp), torch.stack(self.heads)
+        f = torch.stack(self.features) if self.features else None
         y = torch.tensor(self.delta, dtype=self.model.net[0].weight.dtype)
         loss = torch.tensor(float("nan"))
         self.model.train()
         for _ in range(updates):
             idx = torch.randint(len(y), (min(batch_size, len(y)),), generator=gen)
-            loss = F.mse_loss(self.model(m[idx], h[idx]), y[idx])
+            loss = F.mse_loss(self.model(m[idx], h[idx], None if f is None else f[idx]), y[idx])
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -98,7 +112,7 @@ class SurrogateFit:
         constant), and Spearman rank correlation."""
         assert self.heldout is not None, "call set_heldout first"
         m, h, y = self.heldout
-        pred = self.model(m, h)
+        pred = self.model(m, h, self.heldout_features)
         mae = float((pred - y).abs().mean())
         spread = float((y - y.mean()).abs().mean())
         return {

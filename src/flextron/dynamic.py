@@ -1,0 +1,389 @@
+"""Input-adaptive (dynamic) routers: each input picks its own sub-network (METHOD §6, §9).
+
+Input: an :class:`~flextron.elastic.ElasticModel`, a latency target ``t`` (fraction of the full
+model's latency) and token ids. Output: the same forward (logits, KV cache, generation), where
+every layer's MLP width and head count were chosen from that layer's input hidden state.
+
+Design (project choice). A :class:`DynamicRouter` scores, for layer ``l`` and input ``x``,
+
+    logits_l(x, t) = A · anchor_l(t) + Δ_l([LN(h̄_l(x)); enc(t)]) − β(t) · L · cost_l
+
+* ``anchor_l(t)``: one-hot of the *static* router's budget-fitted choice at ``t`` (the deployment
+  configuration of :class:`~flextron.routers.TargetRouter`), so the static solution is the start
+  and the reference;
+* ``Δ_l``: a per-layer 2-layer MLP (Linear → LeakyReLU → Linear) of the layer's input hidden state
+  ``h̄_l`` (mean over the prompt's non-padding tokens, then layer-normalised) and the target encoding;
+  its output layer starts at zero, so the untrained dynamic router *is* the static one;
+* ``β(t)``: a per-target price of latency (a dual variable; ``cost_l`` is each candidate's LUT cost
+  as a fraction of the full model's), fitted so that the *average* predicted latency over a batch
+  of inputs meets the target (:func:`calibrate_price`). Δ redistributes width between inputs and
+  layers; β keeps the average on budget.
+
+:class:`DynamicRouting` runs it through forward pre-hooks on the decoder layers: the choice of a
+sequence is made at prefill and kept for its decode steps (the KV cache stays valid). Sequences of
+a batch that chose different widths run grouped (MLP: rows grouped by width; heads: hard masks, or
+slicing when all rows agree). With ``per_token=True`` every token picks its MLP width from its own
+hidden state, executed by grouping tokens by width (real compute savings, not masking).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .elastic import ElasticModel, SearchSpace, nested_mask
+from .errors import ConfigError, TargetError
+from .routers import TargetRouter, encode_targets, gumbel_choice
+
+__all__ = ["DynamicRouter", "DynamicRouting", "routed_fractions", "calibrate_price", "choice_statistics"]
+
+
+class DynamicRouter(nn.Module):
+    """Per-layer router reading the layer's input hidden state (METHOD §6, dynamic router).
+
+    Buffers: ``targets`` (n_t,) sorted trained targets; ``anchor_mlp``/``anchor_heads`` (n_t, L)
+    candidate indices of the static budget-fitted configuration at each target; ``price`` (n_t,)
+    the latency price β; ``cost_mlp`` (K_mlp,), ``cost_heads`` (K_heads,) the per-layer cost of
+    each candidate as a fraction of the full model's latency. Parameters: ``w1`` (L, d + n_t, H),
+    ``b1`` (L, H), ``w2`` (L, H, K_mlp + K_heads) (zero at start), ``b2`` (L, K_mlp + K_heads).
+    """
+
+    def __init__(
+        self, targets: Sequence[float], num_layers: int, hidden_size: int, n_mlp: int, n_heads: int,
+        hidden: int = 64, anchor_scale: float = 3.0,
+    ) -> None:
+        super().__init__()
+        ts = sorted(float(t) for t in targets)
+        if not ts or any(not (0 < t <= 1) for t in ts):
+            raise ConfigError(f"dynamic router targets must be fractions in (0, 1], got {list(targets)}")
+        if hidden < 1 or anchor_scale < 0:
+            raise ConfigError(f"dynamic router needs hidden >= 1 and anchor_scale >= 0, got {hidden}, {anchor_scale}")
+        L, n_t, K = num_layers, len(ts), n_mlp + n_heads
+        self.num_layers, self.n_mlp, self.n_heads, self.anchor_scale = L, n_mlp, n_heads, float(anchor_scale)
+        self.register_buffer("targets", torch.tensor(ts, dtype=torch.float32))
+        self.register_buffer("anchor_mlp", torch.full((n_t, L), n_mlp - 1, dtype=torch.long))
+        self.register_buffer("anchor_heads", torch.full((n_t, L), n_heads - 1, dtype=torch.long))
+        self.register_buffer("price", torch.zeros(n_t))
+        self.register_buffer("cost_mlp", torch.zeros(n_mlp))
+        self.register_buffer("cost_heads", torch.zeros(n_heads))
+        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        self.w1 = nn.Parameter(torch.randn(L, hidden_size + n_t, hidden) / math.sqrt(hidden_size + n_t))
+        self.b1 = nn.Parameter(torch.zeros(L, hidden))
+        self.w2 = nn.Parameter(torch.zeros(L, hidden, K))
+        self.b2 = nn.Parameter(torch.zeros(L, K))
+
+    @classmethod
+    def from_static(cls, static: TargetRouter, targets: Sequence[float], hidden: int = 64, anchor_scale: float = 3.0) -> "DynamicRouter":
+        """Warm start from a deployed static router: anchors = its budget-fitted configuration at
+        every target, costs from its lookup table, price 0 and Δ = 0 (so the dynamic router starts
+        as the static one).
+
+        Raises:
+            TargetError: a target below the smallest sub-network (from ``static.route``).
+        """
+        sp, table = static.space, static.table
+        r = cls(targets, sp.num_layers, sp.hidden_size, len(sp.mlp_choices), len(sp.head_choices), hidden, anchor_scale)
+        cm, ch = table.cost_vectors(sp.mlp_choices, sp.head_choices)
+        r.cost_mlp.copy_(cm / table.full)
+        r.cost_heads.copy_(ch / table.full)
+        for j, t in enumerate(r.targets.tolist()):
+            mi, hi = sp.indices(static.route(t))
+            r.anchor_mlp[j] = torch.tensor(mi)
+            r.anchor_heads[j] = torch.tensor(hi)
+        return r
+
+    @property
+    def trained_targets(self) -> list[float]:
+        """The trained targets as Python floats (rounded to 6 digits: the buffer is float32)."""
+        return [round(x, 6) for x in self.targets.tolist()]
+
+    def check_target(self, target: float) -> None:
+        """Raises TargetError unless ``target`` lies in the trained range ``[min(targets), 1]``
+        (the price β is calibrated only there)."""
+        lo = float(self.targets[0])
+        if not (isinstance(target, (int, float)) and math.isfinite(target) and lo - 1e-6 <= target <= 1):
+            raise TargetError(f"dynamic routing target {target!r} is outside the trained range [{lo:g}, 1]; "
+                              f"choose one of the trained targets {self.trained_targets}")
+
+    def prepare(self, t: float) -> dict[str, torch.Tensor]:
+        """Everything of the logits that depends on the target only, for all layers at once:
+        ``c1`` (L, H) the target's share of the first layer, ``mlp`` (L, K_mlp) and ``heads``
+        (L, K_heads) the anchor minus the price term. Computed once per routed pass, so a
+        layer's routing costs two small matmuls (router overhead, issue 4)."""
+        enc = encode_targets(self.targets, torch.tensor([float(t)], device=self.targets.device))[0].to(self.w1.dtype)  # (n_t,)
+        d = self.w1.shape[1] - enc.shape[0]
+        c1 = torch.einsum("n,lnh->lh", enc, self.w1[:, d:]) + self.b1  # (L, H)
+        beta = (enc * self.price.to(enc.dtype)).sum() * self.num_layers
+        am = F.one_hot(self.anchor_mlp, self.n_mlp).to(enc.dtype)  # (n_t, L, K_mlp)
+        ah = F.one_hot(self.anchor_heads, self.n_heads).to(enc.dtype)
+        mlp = self.anchor_scale * torch.einsum("n,nlk->lk", enc, am) - beta * self.cost_mlp.to(enc.dtype) + self.b2[:, : self.n_mlp]
+        heads = self.anchor_scale * torch.einsum("n,nlk->lk", enc, ah) - beta * self.cost_heads.to(enc.dtype) + self.b2[:, self.n_mlp :]
+        return {"c1": c1, "mlp": mlp, "heads": heads}
+
+    def layer_logits(self, layer: int, h: torch.Tensor, prep: dict[str, torch.Tensor], heads: bool = True
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layer ``layer``'s logits from features ``h`` ``(..., d)`` (pooled ``(B, d)`` or per token
+        ``(B, T, d)``) and :meth:`prepare`'s output: MLP ``(..., K_mlp)`` and heads ``(..., K_heads)``
+        (``None`` unless ``heads``)."""
+        d = h.shape[-1]
+        z = F.leaky_relu(self.norm(h.to(self.w1.dtype)) @ self.w1[layer, :d] + prep["c1"][layer])  # (..., H)
+        if not heads:
+            return z @ self.w2[layer, :, : self.n_mlp] + prep["mlp"][layer], None
+        out = z @ self.w2[layer]  # (..., K)
+        return out[..., : self.n_mlp] + prep["mlp"][layer], out[..., self.n_mlp :] + prep["heads"][layer]
+
+    def logits(self, layer: int, h: torch.Tensor, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`layer_logits` at target ``t`` (prepares the target part on every call)."""
+        return self.layer_logits(layer, h, self.prepare(t))
+
+
+class DynamicRouting:
+    """Context manager: route every forward of ``fx`` through ``router`` at ``target``.
+
+    ``tau=None``: argmax choices (deployment; straight-through softmax gradient with ``grad``); a
+    float: straight-through Gumbel-softmax at that
+    temperature with ``generator`` (training). ``masked=True``: the choices become soft masks of
+    the full-width forward (differentiable; direct-gradient ablation and joint fine-tuning);
+    otherwise layers run sliced/grouped. ``per_token``: per-token MLP widths (not with
+    ``masked``). ``grad=True``: router logits keep their graph even under ``torch.no_grad`` (the
+    LLM stays gradient-free: surrogate training).
+
+    After each prefill, :attr:`choices` holds per layer the straight-through one-hot (with grad
+    when computed so): ``mlp[l]`` ``(B, K_mlp)`` or, per token, ``(B, T, K_mlp)``; ``heads[l]``
+    ``(B, K_heads)``; :meth:`stacked` returns them as ``(B, L, K)`` (per-token MLP choices averaged
+    over non-padding tokens). The choice of a sequence is kept for its decode steps.
+
+    Raises:
+        ConfigError: ``per_token`` with ``masked``, or a router that does not match ``fx``.
+        TargetError: ``target`` outside the router's trained range.
+    """
+
+    def __init__(self, fx: ElasticModel, router: DynamicRouter, target: float, *, tau: float | None = None,
+                 generator: torch.Generator | None = None, masked: bool = False, per_token: bool = False, grad: bool = False) -> None:
+        sp = fx.space
+        if (router.num_layers, router.n_mlp, router.n_heads) != (sp.num_layers, len(sp.mlp_choices), len(sp.head_choices)):
+            raise ConfigError(f"the dynamic router was built for {router.num_layers} layers and {router.n_mlp}/{router.n_heads} "
+                              f"candidates; the model has {sp.num_layers} and {len(sp.mlp_choices)}/{len(sp.head_choices)}")
+        if per_token and masked:
+            raise ConfigError("per-token MLP routing runs grouped by width; it has no masked (differentiable) form")
+        router.check_target(target)
+        self.fx, self.router, self.target, self.sp = fx, router, float(target), sp
+        self.tau, self.generator, self.masked, self.per_token, self.grad = tau, generator, masked, per_token, grad
+        self.choices: dict[str, list] = {"mlp": [], "heads": []}
+        self.pad_mask: torch.Tensor | None = None
+        self._handles: list = []
+        self._saved = None
+        self._prep: dict | None = None  # the router's target part, computed at each prefill's first layer
+        self._widths = torch.tensor(sp.mlp_choices)
+        self._heads = torch.tensor(sp.head_choices)
+
+    # -- context -------------------------------------------------------------------------------
+    def __enter__(self) -> "DynamicRouting":
+        self._saved = self.fx.arch
+        decoder = self.fx.model.get_decoder()
+        self._handles.append(decoder.register_forward_pre_hook(self._on_model, with_kwargs=True))
+        for l, layer in enumerate(self.fx.adapter.layers(self.fx.model)):
+            self._handles.append(layer.register_forward_pre_hook(partial(self._on_layer, l), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        for m in self.fx.mlps:
+            m.token_widths = None
+        self.fx.set_masks(None, None)
+        self.fx.set_arch(self._saved)
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _on_model(self, module, args, kwargs):
+        pkv = kwargs.get("past_key_values")
+        if pkv is None or pkv.get_seq_length() == 0:  # prefill: new inputs, new choices
+            self.choices = {"mlp": [], "heads": []}
+            self._prep = None  # recomputed from the router's current parameters
+            am = kwargs.get("attention_mask")
+            self.pad_mask = am if am is not None and am.dim() == 2 else None
+        return None
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.tau is None:  # argmax; with ``grad`` straight-through with the softmax's gradient
+            hard = F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+            if not self.grad:
+                return hard
+            soft = F.softmax(logits, -1)
+            return hard + soft - soft.detach()
+        return gumbel_choice(logits, self.tau, self.generator)
+
+    def _on_layer(self, l: int, module, args, kwargs):
+        h = args[0] if args else kwargs["hidden_states"]  # (B, T, d)
+        B, T, _ = h.shape
+        prefill = len(self.choices["heads"]) <= l
+        with torch.enable_grad() if self.grad else torch.no_grad():
+            if self._prep is None:
+                self._prep = self.router.prepare(self.target)
+            hd = h.detach()
+            if prefill:  # mean over the prompt's non-padding tokens; the router normalises it
+                if self.pad_mask is not None:
+                    m = self.pad_mask[:, -T:, None].to(hd.dtype)
+                    pooled = (hd * m).sum(1) / m.sum(1).clamp_min(1)  # (B, d)
+                else:
+                    pooled = hd.mean(1)
+                mlp_logits, head_logits = self.router.layer_logits(l, pooled, self._prep)  # (B, K)
+                self.choices["heads"].append(self._choose(head_logits))
+                if not self.per_token:
+                    self.choices["mlp"].append(self._choose(mlp_logits))
+            if self.per_token:
+                tok_logits, _ = self.router.layer_logits(l, hd, self._prep, heads=False)  # (B, T, K_mlp)
+                step = self._choose(tok_logits)
+                if prefill:
+                    self.choices["mlp"].append(step)
+        self._apply(l, step if self.per_token else self.choices["mlp"][l], self.choices["heads"][l], T)
+        return None
+
+    def _apply(self, l: int, mlp_c: torch.Tensor, head_c: torch.Tensor, T: int) -> None:
+        sp, mlp, attn = self.sp, self.fx.mlps[l], self.fx.attns[l]
+        mlp.mask = attn.mask = mlp.token_widths = None
+        if self.masked:
+            mlp.width, attn.heads_per_group = sp.mlp_choices[-1], sp.head_choices[-1]
+            mlp.mask = nested_mask(mlp_c, sp.mlp_choices, sp.intermediate_size)  # (B, D)
+            attn.mask = nested_mask(head_c, sp.head_choices, sp.heads_per_group, sp.num_key_value_heads)  # (B, H)
+            return
+        mi = mlp_c.detach().argmax(-1)  # (B,) or (B, T)
+        distinct = torch.unique(mi).tolist() if mi.numel() > 1 else [int(mi)]
+        if len(distinct) == 1:
+            mlp.width = sp.mlp_choices[distinct[0]]
+        else:
+            widths = self._widths.to(mi.device)[mi]
+            mlp.token_widths = widths[:, None].expand(-1, T) if widths.dim() == 1 else widths  # (B, T)
+        hi = head_c.detach().argmax(-1)  # (B,)
+        distinct = torch.unique(hi).tolist() if hi.numel() > 1 else [int(hi)]
+        if len(distinct) == 1:
+            attn.heads_per_group = sp.head_choices[distinct[0]]
+        else:  # rows disagree: hard masks give each row exactly its sliced output
+            attn.heads_per_group = sp.head_choices[-1]
+            attn.mask = nested_mask(head_c.detach(), sp.head_choices, sp.heads_per_group, sp.num_key_value_heads)
+
+    # -- results -------------------------------------------------------------------------------
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last prefill's choices as ``(B, L, K_mlp)`` and ``(B, L, K_heads)``; per-token MLP
+        choices are averaged over the prompt's non-padding tokens (the share of each width)."""
+        if len(self.choices["heads"]) != self.sp.num_layers:
+            raise ConfigError("no routed forward has run inside this DynamicRouting context yet")
+        mlp = []
+        for c in self.choices["mlp"]:
+            if c.dim() == 3:
+                w = torch.ones(c.shape[:2], dtype=c.dtype, device=c.device) if self.pad_mask is None else self.pad_mask[:, -c.shape[1]:].to(c.dtype)
+                c = (c * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
+            mlp.append(c)
+        return torch.stack(mlp, 1), torch.stack(self.choices["heads"], 1)
+
+    def indices(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chosen candidate indices of the last prefill: MLP ``(B, L)`` (per token: ``(B, L, T)``)
+        and heads ``(B, L)``."""
+        return (torch.stack([c.detach().argmax(-1) for c in self.choices["mlp"]], 1),
+                torch.stack([c.detach().argmax(-1) for c in self.choices["heads"]], 1))
+
+
+@torch.no_grad()
+def routed_fractions(fx: ElasticModel, router: DynamicRouter, target: float, blocks: torch.Tensor, table, *,
+                     batch_size: int = 8, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Argmax routing of every block ``(N, T)`` at ``target`` (decoder only, no LM head).
+
+    Returns the predicted latency fraction per block ``(N,)`` and the chosen candidate indices,
+    MLP ``(N, L)`` (per token: the per-block share of each width, ``(N, L, K_mlp)``) and heads ``(N, L)``.
+    """
+    decoder = fx.model.get_decoder()
+    sp = fx.space
+    fr, mi, hi = [], [], []
+    with DynamicRouting(fx, router, target, per_token=per_token) as r:
+        for s in range(0, blocks.shape[0], batch_size):
+            ids = blocks[s : s + batch_size].to(router.targets.device)
+            decoder(input_ids=ids, use_cache=False)
+            m, h = r.stacked()
+            fr.append(table.expected(m, h, sp.mlp_choices, sp.head_choices) / table.full)
+            mi.append(m if per_token else m.argmax(-1))
+            hi.append(h.argmax(-1))
+    return torch.cat(fr), torch.cat(mi), torch.cat(hi)
+
+
+def calibrate_price(fx: ElasticModel, router: DynamicRouter, table, blocks: torch.Tensor, *, batch_size: int = 8,
+                    iters: int = 10, per_token: bool = False, span: float = 4.0, progress: bool = False) -> dict[str, dict]:
+    """Fit the latency price β of every trained target < 1 so that the *average* predicted latency
+    of argmax routing over ``blocks`` ``(N, T)`` meets the target (METHOD §7's budget, on the average).
+
+    Bisection on β (a higher price lowers the latency): the smallest β found whose average
+    fraction is ≤ the target, between a bracket ``[lo, hi]`` that starts at ``[-span, span]`` and
+    doubles outwards until ``lo`` is over budget and ``hi`` within it; each probe is one routed forward (decoder only) over ``blocks``. Returns per target
+    ``{"price", "mean_fraction", "error", "probes"}`` (``error``: mean fraction / target − 1).
+    """
+    out = {}
+    targets = [t for t in router.trained_targets if t < 1.0]
+    for t in tqdm(targets, desc="dynamic: calibrate price", disable=not progress, leave=False):
+        j = router.trained_targets.index(t)
+        probes = 0
+
+        def mean_at(beta: float) -> float:
+            nonlocal probes
+            probes += 1
+            router.price[j] = beta
+            return float(routed_fractions(fx, router, t, blocks, table, batch_size=batch_size, per_token=per_token)[0].mean())
+
+        lo, f_lo = -span, mean_at(-span)
+        while f_lo <= t and lo > -64 * span:  # feasible even at a negative price: look lower
+            lo *= 2
+            f_lo = mean_at(lo)
+        hi, f_hi = span, mean_at(span)
+        while f_hi > t and hi < 64 * span:  # over budget even at this price: look higher
+            lo, hi = hi, 2 * hi
+            f_hi = mean_at(hi)
+        if f_lo <= t:  # within budget everywhere: the lowest price probed
+            best, f_best = lo, f_lo
+        else:
+            best, f_best = hi, f_hi
+            for _ in range(iters if f_hi <= t else 0):
+                mid = 0.5 * (lo + hi)
+                f = mean_at(mid)
+                if f <= t:
+                    hi, best, f_best = mid, mid, f
+                else:
+                    lo = mid
+        router.price[j] = best
+        out[f"{t:g}"] = {"price": best, "mean_fraction": f_best, "error": f_best / t - 1, "probes": probes}
+    return out
+
+
+def choice_statistics(mlp_idx: torch.Tensor, head_idx: torch.Tensor, n_mlp: int, n_heads: int) -> dict:
+    """Collapse diagnostics of argmax choices over ``N`` inputs: MLP ``(N, L)`` and heads ``(N, L)``
+    indices (or per-token shares ``(N, L, K)``).
+
+    Returns ``entropy_nats`` (mean over layers of the entropy of the choice distribution over
+    inputs, MLP and heads averaged), ``input_independent_layers`` (share of layers where every input
+    chose the same MLP width and head count) and ``collapsed`` (True when that share is 1: the
+    router ignores its input) plus the per-layer share of every candidate (``mlp_share`` (L, K_mlp),
+    ``head_share`` (L, K_heads)).
+    """
+    def shares(idx: torch.Tensor, k: int) -> torch.Tensor:
+        if idx.dim() == 3:  # per-token shares already
+            return idx.float().mean(0)
+        return F.one_hot(idx, k).float().mean(0)  # (L, K)
+
+    sm, sh = shares(mlp_idx, n_mlp), shares(head_idx, n_heads)
+
+    def entropy(p: torch.Tensor) -> torch.Tensor:
+        return -(p * p.clamp_min(1e-12).log()).sum(-1)  # (L,)
+
+    ent = 0.5 * (entropy(sm) + entropy(sh))
+    fixed = ((sm.max(-1).values > 1 - 1e-6) & (sh.max(-1).values > 1 - 1e-6)).float()
+    return {
+        "entropy_nats": float(ent.mean()),
+        "input_independent_layers": float(fixed.mean()),
+        "collapsed": bool(fixed.mean() == 1.0),
+        "mlp_share": sm.tolist(),
+        "head_share": sh.tolist(),
+    }
