@@ -33,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="timed rounds per block (default 3)")
     ap.add_argument("--latency-weight", type=float, default=10.0, help="λ of the latency loss (default 10)")
     ap.add_argument("--batch-size", type=int, default=8, help="inputs per router step (default 8)")
+    ap.add_argument("--calibrate-blocks", type=int, default=16, help="training blocks the latency price is fitted on (default 16)")
     ap.add_argument("--per-token", action="store_true", help="per-token MLP routing")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
@@ -60,22 +61,21 @@ def main(argv: list[str] | None = None) -> int:
         variants = {"dynamic": dict(surrogate=True, steps=args.steps)}
         if args.direct_steps > 0:
             variants["dynamic_direct"] = dict(surrogate=False, steps=args.direct_steps, batch_size=min(args.batch_size, 4))
-        summaries = {}
-        for name, kw in variants.items():
-            cfg = config_from_overrides(targets=targets, latency_weight=args.latency_weight, per_token=args.per_token or None,
-                                        batch_size=kw.pop("batch_size", args.batch_size), **kw)
-            fresh = load_run(args.run_dir)  # every variant starts from the same weights
-            _, summaries[name] = train_dynamic(fresh.fx, fresh.fx.router, fresh.table, pool, cfg, out / name, seed=run.cfg.seed,
-                                               progress=not args.quiet)
         results = {}
-        for name in variants:
+        for name, kw in variants.items():  # each variant trained, then evaluated and written, before the next
+            cfg = config_from_overrides(targets=targets, latency_weight=args.latency_weight, per_token=args.per_token or None,
+                                        batch_size=kw.pop("batch_size", args.batch_size), calibrate_blocks=args.calibrate_blocks, **kw)
+            fresh = load_run(args.run_dir)  # every variant starts from the same weights
+            _, summary = train_dynamic(fresh.fx, fresh.fx.router, fresh.table, pool, cfg, out / name, seed=run.cfg.seed,
+                                       progress=not args.quiet)
+            del fresh
             run, router, meta = load_dynamic_run(args.run_dir, out / name)
             res = evaluate_dynamic(run, router, held, timed_blocks=args.timed_blocks, repeats=args.repeats, per_token=args.per_token,
                                    batch_size=run.cfg.eval.batch_size, progress=not args.quiet)
-            res["router_summary"] = summaries[name]
+            res["router_summary"] = summary
             folder = out if name == "dynamic" else out / "direct"
             atomic_write_json(folder / "dynamic_results.json", res)
-            write_dynamic_report(folder, res, [out / v / "metrics.jsonl" for v in variants])
+            write_dynamic_report(folder, res, [out / v / "metrics.jsonl" for v in variants if (out / v / "metrics.jsonl").exists()])
             results[name] = res
         for name, res in results.items():
             print(f"\n{name}: held-out blocks {json.dumps({d: v['blocks'] for d, v in res['domains'].items()})}")

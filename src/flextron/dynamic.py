@@ -313,14 +313,16 @@ def routed_fractions(fx: ElasticModel, router: DynamicRouter, target: float, blo
 
 
 def calibrate_price(fx: ElasticModel, router: DynamicRouter, table, blocks: torch.Tensor, *, batch_size: int = 8,
-                    iters: int = 10, per_token: bool = False, span: float = 4.0, progress: bool = False) -> dict[str, dict]:
+                    iters: int = 8, per_token: bool = False, span: float = 1.0, progress: bool = False) -> dict[str, dict]:
     """Fit the latency price β of every trained target < 1 so that the *average* predicted latency
     of argmax routing over ``blocks`` ``(N, T)`` meets the target (METHOD §7's budget, on the average).
 
-    Bisection on β (a higher price lowers the latency): the smallest β found whose average
-    fraction is ≤ the target, between a bracket ``[lo, hi]`` that starts at ``[-span, span]`` and
-    doubles outwards until ``lo`` is over budget and ``hi`` within it; each probe is one routed forward (decoder only) over ``blocks``. Returns per target
-    ``{"price", "mean_fraction", "error", "probes"}`` (``error``: mean fraction / target − 1).
+    A higher price lowers the latency. The bracket starts at ``β ± span`` around the current
+    (trained) price and widens, doubling its step, until its low end is over budget and its high
+    end within it; ``iters`` bisection steps then find the smallest β within budget. Each probe is
+    one routed forward (decoder only) over ``blocks``. Returns per target ``{"price",
+    "mean_fraction", "error", "probes"}`` (``error``: mean fraction / target − 1, ≤ 0 unless even
+    the highest price probed is over budget).
     """
     out = {}
     targets = [t for t in router.trained_targets if t < 1.0]
@@ -334,15 +336,16 @@ def calibrate_price(fx: ElasticModel, router: DynamicRouter, table, blocks: torc
             router.price[j] = beta
             return float(routed_fractions(fx, router, t, blocks, table, batch_size=batch_size, per_token=per_token)[0].mean())
 
-        lo, f_lo = -span, mean_at(-span)
-        while f_lo <= t and lo > -64 * span:  # feasible even at a negative price: look lower
-            lo *= 2
+        c = float(router.price[j])
+        lo, hi, step = c - span, c + span, span
+        f_lo, f_hi = mean_at(lo), mean_at(hi)
+        while f_lo <= t and step < 1e3:  # within budget even at this low price: look lower
+            lo, hi, f_hi, step = lo - 2 * step, lo, f_lo, 2 * step
             f_lo = mean_at(lo)
-        hi, f_hi = span, mean_at(span)
-        while f_hi > t and hi < 64 * span:  # over budget even at this price: look higher
-            lo, hi = hi, 2 * hi
+        while f_hi > t and step < 1e3:  # over budget even at this price: look higher
+            lo, hi, step = hi, hi + 2 * step, 2 * step
             f_hi = mean_at(hi)
-        if f_lo <= t:  # within budget everywhere: the lowest price probed
+        if f_lo <= t:  # within budget at every price probed: the lowest (largest sub-networks)
             best, f_best = lo, f_lo
         else:
             best, f_best = hi, f_hi

@@ -85,7 +85,7 @@ class DynamicConfig:
     joint_steps: int = 0
     model_lr: float = 1e-4
     calibrate_blocks: int = 16
-    calibrate_iters: int = 10
+    calibrate_iters: int = 8
 
     def __post_init__(self) -> None:
         _check(len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets), "dynamic.targets", self.targets,
