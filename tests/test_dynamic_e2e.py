@@ -44,11 +44,12 @@ def test_cli_dynamic_train_eval_generate(tiny_run, capsys):
         assert -0.1 <= r["predicted_latency_error"] <= 0.05  # calibrated on training blocks, measured on held-out ones
         assert set(r["per_domain"]) == set(res["domains"]) and "vs_static_predicted" in r and "timed_fraction" in r
         assert len(r["per_domain"]["python"]["mlp_width_per_layer"]) == 3
+        assert all("verdict" in v["vs_static_predicted"] for v in r["per_domain"].values())
     modes = [r.get("mode") for r in json.loads((tiny_run / "results.json").read_text())["rows"]]
     assert modes.count("dynamic") == 2 and "static" in modes
     report = (tiny_run / "dynamic_report.md").read_text()
     for section in ("## Latency targets", "## Dynamic against static at equal latency", "## Compute per domain", "## Collapse",
-                    "## Router training"):
+                    "## Router training", "Per domain, dynamic / static perplexity"):
         assert section in report
     for png in ("dynamic_latency_perplexity.png", "dynamic_domain_compute.png", "dynamic_domain_widths.png", "dynamic_training.png"):
         assert (tiny_run / png).stat().st_size > 1000

@@ -279,6 +279,9 @@ def evaluate_dynamic(run, router: DynamicRouter, held: dict[str, torch.Tensor], 
     def domain_mean(values, d):
         return mean([v for v, o in zip(values, owner) if o == d])
 
+    def per_domain_fraction(r, ix):
+        return mean([r["fraction"][i] for i in ix])
+
     rows = []
     static_pred = [(s["predicted_fraction"], s["nll"]) for s in static]
     static_timed = [(timed[f"static {s['target']:g}"]["fraction"], s["nll"]) for s in static] if timed else []
@@ -292,7 +295,11 @@ def evaluate_dynamic(run, router: DynamicRouter, held: dict[str, torch.Tensor], 
             per_domain[d] = {"mean_fraction": domain_mean(r["fraction"], d), "perplexity": math.exp(domain_mean(r["nll"], d)),
                              "full_perplexity": math.exp(domain_mean(full, d)), "mlp_width_per_layer": width.tolist(),
                              "heads_per_layer": heads.tolist(), "mlp_share": st["mlp_share"], "head_share": st["head_share"],
-                             "entropy_nats": st["entropy_nats"]}
+                             "entropy_nats": st["entropy_nats"],
+                             # this domain's blocks only: its own average latency against the static curve on the same blocks
+                             "vs_static_predicted": compare_at_equal_latency(
+                                 [(p, [nll[i] for i in ix]) for p, nll in static_pred], per_domain_fraction(r, ix),
+                                 [r["nll"][i] for i in ix])}
         stats = choice_statistics(r["mlp"], r["heads"], router.n_mlp, router.n_heads)
         row = {"target": t, "mode": "dynamic", "predicted_fraction": mean(r["fraction"]),
                "predicted_latency_error": mean(r["fraction"]) / t - 1,

@@ -121,6 +121,12 @@ def _verdict(v: dict | None) -> list[str]:
             f"{v['ppl_ratio']:.3f} [{lo:.3f}, {hi:.3f}]", v["verdict"]]
 
 
+def _ratio(v: dict) -> str:
+    if "ppl_ratio" not in v:
+        return v.get("verdict", "—")
+    return f"{v['ppl_ratio']:.3f} [{v['ppl_ratio_ci'][0]:.3f}, {v['ppl_ratio_ci'][1]:.3f}]"
+
+
 def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dict]) -> str:
     """The Markdown text of the dynamic report."""
     rows = res["dynamic"]
@@ -149,6 +155,10 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
            _table(["target"] + [f"{d} (full ppl {res['domains'][d]['full_perplexity']:.1f})" for d in domains],
                   [[_fmt(r["target"])] + [f"{r['per_domain'][d]['mean_fraction']:.3f} (ppl {r['per_domain'][d]['perplexity']:.1f})"
                                           for d in domains] for r in rows]), ""]
+    if all("vs_static_predicted" in r["per_domain"][d] for r in rows for d in domains):
+        md += ["Per domain, dynamic / static perplexity at that domain's average predicted latency (95% CI):", "",
+               _table(["target"] + domains, [[_fmt(r["target"])] + [_ratio(r["per_domain"][d]["vs_static_predicted"]) for d in domains]
+                                            for r in rows]), ""]
     hardest = max(domains, key=lambda d: res["domains"][d]["full_perplexity"])
     most = [max(domains, key=lambda d: r["per_domain"][d]["mean_fraction"]) for r in rows]
     md += [f"The domain with the highest full-model perplexity is **{hardest}**; it received the most compute at "
