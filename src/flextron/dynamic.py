@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .elastic import ElasticModel, SearchSpace, nested_mask
+from .elastic import ElasticModel, nested_mask
 from .errors import ConfigError, TargetError
 from .routers import TargetRouter, encode_targets, gumbel_choice
 
