@@ -90,13 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreport: {out / 'dynamic_report.md'}")
         return 0
 
-    from flextron.errors import FlextronError
+    from flextron.bench import script_main
 
-    try:
-        return body()
-    except FlextronError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return script_main(body, args.quiet)
 
 
 if __name__ == "__main__":

@@ -126,13 +126,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per-token latency falls with width: {'yes' if monotone else 'no'}; written {path}")
         return 0
 
-    from flextron.errors import FlextronError
+    from flextron.bench import script_main
 
-    try:
-        return body()
-    except FlextronError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return script_main(body, False)
 
 
 if __name__ == "__main__":
