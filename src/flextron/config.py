@@ -175,7 +175,8 @@ class RouterConfig:
     surrogate never passes). ``warm_start``: measure every homogeneous configuration first and
     start the router from the best one that meets each target (then the surrogate refines it).
     ``latency_weight`` is λ, ``latency_tol`` the tolerance of the latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
-    ablation (gradient of the LM loss through soft masks).
+    ablation (gradient of the LM loss through soft masks). ``checkpoint_every``: steps between
+    checkpoints (one is also written after the warm-up and at the last step).
     """
 
     targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -197,13 +198,14 @@ class RouterConfig:
     heldout_configs: int = 12
     surrogate: bool = True
     warm_start: bool = True
+    checkpoint_every: int = 25
 
     def __post_init__(self) -> None:
         _check(len(self.targets) >= 1, "routers.targets", self.targets, "give at least one target")
         for t in self.targets:
             _check(0 < t <= 1, "routers.targets", t, "each target must lie in (0, 1]")
         _check(tuple(sorted(self.targets)) == tuple(self.targets), "routers.targets", self.targets, "must be sorted ascending")
-        for k in ("hidden", "surrogate_hidden", "batch_size", "seq_len", "surrogate_updates", "heldout_configs"):
+        for k in ("hidden", "surrogate_hidden", "batch_size", "seq_len", "surrogate_updates", "heldout_configs", "checkpoint_every"):
             _check(getattr(self, k) >= 1, f"routers.{k}", getattr(self, k), "must be >= 1")
         _check(self.steps >= 0, "routers.steps", self.steps, "must be >= 0")
         _check(self.warmup_samples >= 2, "routers.warmup_samples", self.warmup_samples, "must be >= 2")
