@@ -26,11 +26,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from .checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from .config import JointConfig, RouterConfig, TrainConfig
+from .distributed import any_rank, make_accelerator, split_over_ranks
 from .elastic import ArchConfig, ElasticModel, SearchSpace, archs_from_json, archs_to_json
 from .errors import ConfigError, ModelError
 from .evaluate import perplexity
@@ -124,9 +124,6 @@ class BudgetSampler:
         return sp.from_indices(mi, hi)
 
 
-# --------------------------------------------------------------------------- checkpoints & metrics
-
-
 # --------------------------------------------------------------------------- data slicing
 
 
@@ -142,22 +139,6 @@ def batch_for_step(blocks: torch.Tensor, step: int, global_batch: int, seed: int
         idx.append(int(perm[off]))
     per = global_batch // world
     return blocks[idx[rank * per : (rank + 1) * per]]
-
-
-def make_accelerator(grad_accum: int = 1) -> Accelerator:
-    """One ``Accelerator`` for every training stage; unused-parameter detection is on because a
-    sub-network may leave parameters out of the graph. Mixed precision is not set here:
-    accelerate fixes it once per process, while each stage has its own (see :func:`_lm_loop`)."""
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-
-
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (all ranks then stop at the same step)."""
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
 
 
 # --------------------------------------------------------------------------- the LM training loop
@@ -254,12 +235,13 @@ def _lm_loop(
             metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
             if progress:
                 bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
-            stop = _any_rank(accelerator, interrupt.requested)
+            stop = any_rank(accelerator, interrupt.requested)
             if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
                 ckpt.save(step + 1)
             if stop:
                 raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt.root}")
-    return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "wall_s": time.time() - t0}
+    return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "processes": world,
+            "wall_s": time.time() - t0}
 
 
 def _teacher_logits(teacher: torch.nn.Module | None, batch: torch.Tensor, alpha: float) -> torch.Tensor | None:
@@ -350,16 +332,6 @@ def lm_loss_at(fx: ElasticModel, arch: ArchConfig | None, batch: torch.Tensor) -
     return perplexity(fx, batch, batch_size=batch.shape[0], progress=False)["nll"]
 
 
-def _split_over_ranks(accelerator: Accelerator, n: int, fn: Callable[[int], float], desc: str, progress: bool) -> list[float]:
-    """``[fn(i) for i in range(n)]`` with rank ``r`` evaluating the ``i ≡ r (mod world)``; the
-    shares are summed over ranks, which is exact (each entry is one value plus zeros)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    out = torch.zeros(n, dtype=torch.float64, device=accelerator.device)
-    for i in tqdm(range(rank, n, world), desc=desc, disable=not (progress and accelerator.is_main_process), leave=False):
-        out[i] = fn(i)
-    return accelerator.reduce(out, "sum").tolist()
-
-
 def target_grid(targets: tuple[float, ...] | list[float]) -> list[float]:
     """The trained targets plus the midpoint of every neighbouring pair (sorted): where the router
     is warm-started, trained and validated, so interpolated targets are trained too."""
@@ -447,7 +419,7 @@ def train_routers(
         """Δloss of each configuration on the fixed batch (split over the ranks)."""
         run["evals"] += len(archs)
         fn = lambda i: lm_loss_at(fx, archs[i], pool[0]) - run["full_loss"]  # noqa: E731
-        return _split_over_ranks(accelerator, len(archs), fn, desc, progress and bool(desc))
+        return split_over_ranks(accelerator, len(archs), fn, desc, progress and bool(desc))
 
     def warm_up() -> None:
         """Held-out configurations spanning the budget range, the surrogate's warm-up buffer, the
@@ -468,7 +440,7 @@ def train_routers(
         if state is None:
             warm_up()
             save(0)
-            if _any_rank(accelerator, interrupt.requested):
+            if any_rank(accelerator, interrupt.requested):
                 raise KeyboardInterrupt(f"router training interrupted after its warm-up; checkpoint saved in {ckpt.root}")
         else:
             try:
@@ -532,7 +504,7 @@ def train_routers(
                 surrogate_gate_open=gate, router_steps_with_surrogate_grad=run["grad_steps"],
             )
             bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
-            stop = _any_rank(accelerator, interrupt.requested)
+            stop = any_rank(accelerator, interrupt.requested)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
                 save(step + 1)
             if stop:
@@ -548,6 +520,7 @@ def train_routers(
         "steps": cfg.steps,
         "resumed_from": start,
         "steps_run_now": cfg.steps - start,
+        "processes": world,
         "llm_evaluations": evals,
         "tokens": evals * pool.shape[1] * pool.shape[2],
         "surrogate_heldout_mae": ev["heldout_mae"],
@@ -619,7 +592,7 @@ def _keep_better_than_warm_start(wrapped, router: StaticRouter, opt, fx: Elastic
                 pairs[t] = (tr.route(t), fit_to_budget(sp, table, warm[t], t * table.full, score))
         archs = sorted({a for p in pairs.values() for a in p}, key=lambda a: (a.mlp, a.heads))
         jobs = [(a, b) for a in archs for b in range(len(pool))]
-        losses = _split_over_ranks(accelerator, len(jobs), lambda i: lm_loss_at(fx, jobs[i][0], pool[jobs[i][1]]),
+        losses = split_over_ranks(accelerator, len(jobs), lambda i: lm_loss_at(fx, jobs[i][0], pool[jobs[i][1]]),
                                    "routers: validate against warm start", progress)
     mean = {a: sum(losses[i * len(pool):(i + 1) * len(pool)]) / len(pool) for i, a in enumerate(archs)}
     verdicts = {}
