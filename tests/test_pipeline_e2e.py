@@ -55,18 +55,23 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     rtr = [r for r in recs if r["stage"] == "routers"]
     assert all("surrogate_spearman" in r and "router_steps_with_surrogate_grad" in r for r in rtr)
     assert all("budget" in r and "kd_loss" in r for r in recs if r["stage"] == "elastic")
-    # the router started from the best homogeneous configuration meeting each target of the
-    # grid (trained targets and their midpoints), and its refinement was validated against it
+    # the router started, at every target of the grid (trained targets and their midpoints), from
+    # the better of the best homogeneous configuration and the sensitivity allocation, both within
+    # the target; its refinement was validated against that start
     rs = res["training"]["routers"]
     start = rs["warm_start"]
-    assert set(start) == {"0.6", "0.7", "0.8", "0.9", "1"} and start["1"] == [64, 3]
+    assert set(start) == {"0.6", "0.7", "0.8", "0.9", "1"} and start["1"]["homogeneous"] == [64, 3]
     from flextron.latency import CostTable
 
     table = CostTable.load(run_dir / "latency_table.json")
-    sp_dict = res["search_space"]
-    for t, (m, a) in start.items():  # the warm start lies within its target (the budget fit only grows it)
-        arch = ArchConfig(mlp=(m,) * sp_dict["num_layers"], heads=(a,) * sp_dict["num_layers"])
-        assert table.fraction(arch) <= float(t) + 1e-9 or (m, a) == (min(sp_dict["mlp_choices"]), min(sp_dict["head_choices"]))
+    smallest = ArchConfig(mlp=(min(res["search_space"]["mlp_choices"]),) * res["search_space"]["num_layers"],
+                          heads=(min(res["search_space"]["head_choices"]),) * res["search_space"]["num_layers"])
+    for t, v in start.items():  # the warm start lies within its target (the budget fit only grows it)
+        arch = ArchConfig.from_dict(v["config"])
+        assert table.fraction(arch) <= float(t) + 1e-9 or arch == smallest
+        assert v["allocated_fraction"] is None or v["allocated_fraction"] <= float(t) + 1e-9
+        chosen_delta = v["allocated_delta"] if v["chosen"] == "allocated" else v["homogeneous_delta"]
+        assert v["allocated_delta"] is None or chosen_delta == min(v["allocated_delta"], v["homogeneous_delta"])
     verdicts = rs["validation"]["targets"]
     assert verdicts and all(v["kept"] in ("router", "warm start") for v in verdicts.values())
     assert all((v["kept"] == "router") == (v["routed_loss"] < v["warm_start_loss"]) for v in verdicts.values())

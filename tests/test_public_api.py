@@ -50,3 +50,21 @@ def test_cli_help_does_not_import_torch():
     code = "import sys, flextron.cli; assert 'torch' not in sys.modules, 'torch imported'"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_repository_tracks_no_large_or_generated_files():
+    """A submission must stay small: no tracked file over 1 MB, and nothing from run directories,
+    benchmark work folders or weights (those are outputs, written under ignored paths)."""
+    root = SRC.parents[1]
+    try:
+        out = subprocess.run(["git", "ls-files", "-z"], cwd=root, capture_output=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        import pytest
+
+        pytest.skip("not a git checkout")
+    files = [f for f in out.decode().split("\0") if f]
+    assert files, "git lists no tracked files"
+    big = [f for f in files if (root / f).is_file() and (root / f).stat().st_size > 1_000_000]
+    assert not big, f"tracked files over 1 MB: {big}"
+    generated = [f for f in files if f.startswith(("runs/", "bench/", ".venv/")) or f.endswith((".safetensors", ".bin", ".pt", ".gguf"))]
+    assert not generated, f"generated outputs are tracked: {generated}"

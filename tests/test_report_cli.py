@@ -44,7 +44,13 @@ def _results() -> dict:
                           "workload": {"batch_size": 1, "seq_len": 256}},
         "search_space": {"mlp_choices": [384, 512, 768, 1024, 1536], "head_choices": [1, 2, 3],
                          "intermediate_size": 1536, "heads_per_group": 3, "num_layers": L},
-        "training": {"elastic": {"steps": 20, "final_lm_loss": 2.5}, "routers": {"steps": 10, "gate_passed": True},
+        "training": {"elastic": {"steps": 20, "final_lm_loss": 2.5}, "routers": {
+            "steps": 10, "gate_passed": True,
+            "warm_start": {"0.6": {"homogeneous": [768, 2], "homogeneous_delta": 0.812, "allocated_fraction": 0.597,
+                                   "allocated_delta": 0.604, "chosen": "allocated", "config": {"mlp": [768] * L, "heads": [2] * L}},
+                           "1": {"homogeneous": [1536, 3], "homogeneous_delta": 0.0, "allocated_fraction": 1.0,
+                                 "allocated_delta": 0.0, "chosen": "homogeneous", "config": {"mlp": [1536] * L, "heads": [3] * L}}},
+            "validation": {"targets": {"0.6": {"routed_loss": 3.1234, "warm_start_loss": 3.2345, "kept": "router"}}}},
                      "joint": {}},
         "provenance": {"commit": "abc1234", "versions": {"torch": "2.13.0"}, "seed": 0,
                        "stages": {"elastic": {"wall_s": 123.4, "tokens": 40960}, "routers": {"wall_s": 7.5, "tokens": 2048}},
@@ -86,6 +92,10 @@ def test_write_report_makes_markdown_and_plots(tmp_path: Path):
     assert "| elastic | 2.1 min | 40960 |" in text
     assert "abc1234" in text and "gate_passed" in text
     assert "| speed-up | 1.65× |" in text
+    # the router stage's warm start and validation, one row per grid target (not dumped as JSON)
+    assert "| 0.6 | 768 / 2 | 0.812 | 0.597 | 0.604 | allocated | 3.1234 | 3.2345 | router |" in text
+    assert "| 1 | 1536 / 3 | 0.000 | 1.000 | 0.000 | homogeneous | — | — | — |" in text
+    assert "| warm_start |" not in text
     assert "8 budgeted steps and 4 full-model steps" in text
     # downstream tasks: task x target table (accuracy in %, LAMBADA perplexity), protocol stated
     assert "## Downstream tasks" in text and "0-shot" in text and "at most 50 items" in text

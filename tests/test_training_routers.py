@@ -271,3 +271,115 @@ def test_archs_json_round_trip_is_exact():
     for bad in ({"arch": {"mlp": [1]}}, {"dict": 3}, {"x": 1, "y": 2}, {"tuple": [{"dict": [[1]]}]}):
         with pytest.raises(ConfigError):
             archs_from_json(bad)
+
+
+def _brute_force(sp, table, mlp_sens, head_sens, budget):
+    """Least summed sensitivity over every configuration within ``budget`` (tiny spaces only)."""
+    import itertools
+
+    L, nm, nh = sp.num_layers, len(sp.mlp_choices), len(sp.head_choices)
+    best = (float("inf"), None)
+    for combo in itertools.product(range(nm * nh), repeat=L):
+        arch = sp.from_indices([k // nh for k in combo], [k % nh for k in combo])
+        if table.predict(arch) <= budget:
+            v = sum(mlp_sens[l, k // nh] + head_sens[l, k % nh] for l, k in enumerate(combo))
+            best = min(best, (v, arch), key=lambda x: x[0])
+    return best
+
+
+def test_allocate_by_sensitivity_is_the_knapsack_optimum_within_budget():
+    """The dynamic programme's configuration fits the budget and its summed sensitivity is no
+    worse than the brute-force optimum (up to the cost rounding, which only lowers the budget by
+    at most one grid step per layer); a budget below the smallest configuration gives None."""
+    import numpy as np
+
+    from flextron.errors import ConfigError
+    from flextron.routers import allocate_by_sensitivity
+
+    fx = _fx()
+    sp, table = fx.space, CostTable.from_parameters(fx.space)
+    rng = np.random.default_rng(0)
+    L = sp.num_layers
+    for trial in range(6):
+        # sensitivities: decreasing in width, 0 at the full width; one layer far more sensitive
+        mlp_sens = np.sort(rng.exponential(0.1, (L, len(sp.mlp_choices))), axis=1)[:, ::-1].copy()
+        mlp_sens[:, -1] = 0
+        head_sens = np.sort(rng.exponential(0.1, (L, len(sp.head_choices))), axis=1)[:, ::-1].copy()
+        head_sens[:, -1] = 0
+        mlp_sens[trial % L] *= 50
+        value = lambda a: sum(mlp_sens[l, sp.mlp_choices.index(m)] + head_sens[l, sp.head_choices.index(h)]  # noqa: E731
+                              for l, (m, h) in enumerate(zip(a.mlp, a.heads)))
+        for frac in (0.55, 0.7, 0.85, 0.95):
+            budget = frac * table.full
+            arch = allocate_by_sensitivity(sp, table, mlp_sens, head_sens, budget, resolution=2000)
+            assert arch is not None and table.predict(arch) <= budget
+            unit = (budget - table.const) / 2000
+            opt_v, opt_arch = _brute_force(sp, table, mlp_sens, head_sens, budget - L * unit)
+            assert value(arch) <= opt_v + 1e-12
+            # the very sensitive layer keeps its full MLP width whenever the optimum affords it
+            if opt_arch.mlp[trial % L] == sp.mlp_choices[-1]:
+                assert arch.mlp[trial % L] == sp.mlp_choices[-1]
+    floor = table.predict(sp.smallest())
+    assert allocate_by_sensitivity(sp, table, mlp_sens, head_sens, floor * 0.99) is None
+    assert allocate_by_sensitivity(sp, table, mlp_sens, head_sens, table.full) == sp.full()
+    with pytest.raises(ConfigError, match="do not match the search space"):
+        allocate_by_sensitivity(sp, table, mlp_sens[:, :2], head_sens, table.full)
+
+
+def test_layer_sensitivity_measures_one_layer_at_a_time_and_interpolates():
+    """With an additive loss the one-layer measurements recover each layer's sensitivity exactly
+    at the measured widths and every head count, linearly interpolated between measured widths;
+    every measured configuration reduces exactly one layer."""
+    import numpy as np
+
+    from flextron.training import layer_sensitivity
+
+    fx = _fx()
+    sp = fx.space
+    L, mc, hc = sp.num_layers, sp.mlp_choices, sp.head_choices
+    true_mlp = np.array([[(mc[-1] - m) * (l + 1) * 1e-3 for m in mc] for l in range(L)])  # linear in width
+    true_heads = np.array([[(hc[-1] - a) * 0.1 * (l + 2) for a in hc] for l in range(L)])
+    seen = []
+
+    def measure(archs, desc=""):
+        seen.extend(archs)
+        return [sum(true_mlp[l, mc.index(m)] + true_heads[l, hc.index(a)] for l, (m, a) in enumerate(zip(x.mlp, x.heads)))
+                for x in archs]
+
+    mlp_sens, head_sens, archs, deltas = layer_sensitivity(measure, sp, mlp_levels=2)
+    assert len(seen) == L * (2 + len(hc) - 1) and archs == seen
+    full = sp.full()
+    for a in archs:
+        assert sum((m != fm) + (h != fh) for m, h, fm, fh in zip(a.mlp, a.heads, full.mlp, full.heads)) == 1
+    assert np.allclose(mlp_sens, true_mlp) and np.allclose(head_sens, true_heads)
+    assert np.all(mlp_sens[:, -1] == 0) and np.all(head_sens[:, -1] == 0)
+
+
+def test_joint_full_model_steps(tmp_path):
+    """joint.p_full: the full-model steps train the model alone (the router is not run, so it does
+    not change); with p_full = 0 every step trains the router."""
+    from flextron.config import JointConfig, RouterConfig
+    from flextron.training import train_joint
+
+    blocks = torch.randint(0, 97, (16, 12), generator=torch.Generator().manual_seed(0))
+    rcfg = RouterConfig(targets=(0.6, 1.0), tau_end=1.0)
+    out = {}
+    for p_full in (0.0, 0.95):
+        fx = _fx()
+        table = CostTable.from_parameters(fx.space)
+        torch.manual_seed(0)
+        router = StaticRouter(rcfg.targets, fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), 16)
+        r0 = copy.deepcopy(router.state_dict())
+        m0 = copy.deepcopy(fx.state_dict())
+        jcfg = JointConfig(steps=4, batch_size=2, seq_len=12, checkpoint_every=100, p_full=p_full)
+        summary = train_joint(fx, None, router, table, blocks, jcfg, rcfg, tmp_path / str(p_full), seed=0, progress=False)
+        recs = [r for r in map(__import__("json").loads, (tmp_path / str(p_full) / "metrics.jsonl").read_text().splitlines())]
+        assert summary["full_model_steps"] == sum(r["full_model"] for r in recs)
+        router_moved = any(not torch.equal(r0[k], v) for k, v in router.state_dict().items())
+        model_moved = any(not torch.equal(m0[k], v) for k, v in fx.state_dict().items())
+        out[p_full] = (summary["full_model_steps"], router_moved, model_moved)
+    assert out[0.0] == (0, True, True)
+    steps, router_moved, model_moved = out[0.95]
+    assert model_moved
+    assert router_moved == (steps < 4)
+    assert steps >= 3  # 4 draws at p = 0.95

@@ -173,7 +173,10 @@ class RouterConfig:
     ``surrogate_gate_error``: the surrogate must reach both on held-out configurations before the
     routers get its gradient (the error is relative to a constant predictor's, so a constant
     surrogate never passes). ``warm_start``: measure every homogeneous configuration first and
-    start the router from the best one that meets each target (then the surrogate refines it).
+    start the router from the best one that meets each target (then the surrogate refines it);
+    ``sensitivity_mlp_levels`` > 0 also measures each layer reduced alone (that many MLP widths
+    per layer, every head count) and offers the knapsack allocation of those sensitivities as a
+    second start, kept where it measures better (0: homogeneous starts only).
     ``latency_weight`` is λ, ``latency_tol`` the tolerance of the latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
     ablation (gradient of the LM loss through soft masks). ``checkpoint_every``: steps between
     checkpoints (one is also written after the warm-up and at the last step).
@@ -198,9 +201,11 @@ class RouterConfig:
     heldout_configs: int = 12
     surrogate: bool = True
     warm_start: bool = True
+    sensitivity_mlp_levels: int = 3
     checkpoint_every: int = 25
 
     def __post_init__(self) -> None:
+        _check(self.sensitivity_mlp_levels >= 0, "routers.sensitivity_mlp_levels", self.sensitivity_mlp_levels, "must be >= 0 (0: no allocation)")
         _check(len(self.targets) >= 1, "routers.targets", self.targets, "give at least one target")
         for t in self.targets:
             _check(0 < t <= 1, "routers.targets", t, "each target must lie in (0, 1]")
@@ -219,7 +224,9 @@ class RouterConfig:
 @dataclass(frozen=True)
 class JointConfig:
     """Joint fine-tuning of model and routers (METHOD §8); ``batch_size``, ``grad_accum`` and
-    ``mixed_precision`` as in :class:`TrainConfig`."""
+    ``mixed_precision`` as in :class:`TrainConfig`. ``p_full``: share of the steps that train the
+    full model alone (no router, no latency loss), as in elastic training (project choice: without
+    them the full model drifts while only sub-networks are trained)."""
 
     steps: int = 100
     batch_size: int = 4
@@ -228,10 +235,12 @@ class JointConfig:
     model_lr: float = 1e-4
     router_lr: float = 1e-2
     kd_alpha: float = 0.5
+    p_full: float = 0.33
     checkpoint_every: int = 25
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
+        _check(0 <= self.p_full < 1, "joint.p_full", self.p_full, "must lie in [0, 1)")
         for k in ("batch_size", "grad_accum", "seq_len", "checkpoint_every"):
             _check(getattr(self, k) >= 1, f"joint.{k}", getattr(self, k), "must be >= 1")
         _check(self.mixed_precision in MIXED_PRECISION, "joint.mixed_precision", self.mixed_precision, f"one of {MIXED_PRECISION}")

@@ -459,6 +459,24 @@ def _duration(s: Any) -> str:
     return f"{v / 3600:.2f} h"
 
 
+def _router_start_table(summ: dict) -> str:
+    """Markdown table of the router stage's warm start and validation per grid target ("" if absent)."""
+    start = summ.get("warm_start")
+    if not isinstance(start, dict) or not start:
+        return ""
+    verdicts = (summ.get("validation") or {}).get("targets") or {}
+    rows = []
+    for t, v in start.items():
+        if not isinstance(v, dict):
+            return ""
+        h = v.get("homogeneous") or [_DASH, _DASH]
+        val = verdicts.get(t) or {}
+        rows.append([t, f"{h[0]} / {h[1]}", _fmt(v.get("homogeneous_delta"), 3), _fmt(v.get("allocated_fraction"), 3),
+                     _fmt(v.get("allocated_delta"), 3), _fmt_scalar(v.get("chosen")), _fmt(val.get("routed_loss"), 4),
+                     _fmt(val.get("warm_start_loss"), 4), _fmt_scalar(val.get("kept")) if val else _DASH])
+    return _table(["target", "homogeneous", "Δ", "allocated (pred.)", "Δ", "start", "routed loss", "start loss", "kept"], rows)
+
+
 def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -> str:
     """The report text; ``plots`` maps a PNG name to what its plot function returned (falsy: not drawn)."""
     md: list[str] = [f"# flextron report: {results.get('run') or 'run'}", ""]
@@ -536,10 +554,19 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
         md += ["## Training", ""]
         for stage, summ in training.items():
             md += [f"### {stage}", ""]
+            own = _router_start_table(summ) if stage == "routers" and isinstance(summ, dict) else ""
             if isinstance(summ, dict) and summ:
-                md += [_table(["", "value"], [[str(k), _fmt_scalar(v)] for k, v in summ.items()]), ""]
+                skip = ("warm_start", "validation") if own else ()
+                md += [_table(["", "value"], [[str(k), _fmt_scalar(v)] for k, v in summ.items() if k not in skip]), ""]
             else:
                 md += ["(no summary recorded)" if summ in (None, {}, []) else _fmt_scalar(summ), ""]
+            if own:
+                md += ["Router warm start and validation per grid target. *Homogeneous* is the best measured "
+                       "homogeneous configuration within the target (MLP width / heads per group), *allocated* the "
+                       "knapsack allocation of the one-layer sensitivities (its predicted latency as a fraction of "
+                       "full); Δ is the loss increase over the full model on the fixed router batch (nats). "
+                       "Validation compares the trained router's configuration with the start, both fitted to the "
+                       "budget, by mean loss on all router blocks (nats).", "", own, ""]
         if budget:
             n_b, n_f = budget
             md += [f"Elastic training sampled {n_b} budgeted steps and {n_f} full-model steps "

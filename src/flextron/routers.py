@@ -5,6 +5,8 @@ outputs, for every layer, logits over its MLP widths and head counts; Gumbel-sof
 straight-through estimator turns them into hard choices with soft gradients. :class:`TargetRouter`
 is the deployment path: argmax choice, then fitted to the lookup table so the predicted latency
 meets the target (shrunk greedily when over, grown when well under), scored by the surrogate.
+:func:`allocate_by_sensitivity` spreads a budget over the layers by measured per-layer
+sensitivity (the routers' warm start, a project choice).
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import math
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .elastic import ArchConfig, SearchSpace, nested_mask
-from .errors import TargetError
+from .errors import ConfigError, TargetError
 from .surrogate import Surrogate, encode_arch
 
 
@@ -177,3 +180,57 @@ def fit_to_budget(space: SearchSpace, table, arch: ArchConfig, budget: float, sc
         costs = [table.predict(c) for c in cands]
         best = min(range(len(cands)), key=lambda i: (scores[i] - base) / max(costs[i] - cost, 1e-12))
         arch, cost, base = cands[best], costs[best], scores[best]
+
+
+def allocate_by_sensitivity(
+    space: SearchSpace, table, mlp_sens: np.ndarray, head_sens: np.ndarray, budget: float, resolution: int = 4000
+) -> ArchConfig | None:
+    """The per-layer configuration of least summed sensitivity whose predicted cost is within
+    ``budget`` (project choice, the routers' warm start; not in the paper).
+
+    A multiple-choice knapsack solved exactly by dynamic programming: every layer picks one
+    (MLP width, head count) pair, whose cost is ``table.mlp[m] + table.attn[a]`` and whose value is
+    ``mlp_sens[l, i] + head_sens[l, j]`` — the loss increase (nats) of reducing layer ``l`` alone
+    to that width / head count, all other layers full; the sum assumes the layers' effects add.
+    Costs are rounded *up* to ``(budget − table.const) / resolution``, so the configuration found
+    always fits the budget; the rounding leaves at most ``num_layers`` grid steps unused.
+
+    Args:
+        mlp_sens: ``(L, K_mlp)`` loss increase per layer and MLP candidate (0 for the full width).
+        head_sens: ``(L, K_heads)`` loss increase per layer and head candidate (0 for all heads).
+        budget: the cost limit, in the table's unit (seconds or parameters).
+    Returns:
+        the configuration, or ``None`` when even the smallest one exceeds the budget.
+    Raises:
+        ConfigError: the sensitivity arrays do not match the search space.
+    """
+    L, nm, nh = space.num_layers, len(space.mlp_choices), len(space.head_choices)
+    mlp_sens, head_sens = np.asarray(mlp_sens, dtype=np.float64), np.asarray(head_sens, dtype=np.float64)
+    if mlp_sens.shape != (L, nm) or head_sens.shape != (L, nh):
+        raise ConfigError(f"sensitivities of shape {mlp_sens.shape}/{head_sens.shape} do not match the search space "
+                          f"({L} layers, {nm} MLP and {nh} head candidates)")
+    free = budget - table.const
+    if free <= 0:
+        return None
+    cm, ca = (v.double().numpy() for v in table.cost_vectors(space.mlp_choices, space.head_choices))
+    cost = np.ceil((cm[:, None] + ca[None, :]).ravel() / (free / resolution)).astype(np.int64)  # (K,) K = nm·nh
+    value = (mlp_sens[:, :, None] + head_sens[:, None, :]).reshape(L, -1)  # (L, K)
+    best = np.zeros(resolution + 1)  # least value of the layers so far within each cost
+    pick = np.zeros((L, resolution + 1), dtype=np.int64)
+    for l in range(L):
+        cand = np.full((len(cost), resolution + 1), np.inf)
+        for k, c in enumerate(cost):
+            if c <= resolution:
+                cand[k, c:] = best[: resolution + 1 - c] + value[l, k]
+        pick[l] = cand.argmin(0)
+        best = cand[pick[l], np.arange(resolution + 1)]
+    full_value = float(mlp_sens[:, -1].sum() + head_sens[:, -1].sum())
+    if table.predict(space.full()) <= budget and not best[resolution] < full_value:
+        return space.full()  # the rounding can price the full configuration just out of the budget
+    if not np.isfinite(best[resolution]):
+        return None
+    choice, c = [0] * L, resolution
+    for l in reversed(range(L)):
+        choice[l] = int(pick[l, c])
+        c -= int(cost[choice[l]])
+    return space.from_indices([k // nh for k in choice], [k % nh for k in choice])

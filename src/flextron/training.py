@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
@@ -35,7 +36,7 @@ from .elastic import ArchConfig, ElasticModel, SearchSpace, archs_from_json, arc
 from .errors import ConfigError, ModelError
 from .evaluate import perplexity
 from .losses import lm_kd_loss
-from .routers import StaticRouter, TargetRouter, choices_to_archs, choices_to_masks, fit_to_budget, gumbel_choice, latency_loss
+from .routers import StaticRouter, TargetRouter, allocate_by_sensitivity, choices_to_archs, choices_to_masks, fit_to_budget, gumbel_choice, latency_loss
 from .surrogate import Surrogate, SurrogateFit, encode_arch
 
 log = logging.getLogger(__name__)
@@ -358,8 +359,9 @@ def train_routers(
     METHOD §7 "or use a fixed batch"), as ``ℓ − ℓ_full`` on that batch, so configurations are
     compared on the same text; targets are drawn from :func:`target_grid`.
 
-    With ``cfg.warm_start`` (project choice) the router starts from the best measured
-    homogeneous configuration of every grid target, and at the end each grid target's routed
+    With ``cfg.warm_start`` (project choice) the router starts, at every grid target, from the
+    better of the best measured homogeneous configuration and the sensitivity-based per-layer
+    allocation (:func:`_warm_start_router`, ``cfg.sensitivity_mlp_levels``), and at the end each grid target's routed
     configuration is kept only if its LM loss on all router blocks (``blocks``, up to four
     batches) is lower than the warm-start configuration's, both fitted to the budget; otherwise
     the router is refitted to the warm start there. The verdicts are in the returned summary.
@@ -407,7 +409,7 @@ def train_routers(
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
     grid = torch.tensor(target_grid(cfg.targets))
     # what the stage carries from step to step (encoded by archs_to_json), saved in its checkpoints
-    run = {"full_loss": 0.0, "evals": 0, "grad_steps": 0, "warm": None}
+    run = {"full_loss": 0.0, "evals": 0, "grad_steps": 0, "warm": None, "warm_summary": None}
     ckpt = StageCheckpoints(run_dir / "checkpoints" / "routers", accelerator, {"router": router, "surrogate": surrogate},
                             {"router_optimizer": opt, "surrogate_optimizer": fit.opt},
                             {**{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, "seed": seed, "data_sha256": _data_sha256(blocks)})
@@ -432,7 +434,8 @@ def train_routers(
         warmup = [sampler.sample(gen)[0] for _ in range(cfg.warmup_samples)]
         for a, d in zip(warmup, measure(warmup, "routers: surrogate warm-up")):
             fit.add(*encode_arch(sp, a), d)
-        run["warm"] = _warm_start_router(wrapped, opt, fit, measure, sp, table, grid) if cfg.warm_start else None
+        run["warm"], run["warm_summary"] = (_warm_start_router(wrapped, opt, fit, measure, sp, table, grid, cfg.sensitivity_mlp_levels)
+                                            if cfg.warm_start else (None, None))
         fit.fit(cfg.surrogate_updates * 10, gen=gen)
 
     with deferred_interrupt() as interrupt:
@@ -527,7 +530,7 @@ def train_routers(
         "surrogate_relative_error": ev["heldout_relative_error"],
         "surrogate_spearman": ev["heldout_spearman"],
         "router_steps_with_surrogate_grad": run["grad_steps"],
-        "warm_start": {f"{t:g}": [a.mlp[0], a.heads[0]] for t, a in warm.items()} if warm else None,
+        "warm_start": run["warm_summary"],
         "validation": validation,
         "wall_s": time.time() - t0,
     }
@@ -550,25 +553,89 @@ def _fit_router(router, opt, sp: SearchSpace, targets: list[float], archs: list[
         opt.step()
 
 
-def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor) -> dict[float, ArchConfig]:
-    """Project choice: measure every homogeneous configuration (the measurements also train the
-    surrogate), then fit the router to output, for each target, the best homogeneous
-    configuration whose predicted latency is within the target (no tolerance, so the budget fit
-    at deployment only grows it: an upgrade rarely hurts, while shrinking the wrong layer — a
-    choice left to the surrogate — cost up to 30 % perplexity in the demo); surrogate training
-    then departs from that baseline only where it predicts a gain. Returns ``{target:
-    configuration}`` of the starting configurations."""
+def layer_sensitivity(measure, space: SearchSpace, mlp_levels: int) -> tuple[np.ndarray, np.ndarray, list[ArchConfig], list[float]]:
+    """Loss increase of reducing one layer at a time, all others full (project choice, for the
+    routers' warm start; the paper's routers learn this only through the surrogate).
+
+    Per layer, ``mlp_levels`` MLP widths spread over the reduced candidates (smallest included)
+    and every reduced head count are measured; the other MLP widths are interpolated linearly in
+    width between the measured ones and the full width (Δ = 0).
+
+    Args:
+        measure: ``measure(archs, desc) -> list[float]``, Δloss (nats) of each configuration.
+        mlp_levels: measured MLP widths per layer (``>= 1``; capped at the reduced candidates).
+    Returns:
+        ``mlp_sens`` ``(L, K_mlp)`` and ``head_sens`` ``(L, K_heads)`` in nats (0 at full size),
+        and the measured configurations with their Δloss (these also train the surrogate).
+    """
+    L, mlp_c, head_c = space.num_layers, space.mlp_choices, space.head_choices
+    full_m, full_h = space.indices(space.full())
+    reduced = range(len(mlp_c) - 1)
+    levels = sorted({int(round(x)) for x in np.linspace(0, len(reduced) - 1, min(mlp_levels, len(reduced)))}) if reduced else []
+    jobs = [("mlp", l, i) for l in range(L) for i in levels] + [("heads", l, j) for l in range(L) for j in range(len(head_c) - 1)]
+    archs = []
+    for axis, l, i in jobs:
+        mi, hi = list(full_m), list(full_h)
+        (mi if axis == "mlp" else hi)[l] = i
+        archs.append(space.from_indices(mi, hi))
+    deltas = measure(archs, "routers: one-layer sensitivities")
+    mlp_sens, head_sens = np.zeros((L, len(mlp_c))), np.zeros((L, len(head_c)))
+    measured: dict[int, dict[int, float]] = {l: {} for l in range(L)}
+    for (axis, l, i), d in zip(jobs, deltas):
+        if axis == "mlp":
+            measured[l][mlp_c[i]] = d
+        else:
+            head_sens[l, i] = d
+    for l in range(L):
+        xs = sorted(measured[l]) + [mlp_c[-1]]
+        mlp_sens[l] = np.interp(mlp_c, xs, [measured[l][x] for x in xs[:-1]] + [0.0])
+    return mlp_sens, head_sens, archs, deltas
+
+
+def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor,
+                       mlp_levels: int) -> tuple[dict[float, ArchConfig], dict]:
+    """Project choice: the router starts, at every target of ``targets``, from the better (lower
+    Δloss on the fixed batch) of two measured configurations whose predicted latency is within the
+    target (no tolerance, so the budget fit at deployment only grows them): the best homogeneous
+    one, and — with ``mlp_levels > 0`` — the per-layer allocation of :func:`allocate_by_sensitivity`
+    on the one-layer sensitivities of :func:`layer_sensitivity`. Every measurement also trains the
+    surrogate; surrogate training then departs from the start only where it predicts a gain.
+
+    Returns ``{target: configuration}`` and a summary per target (``homogeneous``: ``[mlp, heads]``
+    and its Δloss; ``allocated``: its predicted fraction and Δloss, or ``None``; ``chosen``)."""
     homo = sp.homogeneous_configs()
     deltas = measure(homo, "routers: homogeneous configs")
     for a, d in zip(homo, deltas):
         fit.add(*encode_arch(sp, a), d)
-    start = {}
+    homo_best = {}
     for t in targets.tolist():
         fits = [(d, a) for d, a in zip(deltas, homo) if table.fraction(a) <= t + 1e-9]
-        start[t] = min(fits, key=lambda x: x[0])[1] if fits else sp.smallest()
+        homo_best[t] = min(fits, key=lambda x: x[0]) if fits else (deltas[homo.index(sp.smallest())], sp.smallest())
+    alloc: dict[float, ArchConfig | None] = {t: None for t in homo_best}
+    alloc_delta: dict[ArchConfig, float] = {}
+    if mlp_levels > 0:
+        mlp_sens, head_sens, archs, sens_deltas = layer_sensitivity(measure, sp, mlp_levels)
+        for a, d in zip(archs, sens_deltas):
+            fit.add(*encode_arch(sp, a), d)
+        alloc = {t: allocate_by_sensitivity(sp, table, mlp_sens, head_sens, t * table.full) for t in homo_best}
+        new = sorted({a for t, a in alloc.items() if a is not None and a != homo_best[t][1]}, key=lambda a: (a.mlp, a.heads))
+        for a, d in zip(new, measure(new, "routers: allocated configs")):
+            fit.add(*encode_arch(sp, a), d)
+            alloc_delta[a] = d
+    start, summary = {}, {}
+    for t, (hd, ha) in homo_best.items():
+        a = alloc[t]
+        ad = None if a is None else alloc_delta.get(a, hd)
+        use_alloc = ad is not None and ad < hd
+        start[t] = a if use_alloc else ha
+        summary[f"{t:g}"] = {
+            "homogeneous": [ha.mlp[0], ha.heads[0]], "homogeneous_delta": hd,
+            "allocated_fraction": None if a is None else table.fraction(a), "allocated_delta": ad,
+            "chosen": "allocated" if use_alloc else "homogeneous", "config": start[t].to_dict(),
+        }
     _fit_router(router, opt, sp, list(start), list(start.values()))
-    log.info("router warm start (best homogeneous per target): %s", {f"{t:g}": (a.mlp[0], a.heads[0]) for t, a in start.items()})
-    return start
+    log.info("router warm start per target: %s", {t: v["chosen"] for t, v in summary.items()})
+    return start, summary
 
 
 def _keep_better_than_warm_start(wrapped, router: StaticRouter, opt, fx: ElasticModel, surrogate: Surrogate, table, pool: torch.Tensor,
@@ -632,7 +699,9 @@ def train_joint(
     target from the trained set (drawn for the whole step, then sliced, so the split over
     processes and micro-batches does not matter); the router's straight-through choices become
     soft masks (masked forward, differentiable), and the loss is LM + KD + λ · latency loss. The
-    router's learning rate is higher than the model's. ``accelerator``: default
+    router's learning rate is higher than the model's. A share ``cfg.p_full`` of the steps (drawn
+    per step, the same on every rank) trains the full model alone on LM + KD, as elastic
+    training does, so the full model is not left to drift. ``accelerator``: default
     ``make_accelerator(cfg.grad_accum)``."""
     accelerator = accelerator or make_accelerator(cfg.grad_accum)
     sp = fx.space
@@ -643,7 +712,15 @@ def train_joint(
     fx.set_arch(None)
     targets = torch.tensor(router_cfg.targets)
 
+    full_steps: set[int] = set()
+
     def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
+        if torch.rand((), generator=gen).item() < cfg.p_full:  # the full model alone; the router is not run
+            full_steps.add(step)
+            fx.set_masks(None, None)
+            out = wrapped["model"](input_ids=batch, use_cache=False)
+            loss, ce, kd = lm_kd_loss(out.logits, batch, _teacher_logits(teacher, batch, cfg.kd_alpha), cfg.kd_alpha)
+            return loss, {"lm_loss": float(ce), "kd_loss": float(kd), "full_model": True}
         t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the whole step's targets
         mlp_logits, head_logits = wrapped["router"](t)
         mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)[rows]
@@ -657,7 +734,7 @@ def train_joint(
         lat = latency_loss(frac, t, router_cfg.latency_tol).mean()
         return loss + router_cfg.latency_weight * lat, {
             "lm_loss": float(ce), "kd_loss": float(kd), "latency_loss": float(lat.detach()),
-            "latency_error": float((frac.detach() / t - 1).abs().mean()),
+            "latency_error": float((frac.detach() / t - 1).abs().mean()), "full_model": False,
         }
 
     summary = _lm_loop(
@@ -684,4 +761,5 @@ def train_joint(
     )
     fx.eval()
     router.eval()
+    summary["full_model_steps"] = len(full_steps)
     return summary
