@@ -89,6 +89,17 @@ def _joint_steps_logged(run_dir: Path) -> int:
     return sum(1 for line in p.read_text().splitlines() if line.endswith("}") and json.loads(line)["stage"] == "joint")
 
 
+def _close(a, b, tol: float = 1e-5) -> bool:
+    """Equal JSON values, numbers within ``tol`` (configurations, being integers, exactly)."""
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= tol
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_close(a[k], b[k], tol) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_close(x, y, tol) for x, y in zip(a, b))
+    return a == b
+
+
 def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
     for rel in ("elastic/model.safetensors", "final/model.safetensors", "final_routers/router.safetensors",
@@ -115,7 +126,7 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path)
     ref = json.loads((one / "stages.json").read_text())
     for stage in ("elastic", "routers", "joint"):
         assert ref[stage]["summary"]["processes"] == 1 and stages[stage]["summary"]["processes"] == 2
-    assert ref["routers"]["summary"]["warm_start"] == stages["routers"]["summary"]["warm_start"]
+    assert _close(ref["routers"]["summary"]["warm_start"], stages["routers"]["summary"]["warm_start"])  # same starts, measured losses within 1e-5
     assert ref["routers"]["summary"]["llm_evaluations"] == stages["routers"]["summary"]["llm_evaluations"]
 
     # the same weights (float32: reduction order differs) and the same routed configurations
