@@ -1,6 +1,7 @@
 """Invariant 7: a run killed at any point (SIGKILL at random steps, SIGKILL inside a checkpoint
-write, SIGINT) resumes from its last checkpoint and ends with the same weights as an
-uninterrupted run; only complete checkpoints are ever visible."""
+write, SIGINT; for router training also SIGKILL during its warm-up) resumes from its last
+checkpoint and ends with the same weights as an uninterrupted run, for each stage that trains;
+only complete checkpoints are ever visible."""
 
 from __future__ import annotations
 
@@ -30,9 +31,9 @@ def ctx():
     return c
 
 
-def _start(ctx, run: Path, **kw):
+def _start(ctx, run: Path, stage: str, **kw):
     (run / "training").unlink(missing_ok=True)
-    p = ctx.Process(target=interrupt_worker.train, args=(str(run),), kwargs=kw)
+    p = ctx.Process(target=interrupt_worker.train, args=(str(run), stage), kwargs=kw)
     p.start()
     return p
 
@@ -63,63 +64,79 @@ def _kill(p, sig=signal.SIGKILL) -> int:
     return p.exitcode
 
 
-def _complete_checkpoints(run: Path) -> int:
+def _complete_checkpoints(run: Path, stage: str) -> int:
     """Every visible ``step_*`` directory is a complete checkpoint (hashes and shapes verified);
-    returns the latest step (0 if none)."""
-    root = run / "checkpoints" / "elastic"
+    returns the latest step (-1 if none)."""
+    root = run / "checkpoints" / stage
     steps = []
     for d in sorted(root.glob("step_*")) if root.exists() else []:
-        fx, *_ = interrupt_worker.build()
-        opt = __import__("torch").optim.AdamW(fx.parameters())
-        steps.append(load_checkpoint(d, {"model": fx}, opt)["step"])
+        steps.append(load_checkpoint(d, *interrupt_worker.checkpointed(stage))["step"])
         assert d.name == f"step_{steps[-1]:06d}"
-    return max(steps, default=0)
+    return max(steps, default=-1)
 
 
-def test_killed_run_resumes_to_the_same_weights(tmp_path, ctx):
-    steps = interrupt_worker.CFG.steps
-    ref_dir = tmp_path / "ref"
-    p = _start(ctx, ref_dir)
+def _finish(ctx, run: Path, stage: str) -> dict:
+    p = _start(ctx, run, stage)
     p.join(TIMEOUT_S)
     assert p.exitcode == 0
-    ref = json.loads((ref_dir / "result.json").read_text())
-    assert ref["summary"]["resumed_from"] == 0 and ref["forwards"] == steps
+    return json.loads((run / "result.json").read_text())
+
+
+@pytest.mark.parametrize("stage", ["elastic", "routers", "joint"])
+def test_killed_run_resumes_to_the_same_weights(tmp_path, ctx, stage):
+    steps = interrupt_worker.STEPS[stage]
+    ref_dir = tmp_path / "ref"
+    ref = _finish(ctx, ref_dir, stage)
+    assert ref["summary"]["resumed_from"] == 0 and ref["summary"]["steps_run_now"] == steps
+    assert (ref["router_steps"] if stage == "routers" else ref["forwards"]) == steps
 
     run = tmp_path / "run"
     run.mkdir()
+    root = run / "checkpoints" / stage
     rng = random.Random(6)
+    if stage == "routers":
+        # 0) SIGKILL during the warm-up (measuring configurations, fitting the warm start): nothing
+        #    is saved yet, and the next run starts the stage again
+        p = _start(ctx, run, stage, step_sleep=0.05)
+        _wait_for(lambda: (run / "training").exists(), p)
+        time.sleep(rng.uniform(0, 0.2))
+        assert _kill(p) == -signal.SIGKILL
+        assert _steps_logged(run) == 0 and not list(root.glob("step_*")), "the kill did not land inside the warm-up"
     # 1) SIGKILL at random points of training (two kills)
     for _ in range(2):
-        p = _start(ctx, run, step_sleep=0.02)
+        p = _start(ctx, run, stage, step_sleep=0.02)
         _wait_training(run, p, rng.randint(2, 4))
         time.sleep(rng.uniform(0, 0.03))
         assert _kill(p) == -signal.SIGKILL
-        _complete_checkpoints(run)
-    done = _complete_checkpoints(run)
-    assert 0 < done < steps
+        _complete_checkpoints(run, stage)
+    done = _complete_checkpoints(run, stage)
+    assert 0 <= done < steps and (done > 0 or stage == "routers")  # the router stage checkpoints its warm-up as step 0
 
     # 2) SIGKILL inside a checkpoint write (tensor files written, not yet renamed)
-    p = _start(ctx, run, hold_in_save=True)
+    p = _start(ctx, run, stage, hold_in_save=True)
     _wait_for(lambda: (run / "in_save").exists(), p)
     assert _kill(p) == -signal.SIGKILL
-    assert list((run / "checkpoints" / "elastic").glob(".tmp_step_*")), "the kill did not land inside a write"
-    assert _complete_checkpoints(run) == done  # the half-written checkpoint is not visible
+    assert list(root.glob(".tmp_step_*")), "the kill did not land inside a write"
+    assert _complete_checkpoints(run, stage) == done  # the half-written checkpoint is not visible
 
     # 3) SIGINT: the current step finishes, is checkpointed, and the process exits
-    p = _start(ctx, run, step_sleep=0.02)
+    p = _start(ctx, run, stage, step_sleep=0.02)
     _wait_training(run, p, rng.randint(1, 3))
     assert _kill(p, signal.SIGINT) == 130
-    interrupted_at = _complete_checkpoints(run)
+    interrupted_at = _complete_checkpoints(run, stage)
     assert interrupted_at == _steps_logged(run) > done  # saved at the step it stopped, not at the last multiple of every
-    assert not [d for d in (run / "checkpoints" / "elastic").iterdir() if d.name.startswith(".")]  # leftovers cleaned
+    assert interrupted_at < steps, "nothing left to resume; give the stage more steps"
+    assert not [d for d in root.iterdir() if d.name.startswith(".")]  # leftovers cleaned
 
     # 4) the resumed run finishes where the uninterrupted one did, running only the missing steps
-    p = _start(ctx, run)
-    p.join(TIMEOUT_S)
-    assert p.exitcode == 0
-    res = json.loads((run / "result.json").read_text())
+    res = _finish(ctx, run, stage)
     assert res["summary"]["resumed_from"] == interrupted_at and res["summary"]["steps_run_now"] == steps - interrupted_at
-    assert res["forwards"] == steps - interrupted_at  # counted independently of the summary
+    if stage == "routers":  # counted independently of the summary: router steps, and no warm-up measurement redone
+        assert res["router_steps"] == steps - interrupted_at and res["forwards_before_first_router_step"] == 0
+        same = lambda s: {k: v for k, v in s.items() if k not in ("wall_s", "resumed_from", "steps_run_now")}  # noqa: E731
+        assert same(res["summary"]) == same(ref["summary"])  # counters, surrogate accuracy, warm start, validation
+    else:
+        assert res["forwards"] == steps - interrupted_at
     assert res["sha256"] == ref["sha256"]
     assert _steps_logged(run) == steps  # one metrics record per step, none duplicated
-    assert [d.name for d in (run / "checkpoints" / "elastic").iterdir()] == [f"step_{steps:06d}"]
+    assert [d.name for d in root.iterdir()] == [f"step_{steps:06d}"]

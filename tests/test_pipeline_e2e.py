@@ -86,6 +86,21 @@ def test_rerun_is_a_no_op(tiny_run, capsys):
     assert (run_dir / "results.json").read_bytes() == before
 
 
+def test_run_dir_of_an_older_config_resumes(tiny_run, capsys):
+    """A run directory whose config.yaml predates a field (written without it) is the same run."""
+    _, cfg, run_dir = tiny_run
+    saved = run_dir / "config.yaml"
+    text = saved.read_text()
+    older = "".join(line for line in text.splitlines(keepends=True) if "checkpoint_every: 25" not in line)  # routers' default
+    assert older != text
+    saved.write_text(older)
+    try:
+        assert main(["run", str(cfg)]) == 0
+        assert "nothing to do" in capsys.readouterr().out
+    finally:
+        saved.write_text(text)
+
+
 def test_export_loads_with_plain_transformers(tiny_run, tmp_path):
     _, _, run_dir = tiny_run
     out = tmp_path / "sub"

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 
+from flextron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flextron.config import ElasticConfig, TrainConfig
-from flextron.elastic import convert
-from flextron.errors import TargetError
+from flextron.elastic import ArchConfig, archs_from_json, archs_to_json, convert
+from flextron.errors import ConfigError, TargetError
 from flextron.latency import CostTable
 from flextron.routers import StaticRouter, TargetRouter, gumbel_choice, latency_loss
 from flextron.surrogate import Surrogate, SurrogateFit, encode_arch, spearman
-from flextron.training import BudgetSampler, latest_checkpoint, load_checkpoint, save_checkpoint, train_elastic
+from flextron.training import BudgetSampler, train_elastic
 
 from conftest import make_tiny
 
@@ -256,6 +258,19 @@ def test_chunked_loss_equals_direct_and_keeps_no_vocab_sized_activations():
     (grad_ref,) = torch.autograd.grad(ref, logits)
     assert torch.allclose(loss, ref, atol=1e-12) and torch.allclose(ce, ce_ref, atol=1e-12) and torch.allclose(kd, kd_ref, atol=1e-12)
     assert torch.allclose(grad, grad_ref, atol=1e-14)
+
+
+def test_archs_json_round_trip_is_exact():
+    """What a stage saves in a checkpoint without knowing its layout (the router's warm start:
+    float targets → configurations, possibly with a summary) comes back equal, types included."""
+    a, b = ArchConfig((8, 16, 32), (1, 2, 3)), ArchConfig((64,) * 3, (3,) * 3)
+    warm = ({0.6: a, 0.1 + 0.2: b, 1.0: a}, {"measured": [0.25, float("inf")], "order": (2, 0, 1), "note": None})
+    back = archs_from_json(json.loads(json.dumps(archs_to_json(warm))))
+    assert back == warm and type(back) is tuple and list(back[0]) == [0.6, 0.1 + 0.2, 1.0]
+    assert type(back[1]["order"]) is tuple and isinstance(next(iter(back[0].values())), ArchConfig)
+    for bad in ({"arch": {"mlp": [1]}}, {"dict": 3}, {"x": 1, "y": 2}, {"tuple": [{"dict": [[1]]}]}):
+        with pytest.raises(ConfigError):
+            archs_from_json(bad)
 
 
 def _brute_force(sp, table, mlp_sens, head_sens, budget):

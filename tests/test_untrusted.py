@@ -7,6 +7,7 @@ printed in pytest's terminal summary."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import math
@@ -26,12 +27,14 @@ from conftest import make_tiny, write_tiny_run
 from flextron import pipeline
 from flextron.checkpoint import load_checkpoint, save_checkpoint, sha256_file
 from flextron.cli import main, parse_target
-from flextron.config import ElasticConfig, RunConfig, dump_config, from_dict, load_config
+from flextron.config import ElasticConfig, RouterConfig, RunConfig, dump_config, from_dict, load_config
 from flextron.elastic import convert
 from flextron.errors import ConfigError, ModelError, TargetError
 from flextron.export import load_elastic, load_hf_model, save_elastic
 from flextron.latency import CostTable
 from flextron.routers import StaticRouter, TargetRouter
+from flextron.surrogate import Surrogate
+from flextron.training import train_routers
 
 CASES: Counter = Counter()  # cases tried per fuzz test, printed by conftest's terminal summary
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
@@ -53,6 +56,20 @@ def _checkpoint(root: Path) -> Path:
     fx(input_ids=torch.randint(0, 97, (1, 8))).logits.sum().backward()
     opt.step()
     return save_checkpoint(root, 2, {"model": fx}, opt, {"stage": "elastic", "settings": {"global_batch": 4}})
+
+
+ROUTER_CFG = RouterConfig(targets=(0.6, 1.0), steps=1, warmup_samples=2, heldout_configs=2, batch_size=2, seq_len=8, surrogate_updates=2)
+ROUTER_BLOCKS = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
+
+
+def _train_routers(run_dir: Path, cfg: RouterConfig = ROUTER_CFG) -> dict:
+    """One step of router training on a tiny model (resuming from ``run_dir``'s checkpoint if any)."""
+    fx = _tiny_fx()
+    sp = fx.space
+    torch.manual_seed(0)
+    router = StaticRouter(cfg.targets, sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 8)
+    sm = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 8)
+    return train_routers(fx, router, sm, CostTable.from_parameters(sp), ROUTER_BLOCKS, cfg, run_dir, progress=False)
 
 
 def _load_ckpt(path: Path, settings: dict | None = None) -> dict:
@@ -85,7 +102,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     save_elastic(fx, run / "final", tokenizer=tok)
     CostTable.from_parameters(fx.space).save(run / "latency_table.json")
     pipeline._save_routers(run / "final_routers", *pipeline._new_router(cfg, fx))
-    return {"checkpoint": _checkpoint(root / "ckpt"), "run": run}
+    _train_routers(root / "router_run")
+    return {"checkpoint": _checkpoint(root / "ckpt"), "run": run, "router_run": root / "router_run"}
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -156,6 +174,21 @@ def test_checkpoint_refuses_truncated_altered_reshaped_and_other_settings(files,
     (ck / "state.json").write_text(json.dumps(state))
     with pytest.raises(ModelError, match="unreadable"):
         _load_ckpt(ck)
+
+
+def test_router_checkpoint_refuses_other_settings_and_missing_state(files, tmp_path):
+    """The router stage resumes only from a checkpoint of the same settings holding its whole state."""
+    run = _copy(files["router_run"], tmp_path / "run")
+    assert _train_routers(run)["resumed_from"] == 1  # the intact one resumes (at its last step)
+    with pytest.raises(ModelError, match=r"router_lr: 0\.01 in the checkpoint vs 0\.02 now"):
+        _train_routers(run, dataclasses.replace(ROUTER_CFG, router_lr=0.02))
+    ck = run / "checkpoints" / "routers" / "step_000001"
+    state = json.loads((ck / "state.json").read_text())
+    del state["sha256"]["state.safetensors"]  # consistent manifest, but the buffer and generator are gone
+    (ck / "state.json").write_text(json.dumps(state))
+    (ck / "state.safetensors").unlink()
+    with pytest.raises(ModelError, match="lacks the router stage's state"):
+        _train_routers(run)
 
 
 def test_run_files_refuse_altered_weights_routers_and_shapes(files, tmp_path):
@@ -348,6 +381,18 @@ def test_fuzz_damaged_checkpoint(files, tmp_path_factory, name, dmg):
     _damage(ck / name, *dmg)
     with pytest.raises(ModelError, match=re.escape(name)):
         _load_ckpt(ck)
+
+
+@settings(FUZZ, max_examples=40)
+@given(st.sampled_from(["router.safetensors", "surrogate.safetensors", "router_optimizer.safetensors",
+                        "surrogate_optimizer.safetensors", "state.safetensors"]), damage())
+def test_fuzz_damaged_router_checkpoint(files, tmp_path_factory, name, dmg):
+    """Resuming router training from a damaged checkpoint is refused, naming the damaged file."""
+    CASES["damaged router checkpoint"] += 1
+    run = _copy(files["router_run"], tmp_path_factory.getbasetemp() / "fuzz_router_run")
+    _damage(run / "checkpoints" / "routers" / "step_000001" / name, *dmg)
+    with pytest.raises(ModelError, match=re.escape(name)):
+        _train_routers(run)
 
 
 @settings(FUZZ, max_examples=60)

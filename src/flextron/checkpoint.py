@@ -2,9 +2,11 @@
 shape checks, the training checkpoints of every stage that trains, the metrics log, and the
 deferral of SIGINT/SIGTERM to the end of a training step.
 
-Inputs: modules, optimizers and JSON-ready state. Outputs: ``ckpt_root/step_NNNNNN/`` directories
-holding ``<module>.safetensors``, ``optimizer.safetensors`` and ``state.json`` (step, optimizer
-hyper-parameters, the sha256 of every tensor file and the settings the run was started with).
+Inputs: modules, optimizers, tensors and JSON-ready state. Outputs: ``ckpt_root/step_NNNNNN/``
+directories holding ``<module>.safetensors``, one safetensors file per optimizer
+(``optimizer.safetensors`` when there is one), optionally ``state.safetensors`` (buffers, generator
+states) and ``state.json`` (step, optimizer hyper-parameters, the sha256 of every tensor file and
+the settings the run was started with).
 
 Interruption safety: a checkpoint is written into a temporary sibling (``.tmp_step_*``) and
 renamed into place once complete; a replaced or outdated checkpoint is first renamed to
@@ -140,10 +142,26 @@ def _remove(path: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
-def save_checkpoint(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], optimizer, extra: dict) -> Path:
+def _named_optimizers(optimizers) -> dict:
+    """One optimizer (stored as ``optimizer``) or ``{name: optimizer}``; accelerate's wrappers are unwrapped."""
+    named = optimizers if isinstance(optimizers, dict) else {"optimizer": optimizers}
+    return {k: getattr(o, "optimizer", o) for k, o in named.items()}
+
+
+def save_checkpoint(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], optimizers, extra: dict,
+                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
     """Atomically write ``ckpt_root/step_{step:06d}``: module weights and optimizer tensors as
-    safetensors; optimizer hyper-parameters, their sha256 and ``extra`` as JSON. Older
-    checkpoints and leftovers of killed writers are removed only after the new one is in place."""
+    safetensors; optimizer hyper-parameters, every file's sha256 and ``extra`` (JSON-ready) in
+    ``state.json``. Older checkpoints and leftovers of killed writers are removed only after the
+    new one is in place.
+
+    ``optimizers``: one optimizer (file ``optimizer.safetensors``) or ``{name: optimizer}`` (file
+    ``<name>.safetensors`` each; names must differ from the module names). ``tensors``: further
+    named tensors of the stage's state (buffers, generator states), file ``state.safetensors``;
+    :func:`load_checkpoint` returns them under ``"tensors"``.
+    """
+    optimizers = _named_optimizers(optimizers)
+    assert not set(optimizers) & (set(modules) | {"state"}), "optimizer names must differ from module names"
     ckpt_root.mkdir(parents=True, exist_ok=True)
     final = ckpt_root / f"step_{step:06d}"
     tmp = ckpt_root / f".tmp_step_{step:06d}_{os.getpid()}"
@@ -151,17 +169,23 @@ def save_checkpoint(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Modu
     tmp.mkdir()
     for name, mod in modules.items():
         save_model(mod, str(tmp / f"{name}.safetensors"))  # handles tied (shared) tensors
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    save_file(tensors, tmp / "optimizer.safetensors")
-    files = [f"{n}.safetensors" for n in modules] + ["optimizer.safetensors"]
-    state = {"step": step, "param_groups": sd["param_groups"], "optimizer_scalars": scalars, "sha256": file_hashes(tmp, files), **extra}
+    opt_meta = {}
+    for name, opt in optimizers.items():
+        sd = opt.state_dict()
+        arrays, scalars = {}, {}
+        for pid, st in sd["state"].items():
+            for k, v in st.items():
+                if torch.is_tensor(v):
+                    arrays[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+                else:
+                    scalars[f"{pid}.{k}"] = v
+        save_file(arrays, tmp / f"{name}.safetensors")
+        opt_meta[name] = {"param_groups": sd["param_groups"], "scalars": scalars}
+    files = [f"{n}.safetensors" for n in (*modules, *optimizers)]
+    if tensors is not None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "state.safetensors")
+        files.append("state.safetensors")
+    state = {"step": step, "optimizers": opt_meta, "sha256": file_hashes(tmp, files), **extra}
     (tmp / "state.json").write_text(json.dumps(state))  # written last: a directory with state.json is complete
     if final.exists():
         _remove(final)
@@ -182,18 +206,21 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return done[-1] if done else None
 
 
-def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, settings: dict | None = None) -> dict:
-    """Restore modules and optimizer from :func:`save_checkpoint`; returns the JSON state.
+def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers, settings: dict | None = None) -> dict:
+    """Restore modules and optimizers from :func:`save_checkpoint`; returns the JSON state, with
+    the checkpoint's extra tensors (if any) under ``"tensors"``.
 
+    ``optimizers``: as given to :func:`save_checkpoint` (one, or ``{name: optimizer}``).
     ``settings``: what the resuming run was configured with; each key must equal the value
     recorded in the checkpoint (a resume with another batch size, learning rate or data would
     not reproduce the uninterrupted run).
 
     Raises:
         ModelError: a file is missing, corrupt or altered (sha256), a tensor's shape differs from
-            the model's, or the recorded settings differ (each message names what differs).
+            the model's or optimizer's, or the recorded settings differ (each message names what differs).
     """
     fix = f"delete {path.parent} to restart this stage"
+    optimizers = _named_optimizers(optimizers)
     try:
         state = json.loads((path / "state.json").read_text())
         if not isinstance(state, dict):
@@ -201,7 +228,11 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
         hashes, step = state["sha256"], state["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r}")
-    except (OSError, ValueError, KeyError) as e:
+        # checkpoints written before several optimizers were supported hold one, at the top level
+        opt_meta = state.get("optimizers") or {"optimizer": {"param_groups": state["param_groups"], "scalars": state["optimizer_scalars"]}}
+        if not isinstance(opt_meta, dict) or set(opt_meta) != set(optimizers):
+            raise ValueError(f"optimizers {sorted(opt_meta) if isinstance(opt_meta, dict) else opt_meta!r}, expected {sorted(optimizers)}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {fix}") from None
     verify_hashes(path, hashes, fix)
     if settings is not None:
@@ -216,20 +247,59 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizer, 
             missing, unexpected = load_model(mod, str(path / f"{name}.safetensors"), strict=False)
             if missing or unexpected:
                 raise ValueError(f"{name}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
-        tensors = load_file(path / "optimizer.safetensors")
-        opt_state: dict = {}
-        for key, v in list(tensors.items()) + list(state["optimizer_scalars"].items()):
-            pid, k = key.split(".", 1)
-            opt_state.setdefault(int(pid), {})[k] = v
-        params = [p for g in optimizer.param_groups for p in g["params"]]
-        for pid, st in opt_state.items():
-            for k, v in st.items():
-                if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[pid].shape):
-                    raise ValueError(f"optimizer state {pid}.{k} has shape {tuple(v.shape)}, the parameter {tuple(params[pid].shape)}")
-        optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+        for name, optimizer in optimizers.items():
+            opt_state: dict = {}
+            for key, v in list(load_file(path / f"{name}.safetensors").items()) + list(opt_meta[name]["scalars"].items()):
+                pid, k = key.split(".", 1)
+                opt_state.setdefault(int(pid), {})[k] = v
+            params = [p for g in optimizer.param_groups for p in g["params"]]
+            for pid, st in opt_state.items():
+                for k, v in st.items():
+                    if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[pid].shape):
+                        raise ValueError(f"{name} state {pid}.{k} has shape {tuple(v.shape)}, the parameter {tuple(params[pid].shape)}")
+            optimizer.load_state_dict({"state": opt_state, "param_groups": opt_meta[name]["param_groups"]})
+        if "state.safetensors" in hashes:
+            state["tensors"] = load_file(path / "state.safetensors")
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, SafetensorError) as e:
         raise ModelError(f"checkpoint {path} does not match the model or optimizer ({type(e).__name__}: {e}); {fix}") from None
     return state
+
+
+class StageCheckpoints:
+    """The checkpoints of one training stage in ``root`` (``run_dir/checkpoints/<stage>``), under
+    one or several processes: the main process writes them between two barriers, every rank reads
+    the same newest one to resume.
+
+    ``accelerator``: anything with ``wait_for_everyone()`` and ``is_main_process`` (an accelerate
+    ``Accelerator``). ``modules``, ``optimizers``: as for :func:`save_checkpoint`. ``settings``:
+    JSON-ready values a resume must match (:func:`load_checkpoint`).
+    """
+
+    def __init__(self, root: Path, accelerator, modules: dict[str, torch.nn.Module], optimizers, settings: dict) -> None:
+        self.root, self.accelerator, self.modules, self.optimizers = Path(root), accelerator, modules, optimizers
+        self.settings = json.loads(json.dumps(settings))  # tuples become lists, as they will be read back
+
+    def save(self, step: int, extra: dict | None = None, tensors: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the checkpoint of ``step`` (with ``extra`` JSON and ``tensors``) on the main process."""
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            save_checkpoint(self.root, step, self.modules, self.optimizers,
+                            {"stage": self.root.name, "settings": self.settings, **(extra or {})}, tensors)
+        self.accelerator.wait_for_everyone()
+
+    def resume(self) -> dict | None:
+        """Load the newest complete checkpoint into the modules and optimizers and return its
+        state (:func:`load_checkpoint`), or ``None`` when there is none.
+
+        Raises:
+            ModelError: it is corrupt, altered or was written with other settings.
+        """
+        last = latest_checkpoint(self.root)
+        if last is None:
+            return None
+        state = load_checkpoint(last, self.modules, self.optimizers, self.settings)
+        log.info("%s: resuming from %s (step %d)", self.root.name, last, state["step"])
+        return state
 
 
 class MetricsLog:

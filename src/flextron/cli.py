@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -96,8 +97,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from . import pipeline
 
     run_dir = Path(pipeline.run(cfg, overwrite=args.overwrite))
-    print(f"run directory: {run_dir}")
-    print(f"report: {run_dir / 'report.md'}")
+    if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process gets here; one reports
+        print(f"run directory: {run_dir}")
+        print(f"report: {run_dir / 'report.md'}")
     return 0
 
 

@@ -178,7 +178,8 @@ class RouterConfig:
     per layer, every head count) and offers the knapsack allocation of those sensitivities as a
     second start, kept where it measures better (0: homogeneous starts only).
     ``latency_weight`` is λ, ``latency_tol`` the tolerance of the latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
-    ablation (gradient of the LM loss through soft masks).
+    ablation (gradient of the LM loss through soft masks). ``checkpoint_every``: steps between
+    checkpoints (one is also written after the warm-up and at the last step).
     """
 
     targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -201,6 +202,7 @@ class RouterConfig:
     surrogate: bool = True
     warm_start: bool = True
     sensitivity_mlp_levels: int = 3
+    checkpoint_every: int = 25
 
     def __post_init__(self) -> None:
         _check(self.sensitivity_mlp_levels >= 0, "routers.sensitivity_mlp_levels", self.sensitivity_mlp_levels, "must be >= 0 (0: no allocation)")
@@ -208,7 +210,7 @@ class RouterConfig:
         for t in self.targets:
             _check(0 < t <= 1, "routers.targets", t, "each target must lie in (0, 1]")
         _check(tuple(sorted(self.targets)) == tuple(self.targets), "routers.targets", self.targets, "must be sorted ascending")
-        for k in ("hidden", "surrogate_hidden", "batch_size", "seq_len", "surrogate_updates", "heldout_configs"):
+        for k in ("hidden", "surrogate_hidden", "batch_size", "seq_len", "surrogate_updates", "heldout_configs", "checkpoint_every"):
             _check(getattr(self, k) >= 1, f"routers.{k}", getattr(self, k), "must be >= 1")
         _check(self.steps >= 0, "routers.steps", self.steps, "must be >= 0")
         _check(self.warmup_samples >= 2, "routers.warmup_samples", self.warmup_samples, "must be >= 2")

@@ -50,6 +50,41 @@ class ArchConfig:
             raise ConfigError(f"an architecture must be {{'mlp': [ints], 'heads': [ints]}}, got {d!r} ({e})") from None
 
 
+def archs_to_json(obj):
+    """A JSON-ready, exactly invertible form of ``obj``: nested dicts (any hashable keys, e.g.
+    float targets), lists and tuples of :class:`ArchConfig`, numbers, strings and ``None``; arrays
+    and tensors (anything with ``tolist``) become lists. Inverse: :func:`archs_from_json`. Used to
+    checkpoint a stage's results without knowing their layout."""
+    if isinstance(obj, ArchConfig):
+        return {"arch": obj.to_dict()}
+    if isinstance(obj, dict):
+        return {"dict": [[archs_to_json(k), archs_to_json(v)] for k, v in obj.items()]}
+    if isinstance(obj, (list, tuple)):
+        return {type(obj).__name__: [archs_to_json(v) for v in obj]}
+    return obj.tolist() if hasattr(obj, "tolist") else obj
+
+
+def archs_from_json(obj):
+    """Inverse of :func:`archs_to_json`.
+
+    Raises:
+        ConfigError: ``obj`` is not something :func:`archs_to_json` wrote.
+    """
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) != 1 or next(iter(obj)) not in ("arch", "dict", "list", "tuple"):
+        raise ConfigError(f"not an encoded value: {str(obj)[:80]}")
+    (kind, val), = obj.items()
+    if kind == "arch":
+        return ArchConfig.from_dict(val)
+    try:
+        if kind == "dict":
+            return {archs_from_json(k): archs_from_json(v) for k, v in val}
+        return (tuple if kind == "tuple" else list)(archs_from_json(v) for v in val)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"malformed encoded {kind}: {str(val)[:80]} ({e})") from None
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """Choices offered to every layer and the exact parameter accounting.

@@ -32,15 +32,20 @@ class _ChunkedLMLoss(torch.autograd.Function):
                 logp = F.log_softmax(logits[b, t0:t1].to(dt), -1)  # (n_c, V)
                 y = input_ids[b, t0 + 1 : t1 + 1]
                 ce += F.nll_loss(logp, y, reduction="sum")
-                logq = None if teacher_logits is None else F.log_softmax(teacher_logits[b, t0:t1].to(dt), -1)
-                if logq is not None:
-                    kd += F.kl_div(logp, logq, log_target=True, reduction="sum")
+                q = None
+                if teacher_logits is not None:
+                    # KL(t ‖ s) = Σ q·(log q − log p), with q = softmax(t) taking log q's place: three
+                    # (n_c, V) tensors at a time (F.kl_div would hold five)
+                    q = F.log_softmax(teacher_logits[b, t0:t1].to(dt), -1)  # log q for now
+                    diff = q - logp
+                    kd += diff.mul_(q.exp_()).sum()
+                    del diff
                 if grad is None:
                     continue
                 g = logp.exp_()  # softmax(s), in place of log p
-                if logq is not None:
-                    g.sub_(logq.exp_(), alpha=alpha)
-                w = (alpha if logq is not None else 0.0) - 1.0
+                if q is not None:
+                    g.sub_(q, alpha=alpha)
+                w = (alpha if q is not None else 0.0) - 1.0
                 g.scatter_add_(1, y[:, None], torch.full((t1 - t0, 1), w, dtype=dt, device=g.device))
                 grad[b, t0:t1] = g.div_(n)
         ce, kd = ce / n, kd / n

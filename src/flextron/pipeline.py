@@ -5,7 +5,9 @@ Input: a :class:`~flextron.config.RunConfig`. Output: ``run_dir = out_dir/name``
 ``config.yaml``, ``stages.json`` (finished stages with wall time, tokens and summaries), the
 ranked/trained elastic weights (safetensors), ``latency_table.json``, routers and surrogate,
 ``metrics.jsonl``, ``results.json`` and ``report.md`` with PNG plots. A finished stage is skipped
-on rerun; an interrupted training stage resumes from its last checkpoint.
+on rerun; an interrupted training stage resumes from its last checkpoint. Under ``accelerate
+launch`` the training stages run on every process and the others on the main one
+(:mod:`flextron.distributed`).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from . import __version__
 from .checkpoint import atomic_write_dir, atomic_write_json, atomic_write_text, check_shapes, file_hashes, verify_hashes
 from .config import RunConfig, dump_config, load_config
 from .data import Corpora, build_corpora, load_text_files, tokenize_blocks
+from .distributed import make_accelerator, on_main, process_state
 from .elastic import ArchConfig, ElasticModel, convert
 from .errors import ConfigError, FlextronError, ModelError, OutputExistsError
 from .evaluate import bootstrap_ci, decode_tokens_per_s, perplexity
@@ -37,7 +40,7 @@ from .latency import CostTable, measure_latency_table, paired_ratio, prefill_fn,
 from .ranking import apply_permutation, compute_importance, make_permutation
 from .routers import StaticRouter, TargetRouter
 from .surrogate import Surrogate
-from .training import make_accelerator, train_elastic, train_joint, train_routers
+from .training import train_elastic, train_joint, train_routers
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +63,15 @@ def _finish_stage(run_dir: Path, name: str, summary: dict, wall_s: float) -> Non
     print(f"[flextron] stage {name}: {wall_s:.1f} s, {st[name]['tokens']} tokens", flush=True)
 
 
+def _same_config(saved: Path, cfg: RunConfig) -> bool:
+    """Whether ``saved`` describes ``cfg`` (a config written before a field was added reads with
+    that field's default)."""
+    try:
+        return load_config(saved) == cfg
+    except FlextronError:
+        return False
+
+
 def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
     """Create or reuse ``run_dir``. A run directory written by a different config is refused
     (nothing overwritten) unless ``overwrite``."""
@@ -67,7 +79,7 @@ def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
     text = dump_config(cfg)
     saved = run_dir / "config.yaml"
     if run_dir.exists() and any(run_dir.iterdir()):
-        if saved.exists() and saved.read_text() == text:
+        if saved.exists() and (saved.read_text() == text or _same_config(saved, cfg)):
             log.info("resuming run in %s", run_dir)
             return run_dir
         if not overwrite:
@@ -107,7 +119,9 @@ def _load_original(cfg: RunConfig):
     return load_hf_model(_model_source(cfg))
 
 
-def _inputs(cfg: RunConfig, tokenizer) -> Inputs:
+def _inputs(cfg: RunConfig, tokenizer, processes: int = 1) -> Inputs:
+    """The token blocks of a run; ``processes``: how many train it (each takes ``train.batch_size``
+    sequences per micro-batch, so the training blocks cover the global batch of every step)."""
     ood_files = list(cfg.data.ood_text_files)
     corp: Corpora = build_corpora(
         heldout_articles=cfg.data.heldout_articles,
@@ -118,7 +132,7 @@ def _inputs(cfg: RunConfig, tokenizer) -> Inputs:
     if ood_files:
         corp = Corpora(train=corp.train, heldout=corp.heldout, ood_heldout=load_text_files(ood_files))
     t = cfg.train
-    n_train = t.steps * t.batch_size * t.grad_accum
+    n_train = t.steps * t.batch_size * processes * t.grad_accum
     return Inputs(
         tokenizer=tokenizer,
         calibration=tokenize_blocks(tokenizer, corp.train, cfg.calibration.seq_len, cfg.calibration.num_sequences, seed=cfg.seed + 1),
@@ -276,6 +290,11 @@ def _stage_joint(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
         save_elastic(fx, run_dir / "final", tokenizer=inp.tokenizer, overwrite=True)
         _save_routers(run_dir / "final_routers", router, sm)
     return summary
+
+
+def _stage_evaluate(run_dir: Path) -> dict:
+    evaluate_run(run_dir)  # writes results.json and the report
+    return {"tokens": 0}
 
 
 # --------------------------------------------------------------------------- loading a finished run
@@ -552,39 +571,47 @@ def _results(run: LoadedRun, rows: list, orig_ppl: float, orig_ood: float, eval_
 def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
     """Run every stage of the conversion (resumable); returns the run directory.
 
+    Under ``accelerate launch`` (several processes; :mod:`flextron.distributed`) the training
+    stages (elastic, routers, joint) run on every process, each on its share of the global batch;
+    ranking, the latency table and evaluation run on the main process while the others wait.
+    Whether a stage is finished is decided by the main process and sent to the others.
+
     Raises:
         FlextronError subclasses for bad input (config, model path, data, existing output).
     """
-    run_dir = _prepare_run_dir(cfg, overwrite)
+    state = process_state()
+    main = state.is_main_process
+    run_dir = Path(on_main(state, lambda: str(_prepare_run_dir(cfg, overwrite))))
     _set_threads(cfg)
-    done = _stages(run_dir)
-    if all(s in done for s in STAGES):
-        print(f"[flextron] run {run_dir} is complete; nothing to do", flush=True)
+    if on_main(state, lambda: all(s in _stages(run_dir) for s in STAGES)):
+        if main:
+            print(f"[flextron] run {run_dir} is complete; nothing to do", flush=True)
         return run_dir
     t0 = time.time()
     model, tok = _load_original(cfg)  # fails early on a bad model path or unsupported family
     del model
-    inp = _inputs(cfg, tok)
+    inp = _inputs(cfg, tok, state.num_processes)
     log.info("inputs: calibration %s, train %s, held-out %s, ood %s (%.1f s)", tuple(inp.calibration.shape),
              tuple(inp.train.shape), tuple(inp.heldout.shape), tuple(inp.ood.shape), time.time() - t0)
-    steps = {
-        "rank": lambda: _stage_rank(cfg, run_dir, inp),
-        "latency": lambda: _stage_latency(cfg, run_dir),
-        "elastic": lambda: _stage_elastic(cfg, run_dir, inp),
-        "routers": lambda: _stage_routers(cfg, run_dir, inp),
-        "joint": lambda: _stage_joint(cfg, run_dir, inp),
+    steps = {  # name: (stage, runs on every process)
+        "rank": (lambda: _stage_rank(cfg, run_dir, inp), False),
+        "latency": (lambda: _stage_latency(cfg, run_dir), False),
+        "elastic": (lambda: _stage_elastic(cfg, run_dir, inp), True),
+        "routers": (lambda: _stage_routers(cfg, run_dir, inp), True),
+        "joint": (lambda: _stage_joint(cfg, run_dir, inp), True),
+        "evaluate": (lambda: _stage_evaluate(run_dir), False),
     }
-    for name, fn in steps.items():
-        if name in _stages(run_dir):
+    for name, (fn, everywhere) in steps.items():
+        if on_main(state, lambda: name in _stages(run_dir)):
             log.info("stage %s already finished; skipped", name)
             continue
-        print(f"[flextron] stage {name} ...", flush=True)
+        if main:
+            print(f"[flextron] stage {name} ...", flush=True)
         s0 = time.time()
-        summary = fn()
-        _finish_stage(run_dir, name, summary, time.time() - s0)
-    s0 = time.time()
-    evaluate_run(run_dir)
-    _finish_stage(run_dir, "evaluate", {"tokens": 0}, time.time() - s0)
+        summary = fn() if everywhere else on_main(state, fn)
+        if main:
+            _finish_stage(run_dir, name, summary, time.time() - s0)
+        state.wait_for_everyone()  # the next stage reads what this one wrote
     return run_dir
 
 

@@ -88,6 +88,33 @@ class SurrogateFit:
         self.heldout = (mlp.float(), heads.float(), delta.float())
         self.heldout_features = None if features is None else features.float()
 
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The buffer and held-out set as tensors, for a checkpoint: ``buffer_mlp`` (N, L, K_mlp),
+        ``buffer_heads`` (N, L, K_heads), ``buffer_delta`` (N,) float64 (the recorded floats
+        exactly), and ``heldout_mlp``/``heldout_heads``/``heldout_delta`` when set. The optimizer
+        is saved separately (``self.opt``)."""
+        out = {
+            "buffer_mlp": torch.stack(self.mlp) if self.mlp else torch.zeros(0),
+            "buffer_heads": torch.stack(self.heads) if self.heads else torch.zeros(0),
+            "buffer_delta": torch.tensor(self.delta, dtype=torch.float64),
+        }
+        if self.heldout is not None:
+            out.update(zip(("heldout_mlp", "heldout_heads", "heldout_delta"), self.heldout))
+        return out
+
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Restore what :meth:`state_tensors` returned (replaces the buffer and held-out set).
+
+        Raises:
+            KeyError: a buffer tensor is missing; ValueError: their lengths differ.
+        """
+        mlp, heads, delta = tensors["buffer_mlp"], tensors["buffer_heads"], tensors["buffer_delta"]
+        if not (len(mlp) == len(heads) == len(delta)):
+            raise ValueError(f"surrogate buffer lengths differ: {len(mlp)}, {len(heads)}, {len(delta)}")
+        self.mlp, self.heads, self.delta = list(mlp), list(heads), delta.tolist()
+        if "heldout_delta" in tensors:
+            self.heldout = (tensors["heldout_mlp"], tensors["heldout_heads"], tensors["heldout_delta"])
+
     def fit(self, updates: int, batch_size: int = 64, gen: torch.Generator | None = None) -> float:
         """``updates`` AdamW steps of MSE on random minibatches of the buffer; returns the last loss."""
         if not self.delta:

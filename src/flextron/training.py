@@ -19,7 +19,7 @@ import hashlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,13 +27,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
-from .checkpoint import MetricsLog, deferred_interrupt, latest_checkpoint, load_checkpoint, save_checkpoint
+from .checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from .config import JointConfig, RouterConfig, TrainConfig
-from .elastic import ArchConfig, ElasticModel, SearchSpace
-from .errors import ConfigError
+from .distributed import any_rank, make_accelerator, split_over_ranks
+from .elastic import ArchConfig, ElasticModel, SearchSpace, archs_from_json, archs_to_json
+from .errors import ConfigError, ModelError
 from .evaluate import perplexity
 from .losses import lm_kd_loss
 from .routers import StaticRouter, TargetRouter, allocate_by_sensitivity, choices_to_archs, choices_to_masks, fit_to_budget, gumbel_choice, latency_loss
@@ -125,9 +125,6 @@ class BudgetSampler:
         return sp.from_indices(mi, hi)
 
 
-# --------------------------------------------------------------------------- checkpoints & metrics
-
-
 # --------------------------------------------------------------------------- data slicing
 
 
@@ -143,22 +140,6 @@ def batch_for_step(blocks: torch.Tensor, step: int, global_batch: int, seed: int
         idx.append(int(perm[off]))
     per = global_batch // world
     return blocks[idx[rank * per : (rank + 1) * per]]
-
-
-def make_accelerator(grad_accum: int = 1) -> Accelerator:
-    """One ``Accelerator`` for every training stage; unused-parameter detection is on because a
-    sub-network may leave parameters out of the graph. Mixed precision is not set here:
-    accelerate fixes it once per process, while each stage has its own (see :func:`_lm_loop`)."""
-    return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        gradient_accumulation_steps=grad_accum,
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
-
-
-def _any_rank(accelerator: Accelerator, flag: bool) -> bool:
-    """True on every rank if ``flag`` is true on any rank (all ranks then stop at the same step)."""
-    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item() > 0)
 
 
 # --------------------------------------------------------------------------- the LM training loop
@@ -220,13 +201,10 @@ def _lm_loop(
     settings = {"steps": steps, "global_batch": n_rows, "lrs": base_lrs, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
                 "max_grad_norm": max_grad_norm, "seed": seed, "data_sha256": _data_sha256(blocks),
                 "mixed_precision": mixed_precision}
-    ckpt_root = run_dir / "checkpoints" / stage
+    ckpt = StageCheckpoints(run_dir / "checkpoints" / stage, accelerator, modules, opt, settings)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    start = 0
-    last = latest_checkpoint(ckpt_root)
-    if last is not None:
-        start = load_checkpoint(last, modules, opt, settings)["step"]
-        log.info("%s: resuming from %s (step %d of %d)", stage, last, start, steps)
+    state = ckpt.resume()
+    start = state["step"] if state else 0
     metrics.truncate(stage, start - 1)
     wrapped = {k: accelerator.prepare(m) if any(p.requires_grad for p in m.parameters()) else m for k, m in modules.items()}
     opt = accelerator.prepare(opt)
@@ -258,16 +236,13 @@ def _lm_loop(
             metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
             if progress:
                 bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
-            stop = _any_rank(accelerator, interrupt.requested)
+            stop = any_rank(accelerator, interrupt.requested)
             if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
-                accelerator.wait_for_everyone()
-                if accelerator.is_main_process:
-                    extra = {"stage": stage, "settings": settings}
-                    save_checkpoint(ckpt_root, step + 1, modules, opt.optimizer if hasattr(opt, "optimizer") else opt, extra)
-                accelerator.wait_for_everyone()
+                ckpt.save(step + 1)
             if stop:
-                raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt_root}")
-    return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "wall_s": time.time() - t0}
+                raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt.root}")
+    return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "processes": world,
+            "wall_s": time.time() - t0}
 
 
 def _teacher_logits(teacher: torch.nn.Module | None, batch: torch.Tensor, alpha: float) -> torch.Tensor | None:
@@ -358,16 +333,6 @@ def lm_loss_at(fx: ElasticModel, arch: ArchConfig | None, batch: torch.Tensor) -
     return perplexity(fx, batch, batch_size=batch.shape[0], progress=False)["nll"]
 
 
-def _split_over_ranks(accelerator: Accelerator, n: int, fn: Callable[[int], float], desc: str, progress: bool) -> list[float]:
-    """``[fn(i) for i in range(n)]`` with rank ``r`` evaluating the ``i ≡ r (mod world)``; the
-    shares are summed over ranks, which is exact (each entry is one value plus zeros)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    out = torch.zeros(n, dtype=torch.float64, device=accelerator.device)
-    for i in tqdm(range(rank, n, world), desc=desc, disable=not (progress and accelerator.is_main_process), leave=False):
-        out[i] = fn(i)
-    return accelerator.reduce(out, "sum").tolist()
-
-
 def target_grid(targets: tuple[float, ...] | list[float]) -> list[float]:
     """The trained targets plus the midpoint of every neighbouring pair (sorted): where the router
     is warm-started, trained and validated, so interpolated targets are trained too."""
@@ -412,8 +377,16 @@ def train_routers(
     each rank takes the router loss of its share of the ``cfg.batch_size`` targets and DDP
     averages the router's gradients, as for the model in the other stages.
 
+    Checkpoints (``run_dir/checkpoints/routers/``) are written after the warm-up, every
+    ``cfg.checkpoint_every`` steps and at the last step: router, surrogate, both optimizers, the
+    surrogate's buffer and held-out set, the sampling generator, the warm start and the counters.
+    A rerun resumes from the newest one and ends as the uninterrupted run would (the per-step
+    draws are seeded by the step). SIGINT/SIGTERM finish the current step (or the warm-up), save
+    a checkpoint and raise :class:`KeyboardInterrupt`.
+
     Raises:
         ConfigError: ``cfg.batch_size`` is not a multiple of the number of processes.
+        ModelError: the checkpoint to resume is corrupt, incomplete or was written with other settings.
     """
     accelerator = accelerator or make_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -426,87 +399,121 @@ def train_routers(
         p.requires_grad_(False)
     sp = fx.space
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    metrics.truncate("routers", -1)
     pool = blocks[: max(1, min(len(blocks) // cfg.batch_size, 4)) * cfg.batch_size].view(-1, cfg.batch_size, blocks.shape[1])
     pool = pool.to(device)
-    full_loss = lm_loss_at(fx, None, pool[0])
     sampler = BudgetSampler(sp, table, p_full=0.0, min_fraction=min(cfg.targets))
     fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
     gen = torch.Generator().manual_seed(seed + 17)
     t0 = time.time()
-    evals = 0
-
-    def measure(archs: list[ArchConfig], desc: str = "") -> list[float]:
-        """Δloss of each configuration on the fixed batch (split over the ranks)."""
-        nonlocal evals
-        evals += len(archs)
-        fn = lambda i: lm_loss_at(fx, archs[i], pool[0]) - full_loss  # noqa: E731
-        return _split_over_ranks(accelerator, len(archs), fn, desc, progress and bool(desc))
-
-    # held-out configurations spanning the budget range, and the warm-up buffer
-    held = [sampler.sample(gen)[0] for _ in range(cfg.heldout_configs)]
-    enc = [encode_arch(sp, a) for a in held]
-    held_delta = torch.tensor(measure(held, "routers: held-out configs"))
-    fit.set_heldout(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), held_delta)
-    warmup = [sampler.sample(gen)[0] for _ in range(cfg.warmup_samples)]
-    for a, d in zip(warmup, measure(warmup, "routers: surrogate warm-up")):
-        fit.add(*encode_arch(sp, a), d)
     wrapped = accelerator.prepare(router)
     opt = torch.optim.Adam(router.parameters(), lr=cfg.router_lr)
     grid = torch.tensor(target_grid(cfg.targets))
-    warm, warm_summary = (_warm_start_router(wrapped, opt, fit, measure, sp, table, grid, cfg.sensitivity_mlp_levels)
-                          if cfg.warm_start else (None, None))
-    fit.fit(cfg.surrogate_updates * 10, gen=gen)
-    ev = fit.evaluate()
-    log.info("surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
-             ev["heldout_mae"], ev["heldout_relative_error"], ev["heldout_spearman"])
+    # what the stage carries from step to step (encoded by archs_to_json), saved in its checkpoints
+    run = {"full_loss": 0.0, "evals": 0, "grad_steps": 0, "warm": None, "warm_summary": None}
+    ckpt = StageCheckpoints(run_dir / "checkpoints" / "routers", accelerator, {"router": router, "surrogate": surrogate},
+                            {"router_optimizer": opt, "surrogate_optimizer": fit.opt},
+                            {**{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, "seed": seed, "data_sha256": _data_sha256(blocks)})
 
-    grad_steps = 0
-    router.train()
-    bar = tqdm(range(cfg.steps), desc="routers", disable=not (progress and accelerator.is_main_process))
-    for step in bar:
-        tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
-        g = step_generator(seed, step, salt=1)
-        t = grid[torch.randint(len(grid), (cfg.batch_size,), generator=g)]
-        mlp_logits, head_logits = wrapped(t)
-        mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)  # (B, L, K), same on every rank
-        deltas = measure(choices_to_archs(sp, mlp_c, head_c))
-        for j, d in enumerate(deltas):
-            fit.add(mlp_c[j], head_c[j], d)
-        fit.fit(cfg.surrogate_updates, gen=gen)
-        ev = fit.evaluate()
-        gate = ev["heldout_spearman"] >= cfg.surrogate_gate_spearman and ev["heldout_relative_error"] <= cfg.surrogate_gate_error
-        t_dev = t.to(mlp_c.device)
-        frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
-        lat = latency_loss(frac, t_dev, cfg.latency_tol)  # (B,)
-        loss = cfg.latency_weight * lat[mine].mean()  # this rank's share; DDP averages the shares
-        if cfg.surrogate:
-            if gate:
-                surrogate.eval()
-                loss = loss + surrogate(mlp_c[mine], head_c[mine]).mean()
-                grad_steps += 1
+    def save(step: int) -> None:
+        ckpt.save(step, {"run": archs_to_json(run)}, {**fit.state_tensors(), "generator": gen.get_state()})
+
+    def measure(archs: list[ArchConfig], desc: str = "") -> list[float]:
+        """Δloss of each configuration on the fixed batch (split over the ranks)."""
+        run["evals"] += len(archs)
+        fn = lambda i: lm_loss_at(fx, archs[i], pool[0]) - run["full_loss"]  # noqa: E731
+        return split_over_ranks(accelerator, len(archs), fn, desc, progress and bool(desc))
+
+    def warm_up() -> None:
+        """Held-out configurations spanning the budget range, the surrogate's warm-up buffer, the
+        router's warm start and the surrogate's first fit."""
+        run["full_loss"] = lm_loss_at(fx, None, pool[0])
+        held = [sampler.sample(gen)[0] for _ in range(cfg.heldout_configs)]
+        enc = [encode_arch(sp, a) for a in held]
+        held_delta = torch.tensor(measure(held, "routers: held-out configs"))
+        fit.set_heldout(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), held_delta)
+        warmup = [sampler.sample(gen)[0] for _ in range(cfg.warmup_samples)]
+        for a, d in zip(warmup, measure(warmup, "routers: surrogate warm-up")):
+            fit.add(*encode_arch(sp, a), d)
+        run["warm"], run["warm_summary"] = (_warm_start_router(wrapped, opt, fit, measure, sp, table, grid, cfg.sensitivity_mlp_levels)
+                                            if cfg.warm_start else (None, None))
+        fit.fit(cfg.surrogate_updates * 10, gen=gen)
+
+    with deferred_interrupt() as interrupt:
+        state = ckpt.resume()
+        if state is None:
+            warm_up()
+            save(0)
+            if any_rank(accelerator, interrupt.requested):
+                raise KeyboardInterrupt(f"router training interrupted after its warm-up; checkpoint saved in {ckpt.root}")
         else:
-            mlp_m, head_m = choices_to_masks(sp, mlp_c[mine], head_c[mine])
-            fx.set_arch(None)
-            fx.set_masks(mlp_m, head_m)
-            batch = pool[step % len(pool)][mine]
-            with torch.enable_grad():
-                lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
-            fx.set_masks(None, None)
-            loss = loss + lm
-            grad_steps += 1
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        lat_err = float((frac.detach() / t_dev - 1).abs().mean())
-        metrics.write(
-            stage="routers", step=step, tau=tau, lm_delta=sum(deltas) / len(deltas), latency_loss=float(lat.detach().mean()),
-            latency_error=lat_err, surrogate_heldout_mae=ev["heldout_mae"], surrogate_spearman=ev["heldout_spearman"],
-            surrogate_relative_error=ev["heldout_relative_error"],
-            surrogate_gate_open=gate, router_steps_with_surrogate_grad=grad_steps,
-        )
-        bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
+            try:
+                saved = archs_from_json(state["run"])
+                if set(saved) != set(run):
+                    raise KeyError(f"run state holds {sorted(saved)}, expected {sorted(run)}")
+                run.update(saved)
+                fit.load_state_tensors(state["tensors"])
+                gen.set_state(state["tensors"]["generator"])
+            except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+                raise ModelError(f"checkpoint {ckpt.root} lacks the router stage's state ({type(e).__name__}: {e}); "
+                                 f"delete {ckpt.root} to restart this stage") from None
+        start = state["step"] if state else 0
+        metrics.truncate("routers", start - 1)
+        ev = fit.evaluate()
+        if start == 0:
+            log.info("surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
+                     ev["heldout_mae"], ev["heldout_relative_error"], ev["heldout_spearman"])
+        router.train()
+        bar = tqdm(range(start, cfg.steps), desc="routers", disable=not (progress and accelerator.is_main_process),
+                   initial=start, total=cfg.steps)
+        for step in bar:
+            tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+            g = step_generator(seed, step, salt=1)
+            t = grid[torch.randint(len(grid), (cfg.batch_size,), generator=g)]
+            mlp_logits, head_logits = wrapped(t)
+            mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)  # (B, L, K), same on every rank
+            deltas = measure(choices_to_archs(sp, mlp_c, head_c))
+            for j, d in enumerate(deltas):
+                fit.add(mlp_c[j], head_c[j], d)
+            fit.fit(cfg.surrogate_updates, gen=gen)
+            ev = fit.evaluate()
+            gate = ev["heldout_spearman"] >= cfg.surrogate_gate_spearman and ev["heldout_relative_error"] <= cfg.surrogate_gate_error
+            t_dev = t.to(mlp_c.device)
+            frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
+            lat = latency_loss(frac, t_dev, cfg.latency_tol)  # (B,)
+            loss = cfg.latency_weight * lat[mine].mean()  # this rank's share; DDP averages the shares
+            if cfg.surrogate:
+                if gate:
+                    surrogate.eval()
+                    loss = loss + surrogate(mlp_c[mine], head_c[mine]).mean()
+                    run["grad_steps"] += 1
+            else:
+                mlp_m, head_m = choices_to_masks(sp, mlp_c[mine], head_c[mine])
+                fx.set_arch(None)
+                fx.set_masks(mlp_m, head_m)
+                batch = pool[step % len(pool)][mine]
+                with torch.enable_grad():
+                    lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
+                fx.set_masks(None, None)
+                loss = loss + lm
+                run["grad_steps"] += 1
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            lat_err = float((frac.detach() / t_dev - 1).abs().mean())
+            metrics.write(
+                stage="routers", step=step, tau=tau, lm_delta=sum(deltas) / len(deltas), latency_loss=float(lat.detach().mean()),
+                latency_error=lat_err, surrogate_heldout_mae=ev["heldout_mae"], surrogate_spearman=ev["heldout_spearman"],
+                surrogate_relative_error=ev["heldout_relative_error"],
+                surrogate_gate_open=gate, router_steps_with_surrogate_grad=run["grad_steps"],
+            )
+            bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
+            stop = any_rank(accelerator, interrupt.requested)
+            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
+                save(step + 1)
+            if stop:
+                raise KeyboardInterrupt(f"router training interrupted; checkpoint of step {step + 1} saved in {ckpt.root}")
     router.eval()
+    warm, evals = run["warm"], run["evals"]
     validation = None
     if warm is not None:
         validation = _keep_better_than_warm_start(wrapped, router, opt, fx, surrogate, table, pool, grid, warm, accelerator, progress)
@@ -514,13 +521,16 @@ def train_routers(
     fx.set_arch(None)
     return {
         "steps": cfg.steps,
+        "resumed_from": start,
+        "steps_run_now": cfg.steps - start,
+        "processes": world,
         "llm_evaluations": evals,
         "tokens": evals * pool.shape[1] * pool.shape[2],
         "surrogate_heldout_mae": ev["heldout_mae"],
         "surrogate_relative_error": ev["heldout_relative_error"],
         "surrogate_spearman": ev["heldout_spearman"],
-        "router_steps_with_surrogate_grad": grad_steps,
-        "warm_start": warm_summary,
+        "router_steps_with_surrogate_grad": run["grad_steps"],
+        "warm_start": run["warm_summary"],
         "validation": validation,
         "wall_s": time.time() - t0,
     }
@@ -649,7 +659,7 @@ def _keep_better_than_warm_start(wrapped, router: StaticRouter, opt, fx: Elastic
                 pairs[t] = (tr.route(t), fit_to_budget(sp, table, warm[t], t * table.full, score))
         archs = sorted({a for p in pairs.values() for a in p}, key=lambda a: (a.mlp, a.heads))
         jobs = [(a, b) for a in archs for b in range(len(pool))]
-        losses = _split_over_ranks(accelerator, len(jobs), lambda i: lm_loss_at(fx, jobs[i][0], pool[jobs[i][1]]),
+        losses = split_over_ranks(accelerator, len(jobs), lambda i: lm_loss_at(fx, jobs[i][0], pool[jobs[i][1]]),
                                    "routers: validate against warm start", progress)
     mean = {a: sum(losses[i * len(pool):(i + 1) * len(pool)]) / len(pool) for i, a in enumerate(archs)}
     verdicts = {}
