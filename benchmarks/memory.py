@@ -117,7 +117,8 @@ def run_stage(stage: str, args) -> dict:
     from flextron.latency import CostTable
     from flextron.routers import StaticRouter
     from flextron.surrogate import Surrogate
-    from flextron.training import train_elastic, train_joint, train_routers
+    from flextron.router_training import train_routers
+    from flextron.training import train_elastic, train_joint
 
     torch.set_num_threads(args.threads)
     blocks = torch.randint(0, 49152, (args.batch * (args.steps + 1), args.seq), generator=torch.Generator().manual_seed(0))

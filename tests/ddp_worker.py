@@ -22,7 +22,8 @@ from flextron.elastic import convert  # noqa: E402
 from flextron.latency import CostTable  # noqa: E402
 from flextron.routers import StaticRouter  # noqa: E402
 from flextron.surrogate import Surrogate  # noqa: E402
-from flextron.training import make_accelerator, train_elastic, train_joint, train_routers  # noqa: E402
+from flextron.router_training import train_routers  # noqa: E402
+from flextron.training import make_accelerator, train_elastic, train_joint  # noqa: E402
 
 
 def _snapshot(prefix: str, module: torch.nn.Module) -> dict:

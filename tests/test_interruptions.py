@@ -27,7 +27,7 @@ def ctx():
     server of Python 3.11 does not get the test directory on its path, so the worker module
     itself is imported by each child, which is quick once its dependencies are loaded.)"""
     c = multiprocessing.get_context("forkserver")
-    c.set_forkserver_preload(["flextron.training", "flextron.elastic", "flextron.latency"])
+    c.set_forkserver_preload(["flextron.training", "flextron.router_training", "flextron.elastic", "flextron.latency"])
     return c
 
 

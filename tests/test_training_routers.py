@@ -332,7 +332,7 @@ def test_layer_sensitivity_measures_one_layer_at_a_time_and_interpolates():
     every measured configuration reduces exactly one layer."""
     import numpy as np
 
-    from flextron.training import layer_sensitivity
+    from flextron.router_training import layer_sensitivity
 
     fx = _fx()
     sp = fx.space

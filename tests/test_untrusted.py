@@ -34,7 +34,7 @@ from flextron.export import load_elastic, load_hf_model, save_elastic
 from flextron.latency import CostTable
 from flextron.routers import StaticRouter, TargetRouter
 from flextron.surrogate import Surrogate
-from flextron.training import train_routers
+from flextron.router_training import train_routers
 
 CASES: Counter = Counter()  # cases tried per fuzz test, printed by conftest's terminal summary
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,

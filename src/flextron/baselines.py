@@ -45,7 +45,8 @@ from .errors import ConfigError
 from .evaluate import perplexity
 from .export import export_subnetwork, load_elastic
 from .latency import CostTable, paired_ratio, prefill_fn, time_models, validate_latency_table
-from .training import BudgetSampler, lm_loss_at, make_accelerator, train_elastic
+from .router_training import lm_loss_at
+from .training import BudgetSampler, make_accelerator, train_elastic
 
 log = logging.getLogger(__name__)
 

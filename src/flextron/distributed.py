@@ -1,5 +1,5 @@
 """Several processes: the accelerator every training stage uses and the few collectives flextron
-needs on top of it (used by :mod:`flextron.training` and :mod:`flextron.pipeline`).
+needs on top of it (used by :mod:`flextron.training`, :mod:`flextron.router_training` and :mod:`flextron.pipeline`).
 
 One process (a plain ``flextron run``) is the special case: every helper then runs its work
 directly. Under ``accelerate launch`` (DDP; on CPU ``--multi_gpu --num_processes N`` with the gloo

@@ -40,7 +40,8 @@ from .latency import CostTable, measure_latency_table, paired_ratio, prefill_fn,
 from .ranking import apply_permutation, compute_importance, make_permutation
 from .routers import StaticRouter, TargetRouter
 from .surrogate import Surrogate
-from .training import train_elastic, train_joint, train_routers
+from .router_training import train_routers
+from .training import train_elastic, train_joint
 
 log = logging.getLogger(__name__)
 
