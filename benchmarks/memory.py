@@ -9,8 +9,9 @@ stage's memory is the peak of its computation minus the baseline. The peak while
 models is reported separately ("load"): loading safetensors maps the file while the weights are
 copied, so it briefly holds about twice the weights. Activations are measured, not estimated: the unique storages that autograd saves
 for the backward pass of one micro-batch (``saved_tensors_hooks``), the logits (student and
-teacher) and the gradient buffer the chunked loss fills (the logits' size); for stages without a
-backward pass, the largest output of a module (the logits) of one no-grad forward.
+teacher) and the gradient buffer the chunked loss fills (the logits' size) — for the joint stage
+on the masked forward it runs (router choices as soft masks); for stages without a backward
+pass, the largest output of a module (the logits) of one no-grad forward.
 
 Usage::
 
@@ -133,7 +134,14 @@ def run_stage(stage: str, args) -> dict:
     sm = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices))
     batch = blocks[: args.batch]
     fx.train(training)
+    if stage == "joint":  # the joint stage runs the masked forward (router choices as soft masks): measure that one
+        from flextron.routers import choices_to_masks, gumbel_choice
+
+        g = torch.Generator().manual_seed(0)
+        mlp_logits, head_logits = router(torch.full((args.batch,), 0.6))
+        fx.set_masks(*choices_to_masks(sp, gumbel_choice(mlp_logits, 1.0, g), gumbel_choice(head_logits, 1.0, g)))
     acts = _activations(fx, teacher, batch, with_grad=training)
+    fx.set_masks(None, None)
     load_peak = _peak()  # building the models (safetensors maps the file while copying it)
     _reset_peak()
     params = [p for p in fx.parameters()]
@@ -148,7 +156,8 @@ def run_stage(stage: str, args) -> dict:
             cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6, warmup_steps=1)
             train_elastic(fx, teacher, blocks, cfg, table, Path(run_dir), progress=False)
         elif stage == "joint":
-            jcfg = JointConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6)
+            # p_full=0: every measured step is a routed (masked) step, the stage's largest
+            jcfg = JointConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6, p_full=0.0)
             train_joint(fx, teacher, router, table, blocks, jcfg, RouterConfig(targets=(0.6, 0.8, 1.0)), Path(run_dir), progress=False)
         elif stage == "routers":
             rcfg = RouterConfig(targets=(0.6, 0.8, 1.0), steps=args.steps, warmup_samples=2, heldout_configs=2, batch_size=args.batch,
