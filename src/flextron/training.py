@@ -356,26 +356,26 @@ def train_joint(
     full_steps: set[int] = set()
 
     def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
-        if torch.rand((), generator=gen).item() < cfg.p_full:  # the full model alone; the router is not run
+        full = torch.rand((), generator=gen).item() < cfg.p_full  # the full model alone; the router is not run
+        if full:
             full_steps.add(step)
-            fx.set_masks(None, None)
-            out = wrapped["model"](input_ids=batch, use_cache=False)
-            loss, ce, kd = lm_kd_loss(out.logits, batch, _teacher_logits(teacher, batch, cfg.kd_alpha), cfg.kd_alpha)
-            return loss, {"lm_loss": float(ce), "kd_loss": float(kd), "full_model": True}
-        t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the whole step's targets
-        mlp_logits, head_logits = wrapped["router"](t)
-        mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)[rows]
-        head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)[rows]
-        t = t[rows]
-        fx.set_masks(*choices_to_masks(sp, mlp_c, head_c))
+        else:
+            t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the whole step's targets
+            mlp_logits, head_logits = wrapped["router"](t)
+            mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)[rows]
+            head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)[rows]
+            t = t[rows]
+            fx.set_masks(*choices_to_masks(sp, mlp_c, head_c))
         out = wrapped["model"](input_ids=batch, use_cache=False)
         fx.set_masks(None, None)
         loss, ce, kd = lm_kd_loss(out.logits, batch, _teacher_logits(teacher, batch, cfg.kd_alpha), cfg.kd_alpha)
+        rec = {"lm_loss": float(ce), "kd_loss": float(kd), "full_model": full}
+        if full:
+            return loss, rec
         frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full
         lat = latency_loss(frac, t, router_cfg.latency_tol).mean()
         return loss + router_cfg.latency_weight * lat, {
-            "lm_loss": float(ce), "kd_loss": float(kd), "latency_loss": float(lat.detach()),
-            "latency_error": float((frac.detach() / t - 1).abs().mean()), "full_model": False,
+            **rec, "latency_loss": float(lat.detach()), "latency_error": float((frac.detach() / t - 1).abs().mean()),
         }
 
     summary = _lm_loop(
