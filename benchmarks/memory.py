@@ -8,10 +8,13 @@ few steps through the library's own functions (``train_elastic``, ``train_router
 stage's memory is the peak of its computation minus the baseline. The peak while building the
 models is reported separately ("load"): loading safetensors maps the file while the weights are
 copied, so it briefly holds about twice the weights. Activations are measured, not estimated: the unique storages that autograd saves
-for the backward pass of one micro-batch (``saved_tensors_hooks``), the logits (student and
+for the backward pass of one micro-batch (``saved_tensors_hooks``; the weights it saves are
+already counted as weights and left out), the logits (student and
 teacher) and the gradient buffer the chunked loss fills (the logits' size) — for the joint stage
 on the masked forward it runs (router choices as soft masks); for stages without a backward
-pass, the largest output of a module (the logits) of one no-grad forward.
+pass, the largest output of a module (the logits) of one no-grad forward. They are measured
+after the stage: measured first, their freed memory would stay resident in the allocator's heap
+(glibc) under the stage's peak.
 
 Usage::
 
@@ -56,12 +59,15 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _bytes(tensors) -> int:
-    """Bytes of the unique storages behind ``tensors`` (tied or viewed tensors counted once)."""
+def _bytes(tensors, exclude=()) -> int:
+    """Bytes of the unique storages behind ``tensors`` (tied or viewed tensors counted once),
+    leaving out those behind ``exclude`` (e.g. the weights, which autograd saves for backward)."""
+    skip = {t.untyped_storage().data_ptr() for t in exclude}
     seen = {}
     for t in tensors:
         s = t.untyped_storage()
-        seen[s.data_ptr()] = s.nbytes()
+        if s.data_ptr() not in skip:
+            seen[s.data_ptr()] = s.nbytes()
     return sum(seen.values())
 
 
@@ -97,7 +103,8 @@ def _activations(fx, teacher, batch, with_grad: bool) -> int:
             out = fx(input_ids=batch, use_cache=False)
             lm_kd_loss(out.logits, batch, t_logits, 0.5)
         extra = [] if t_logits is None else [t_logits]
-        return _bytes(saved + [out.logits] + extra) + out.logits.nbytes  # + the loss's gradient buffer (logits' size)
+        # the weights autograd saves are counted once, as weights; + the loss's gradient buffer (logits' size)
+        return _bytes(saved + [out.logits] + extra, exclude=list(fx.parameters())) + out.logits.nbytes
     largest = [0]
     hooks = [m.register_forward_hook(lambda m, i, o: largest.__setitem__(0, max(largest[0], getattr(o, "nbytes", 0))))
              for m in fx.modules()]
@@ -132,25 +139,16 @@ def run_stage(stage: str, args) -> dict:
     sp = fx.space
     router = StaticRouter((0.6, 0.8, 1.0), sp.num_layers, len(sp.mlp_choices), len(sp.head_choices))
     sm = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices))
-    batch = blocks[: args.batch]
-    fx.train(training)
-    if stage == "joint":  # the joint stage runs the masked forward (router choices as soft masks): measure that one
-        from flextron.routers import choices_to_masks, gumbel_choice
-
-        g = torch.Generator().manual_seed(0)
-        mlp_logits, head_logits = router(torch.full((args.batch,), 0.6))
-        fx.set_masks(*choices_to_masks(sp, gumbel_choice(mlp_logits, 1.0, g), gumbel_choice(head_logits, 1.0, g)))
-    acts = _activations(fx, teacher, batch, with_grad=training)
-    fx.set_masks(None, None)
     load_peak = _peak()  # building the models (safetensors maps the file while copying it)
     _reset_peak()
     params = [p for p in fx.parameters()]
     weights = _bytes(params) + _bytes(list(router.parameters()) + list(sm.parameters()))
-    parts = {"weights": weights, "gradients": 0, "optimizer": 0, "teacher": 0, "activations": acts}
+    parts = {"weights": weights, "gradients": 0, "optimizer": 0, "teacher": 0, "activations": 0}
     if training:
         parts["gradients"] = _bytes(params)
         parts["optimizer"] = 2 * _bytes(params)  # AdamW: exp_avg, exp_avg_sq
         parts["teacher"] = _bytes(list(teacher.parameters()))
+    fx.train(training)
     with tempfile.TemporaryDirectory() as run_dir:
         if stage == "elastic":
             cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6, warmup_steps=1)
@@ -165,7 +163,20 @@ def run_stage(stage: str, args) -> dict:
             train_routers(fx, router, sm, table, blocks, rcfg, Path(run_dir), progress=False)
         else:
             perplexity(fx, blocks, batch_size=args.batch, progress=False)
-    return {"baseline": base, "load_peak": load_peak, "peak": _peak(), "parts": parts}
+    peak = _peak()
+    # activations last: measuring them first would leave their freed memory to the allocator's
+    # heap, resident, under the stage's peak
+    batch = blocks[: args.batch]
+    fx.train(training)
+    if stage == "joint":  # the joint stage runs the masked forward (router choices as soft masks): measure that one
+        from flextron.routers import choices_to_masks, gumbel_choice
+
+        g = torch.Generator().manual_seed(0)
+        mlp_logits, head_logits = router(torch.full((args.batch,), 0.6))
+        fx.set_masks(*choices_to_masks(sp, gumbel_choice(mlp_logits, 1.0, g), gumbel_choice(head_logits, 1.0, g)))
+    parts["activations"] = _activations(fx, teacher, batch, with_grad=training)
+    fx.set_masks(None, None)
+    return {"baseline": base, "load_peak": load_peak, "peak": peak, "parts": parts}
 
 
 def main(argv=None) -> int:

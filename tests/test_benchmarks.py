@@ -57,6 +57,11 @@ def test_pareto_rows_comparisons_and_checks(tiny, capsys):
     assert rows[("untrained", 0.6)]["train_tokens"] == 0
     # MatFormer is deployed homogeneous; Minitron and the untrained cuts at Flextron's configuration
     assert all(rows[("matformer", t)]["homogeneous"] for t in targets)
+    for t in targets:  # deployed: the least-loss trained homogeneous candidate within the target
+        sel = rows[("matformer", t)]["selection"]
+        losses = [c["search_loss"] for c in sel["candidates"]]
+        assert rows[("matformer", t)]["config"] == sel["candidates"][0]["config"] and losses == sorted(losses)
+        assert all(c["predicted_fraction"] <= t * 1.02 + 1e-9 for c in sel["candidates"])
     assert rows[("minitron", 0.6)]["config"] == rows[("flextron", 0.6)]["config"]
     assert rows[("flextron", 0.6)]["params"] < rows[("flextron", 1.0)]["params"]
     # the full configuration of the untrained cuts is the original model, whatever the order of units
@@ -131,6 +136,23 @@ def test_serving_memory(tiny):
         assert m["generated"] == [16 + 2] * len(res["targets"])
         assert m["loaded_rss_bytes"] > 0 and m["peak_rss_bytes"] > 0
     assert all(v > 0 for v in res["ratios"].values())
+
+
+def test_memory_per_stage(tmp_path):
+    """benchmarks/memory.py: every stage's peak against its budget, from a fresh process each,
+    with the documented parts (the ratio itself is the script's exit status, not asserted here)."""
+    out = tmp_path / "memory.json"
+    _script("memory")(["--batch", "2", "--seq", "32", "--steps", "1", "--out", str(out)])
+    res = json.loads(out.read_text())
+    assert set(res["stages"]) == {"elastic", "routers", "joint", "evaluate"}
+    for stage, r in res["stages"].items():
+        parts = r["parts"]
+        assert set(parts) == {"weights", "gradients", "optimizer", "teacher", "activations"}
+        assert r["budget"] == sum(parts.values()) and r["stage_peak"] > 0 and r["ratio"] > 0
+        assert parts["activations"] > 0 and (parts["gradients"] > 0) == (stage in ("elastic", "joint"))
+    # the weights autograd saves for backward are counted once, as weights: with 2 × 32 tokens
+    # the training stages' activations are far below the weights (the logits alone are 2·32·49,152·4 B)
+    assert res["stages"]["elastic"]["parts"]["activations"] < res["stages"]["elastic"]["parts"]["weights"]
 
 
 def test_bench_helpers():

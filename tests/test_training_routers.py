@@ -15,7 +15,7 @@ from flextron.errors import ConfigError, TargetError
 from flextron.latency import CostTable
 from flextron.routers import StaticRouter, TargetRouter, gumbel_choice, latency_loss
 from flextron.surrogate import Surrogate, SurrogateFit, encode_arch, spearman
-from flextron.training import BudgetSampler, train_elastic
+from flextron.training import BudgetSampler, homogeneous_for_target, train_elastic
 
 from conftest import make_tiny
 
@@ -48,6 +48,34 @@ def test_budget_sampler_meets_budget_and_spans_range():
     for _ in range(50):
         arch, frac = high.sample(gen)
         assert 0.8 <= frac <= 1.0 and table.fraction(arch) <= frac + 1e-9
+
+
+def test_homogeneous_sampling_trains_every_deployable_homogeneous_width_uniformly():
+    """MatFormer-style sampling: uniform over the homogeneous sub-networks that some target in
+    [floor, 1] deploys (and the larger ones), so each deployed configuration is trained."""
+    fx = _fx()
+    table = CostTable.from_parameters(fx.space)
+    sampler = BudgetSampler(fx.space, table, p_full=0.2, mode="homogeneous", min_fraction=0.5)
+    pool = sampler.homogeneous_pool()
+    assert fx.space.full() not in pool and all(a.is_homogeneous for a in pool)
+    gen = torch.Generator().manual_seed(0)
+    counts, fulls, n = {a: 0 for a in pool}, 0, 2000
+    for _ in range(n):
+        arch, frac = sampler.sample(gen)
+        if frac is None:
+            fulls += 1
+            continue
+        assert frac == pytest.approx(table.fraction(arch))
+        counts[arch] += 1
+    assert 0.15 < fulls / n < 0.25
+    expected = (n - fulls) / len(pool)
+    assert all(0.7 * expected < c < 1.3 * expected for c in counts.values()), counts
+    # every configuration deployed at a target in [0.5, 1) is in the pool, and none below the floor's
+    for t in (0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 0.95):
+        deployed = homogeneous_for_target(fx.space, table, t)
+        assert deployed in pool or deployed == fx.space.full()
+    lowest = homogeneous_for_target(fx.space, table, 0.5)
+    assert min(table.predict(a) for a in pool) == table.predict(lowest)
 
 
 def test_gumbel_straight_through():

@@ -9,10 +9,12 @@ Methods, all evaluated on the run's held-out blocks and timed as exported sub-mo
 
 - ``flextron``: the run's final model at the router's configuration of each target.
 - ``matformer`` / ``matformer_unpermuted``: the same elastic training loop
-  (:func:`~flextron.training.train_elastic`) with homogeneous sampling and no routers, from the
+  (:func:`~flextron.training.train_elastic`) with homogeneous sampling (uniform over the
+  deployable homogeneous configurations, :class:`~flextron.training.BudgetSampler`) and no routers, from the
   importance-permuted and from the unpermuted original model, for all of Flextron's weight-training
-  tokens (elastic + joint stages); deployed at the homogeneous configuration of largest predicted
-  latency within each target.
+  tokens (elastic + joint stages); deployed, per target, at the trained homogeneous configuration
+  within the target of least loss on training text (the router stage's blocks, as in the router
+  checks); the one nearest the target is recorded beside it.
 - ``minitron``: for each target, one-shot importance pruning to Flextron's configuration of that
   target, then distillation fine-tuning of that sub-network alone (the same loop with a fixed
   configuration); the token budget is split evenly between the targets (N separate models).
@@ -46,7 +48,7 @@ from .evaluate import perplexity
 from .export import export_subnetwork, load_elastic
 from .latency import CostTable, paired_ratio, prefill_fn, time_models, validate_latency_table
 from .router_training import lm_loss_at
-from .training import BudgetSampler, make_accelerator, train_elastic
+from .training import BudgetSampler, homogeneous_for_target, make_accelerator, train_elastic
 
 log = logging.getLogger(__name__)
 
@@ -130,13 +132,6 @@ class FixedSampler:
 
     def sample(self, gen: torch.Generator) -> tuple[ArchConfig, float | None]:
         return self.arch, self.budget
-
-
-def homogeneous_for_target(space: SearchSpace, table: CostTable, target: float, tol: float = 0.02) -> ArchConfig:
-    """The homogeneous configuration of largest predicted cost within ``target · (1 + tol)`` of the
-    full cost (the smallest one when none fits): MatFormer's deployment rule here."""
-    fits = [a for a in space.homogeneous_configs() if table.fraction(a) <= target * (1 + tol)]
-    return max(fits, key=table.predict) if fits else space.smallest()
 
 
 # --------------------------------------------------------------------------- run resolution
@@ -262,13 +257,23 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
 
     # -- MatFormer-style: homogeneous sampling, no routers --------------------------------------------
     mat_steps = _steps_for(budget, cfg)
+    search = _search_batches(inp, cfg, settings, device)
+    pool = BudgetSampler(space, table, mode="homogeneous", min_fraction=min(cfg.routers.targets)).homogeneous_pool() + [space.full()]
     for method, model in (("matformer", ranked), ("matformer_unpermuted", unpermuted)):
         if method not in settings.methods:
             continue
         s0 = time.time()
         train(model, method, mat_steps, "homogeneous")
+        model.to(device)
         for t in settings.targets:
-            record(method, t, homo[t], mat_steps * per_step, evaluate(model, homo[t]))
+            # MatFormer's deployment: among its trained homogeneous configurations within the target,
+            # the one of least loss on training text (the one nearest the target is reported beside it)
+            cands = [a for a in pool if table.fraction(a) <= t * (1 + cfg.routers.latency_tol)] or [homo[t]]
+            scored = sorted(((_search_loss(model, a, search), a) for a in cands), key=lambda x: x[0])
+            arch = scored[0][1]
+            sel = {"candidates": [{"config": a.to_dict(), "predicted_fraction": table.fraction(a), "search_loss": l} for l, a in scored],
+                   "nearest": homo[t].to_dict()}
+            record(method, t, arch, mat_steps * per_step, {**evaluate(model, arch), "selection": sel})
         wall[method] = time.time() - s0
     del ranked, unpermuted
 
@@ -346,6 +351,20 @@ def _stage_tokens(run_dir: Path, stage: str) -> int | None:
     return json.loads(p.read_text()).get(stage, {}).get("tokens") if p.exists() else None
 
 
+def _search_batches(inp, cfg: RunConfig, settings: ParetoSettings, device: torch.device) -> list[torch.Tensor]:
+    """The ``settings.search_batches`` batches of training text (the router stage's blocks) that
+    configurations are selected on: never the held-out set."""
+    bs = cfg.routers.batch_size
+    return [inp.router[i * bs : (i + 1) * bs].to(device) for i in range(min(settings.search_batches, len(inp.router) // bs))]
+
+
+def _search_loss(fx: ElasticModel, arch: ArchConfig, search: list[torch.Tensor]) -> float:
+    """Mean next-token CE (nats) of ``arch`` over the selection batches; leaves ``fx`` full."""
+    loss = sum(lm_loss_at(fx, arch, b) for b in search) / len(search)
+    fx.set_arch(None)
+    return loss
+
+
 def router_checks(fx: ElasticModel, table: CostTable, archs: dict, inp, cfg: RunConfig, settings: ParetoSettings, results: dict, evaluate, *, progress: bool = True) -> list[dict]:
     """For every target below 1: the router's configuration against (a) the best homogeneous
     configuration of nearest predicted cost (one per head count, the best by true loss on
@@ -355,14 +374,12 @@ def router_checks(fx: ElasticModel, table: CostTable, archs: dict, inp, cfg: Run
     from tqdm.auto import tqdm
 
     sp = fx.space
-    bs = cfg.routers.batch_size
-    search = [inp.router[i * bs : (i + 1) * bs] for i in range(min(settings.search_batches, len(inp.router) // bs))]
-    search = [b.to(next(fx.parameters()).device) for b in search]
+    search = _search_batches(inp, cfg, settings, next(fx.parameters()).device)
     sampler = BudgetSampler(sp, table, p_full=0.0, mode="budget")
     gen = torch.Generator().manual_seed(cfg.seed + 4242)
 
     def loss(a: ArchConfig) -> float:
-        return sum(lm_loss_at(fx, a, b) for b in search) / len(search)
+        return _search_loss(fx, a, search)
 
     out = []
     for t in tqdm([t for t in settings.targets if t < 1], desc="router checks", disable=not progress):

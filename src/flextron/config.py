@@ -99,7 +99,8 @@ class TrainConfig:
     """Elastic continued training (METHOD §4).
 
     ``p_full``: probability of the full model in a step; ``sampling``: ``budget`` (draw a target,
-    then a per-layer configuration meeting it) or ``homogeneous``; ``kd_alpha``: weight of the
+    then a per-layer configuration meeting it) or ``homogeneous`` (one of the deployable
+    homogeneous configurations, uniformly: the MatFormer-style baseline); ``kd_alpha``: weight of the
     forward KL to the original model (``loss = (1 - kd_alpha) * CE + kd_alpha * KL``).
     ``batch_size`` is per process and micro-batch: a step trains on ``batch_size × processes ×
     grad_accum`` sequences. ``mixed_precision``: ``no`` or ``bf16`` (autocast; float32 weights).

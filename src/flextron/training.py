@@ -63,6 +63,15 @@ def step_generator(seed: int, step: int, salt: int = 0) -> torch.Generator:
 # --------------------------------------------------------------------------- sub-network sampling
 
 
+def homogeneous_for_target(space: SearchSpace, table, target: float, tol: float = 0.02) -> ArchConfig:
+    """The homogeneous configuration of largest predicted cost within ``target · (1 + tol)`` of the
+    full cost (the smallest one when none fits): the MatFormer-style deployment rule.
+    ``target`` and ``tol`` are fractions of full latency; ``table`` is a
+    :class:`~flextron.latency.CostTable`."""
+    fits = [a for a in space.homogeneous_configs() if table.fraction(a) <= target * (1 + tol)]
+    return max(fits, key=table.predict) if fits else space.smallest()
+
+
 @dataclass
 class BudgetSampler:
     """Budget-first sampling of sub-networks (METHOD §4).
@@ -70,10 +79,16 @@ class BudgetSampler:
     With probability ``p_full`` the full model (budget ``None``); else a target drawn uniformly
     over ``[floor, 1]`` of the full cost — ``floor`` is the larger of the smallest
     configuration's cost and ``min_fraction`` (the lowest target that will be deployed, so no
-    step is spent on sub-networks no router picks) — then a configuration meeting it: ``budget`` mode starts
-    from uniform per-layer choices and moves random layers one candidate down while over budget
-    and up while an upgrade fits; ``homogeneous`` mode takes the largest homogeneous
-    configuration that fits.
+    step is spent on sub-networks no router picks) — then a configuration meeting it: ``budget``
+    mode starts from uniform per-layer choices and moves random layers one candidate down while
+    over budget and up while an upgrade fits.
+
+    ``homogeneous`` mode (the MatFormer-style baseline) draws instead, outside the full-model
+    steps, one homogeneous sub-network uniformly from :meth:`homogeneous_pool`: each one that
+    :func:`homogeneous_for_target` deploys at some target in ``[floor, 1]``, and the larger ones.
+    So every deployable width is trained (a budget-first draw of "the largest homogeneous one that
+    fits" never trains a configuration whose next larger one costs almost the same). The second
+    value returned is then that configuration's fraction of full cost.
     """
 
     space: SearchSpace
@@ -90,14 +105,25 @@ class BudgetSampler:
         """``(configuration, budget as a fraction of full cost or None for the full model)``."""
         if torch.rand((), generator=gen).item() < self.p_full:
             return self.space.full(), None
+        if self.mode == "homogeneous":
+            pool = self.homogeneous_pool()
+            arch = pool[int(torch.randint(len(pool), (1,), generator=gen))]
+            return arch, self.table.fraction(arch)
         frac = self.floor + (1 - self.floor) * torch.rand((), generator=gen).item()
         return self.for_budget(frac, gen), frac
 
+    def homogeneous_pool(self) -> list[ArchConfig]:
+        """The homogeneous sub-networks ``homogeneous`` mode draws from, sorted by cost: those at
+        least as costly as the one deployed at the floor, the full model excluded (it has its own
+        share ``p_full``) unless it is the only one."""
+        lowest = self.table.predict(homogeneous_for_target(self.space, self.table, self.floor))
+        pool = [a for a in self.space.homogeneous_configs() if self.table.predict(a) >= lowest and a != self.space.full()]
+        return sorted(pool, key=self.table.predict) or [self.space.full()]
+
     def for_budget(self, frac: float, gen: torch.Generator) -> ArchConfig:
+        """A per-layer configuration of predicted cost within ``frac`` of the full cost (``budget``
+        mode's search; the smallest configuration when none fits)."""
         sp, budget = self.space, frac * self.table.full
-        if self.mode == "homogeneous":
-            fits = [a for a in sp.homogeneous_configs() if self.table.predict(a) <= budget]
-            return max(fits, key=self.table.predict) if fits else sp.smallest()
         L, nm, nh = sp.num_layers, len(sp.mlp_choices), len(sp.head_choices)
         mi = torch.randint(nm, (L,), generator=gen).tolist()
         hi = torch.randint(nh, (L,), generator=gen).tolist()
