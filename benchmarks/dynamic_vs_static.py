@@ -2,14 +2,15 @@
 
     python benchmarks/dynamic_vs_static.py RUN --out OUT [--targets 0.6,0.7,0.85,1.0] [--steps 30]
         [--direct-steps 10] [--train-blocks 16] [--blocks-per-domain 8] [--timed-blocks 2] [--repeats 3]
-        [--latency-weight 10] [--per-token]
+        [--fallback-steps 20] [--latency-weight 10] [--route-every 3] [--per-token]
 
-Trains the dynamic router on RUN's final model without touching RUN (surrogate path into
+Trains the dynamic router on RUN's final model without touching RUN (the default trainer: the
+surrogate path, then ``--fallback-steps`` direct steps if the surrogate's gate never opened, into
 ``OUT/dynamic``; with ``--direct-steps`` > 0 also the direct LM-loss ablation into
 ``OUT/dynamic_direct``, evaluated the same way), then measures on held-out Wikipedia,
 Shakespeare and Python-stdlib blocks: the average predicted and timed latency against each
 target, perplexity, dynamic vs static at equal latency (interpolated, bootstrap CIs over
-blocks), compute and width shares per domain, collapse. Writes ``OUT/dynamic_results.json``,
+blocks), the shuffled control (input adaptivity), compute and width shares per domain, collapse. Writes ``OUT/dynamic_results.json``,
 ``OUT/dynamic_report.md`` and PNGs (the ablation: ``OUT/direct/``); prints a summary last.
 """
 
@@ -27,6 +28,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--targets", default="0.6,0.7,0.85,1.0", help="dynamic targets (default 0.6,0.7,0.85,1.0)")
     ap.add_argument("--steps", type=int, default=30, help="surrogate-path router steps (default 30)")
     ap.add_argument("--direct-steps", type=int, default=0, help="steps of the direct LM-loss ablation (default 0: not run)")
+    ap.add_argument("--fallback-steps", type=int, default=20,
+                    help="direct steps after the surrogate path when its gate never opened (default 20)")
     ap.add_argument("--train-blocks", type=int, default=16, help="training blocks per domain (default 16)")
     ap.add_argument("--blocks-per-domain", type=int, default=8, help="held-out blocks per domain (default 8)")
     ap.add_argument("--timed-blocks", type=int, default=2, help="timed blocks per domain (default 2)")
@@ -35,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=8, help="inputs per router step (default 8)")
     ap.add_argument("--calibrate-blocks", type=int, default=16, help="training blocks the latency price is fitted on (default 16)")
     ap.add_argument("--per-token", action="store_true", help="per-token MLP routing")
+    ap.add_argument("--route-every", type=int, default=None, help="layers that share one read of the hidden state (default 3)")
     ap.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
@@ -58,12 +62,13 @@ def main(argv: list[str] | None = None) -> int:
         seq = run.cfg.eval.seq_len
         pool, held = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, args.train_blocks, args.blocks_per_domain,
                                    seed=run.cfg.seed)
-        variants = {"dynamic": dict(surrogate=True, steps=args.steps)}
+        variants = {"dynamic": dict(surrogate=True, steps=args.steps, fallback_steps=args.fallback_steps)}
         if args.direct_steps > 0:
             variants["dynamic_direct"] = dict(surrogate=False, steps=args.direct_steps, batch_size=min(args.batch_size, 4))
         results = {}
         for name, kw in variants.items():  # each variant trained, then evaluated and written, before the next
             cfg = config_from_overrides(targets=targets, latency_weight=args.latency_weight, per_token=args.per_token or None,
+                                        route_every=args.route_every,
                                         batch_size=kw.pop("batch_size", args.batch_size), calibrate_blocks=args.calibrate_blocks, **kw)
             fresh = load_run(args.run_dir)  # every variant starts from the same weights
             _, summary = train_dynamic(fresh.fx, fresh.fx.router, fresh.table, pool, cfg, out / name, seed=run.cfg.seed,
@@ -86,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                       f"{vp.get('ppl_ratio', float('nan')):.3f} {vp['verdict']}; (timed) {vt.get('ppl_ratio', float('nan')):.3f} "
                       f"{vt.get('verdict', '—')}; per domain "
                       + ", ".join(f"{d} {v['mean_fraction']:.3f}" for d, v in r["per_domain"].items())
-                      + f"; entropy {r['collapse']['entropy_nats']:.3f}")
+                      + f"; entropy {r['collapse']['entropy_nats']:.3f}"
+                      + (f"; vs shuffled {r['vs_shuffled']['ppl_ratio']:.3f} {r['vs_shuffled']['verdict']}" if "vs_shuffled" in r else ""))
         print(f"\nreport: {out / 'dynamic_report.md'}")
         return 0
 

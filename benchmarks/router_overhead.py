@@ -3,11 +3,11 @@
     python benchmarks/router_overhead.py RUN --dynamic-dir DIR --out OUT [--target 0.7] [--repeats 15] [--seq-len 256]
 
 1. **Router overhead.** For one held-out prompt (batch of one, the run's latency workload
-   length), the dynamic router's choice is made once; then the *same* sub-network is timed
-   side by side in one interleaved session (:func:`flextron.latency.time_models`): sliced
-   without hooks (``static``) and through :class:`flextron.dynamic.DynamicRouting` (router
-   forward in every layer + dispatch, ``dynamic``). Overhead = median of the per-round ratios
-   − 1. The router's own forward (all layers, on the pooled features) is timed apart.
+   length), :func:`flextron.dynamic.measure_overhead` times the routed prefill (router forward in
+   every layer + dispatch, ``dynamic``) against the *same* sub-network sliced without hooks
+   (``static``) and the full model, interleaved in one session. Overhead = median of the
+   per-round ratios − 1. The router's own forward (all layers, on one pooled feature vector,
+   back to back, so with warm caches) is timed apart.
 2. **Per-token MLP routing.** Every layer's MLP runs grouped by per-token width with a share
    ``p`` of the tokens at full width and the rest at the smallest, for ``p`` in 0, 0.25, 0.5,
    0.75, 1, timed interleaved: the prefill latency must fall with the chosen widths.
@@ -36,10 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         from flextron.bench import format_table, write_json
-        from flextron.dynamic import DynamicRouting
+        from flextron.dynamic import measure_overhead
         from flextron.dynamic_eval import domain_blocks, domain_documents, load_dynamic_run
         from flextron.errors import ConfigError
-        from flextron.latency import paired_ratio, prefill_fn, time_models
+        from flextron.latency import prefill_fn, time_models
         from flextron.pipeline import _set_threads
 
         if args.repeats < 3:
@@ -50,37 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         seq = args.seq_len or run.cfg.latency.seq_len
         _, held = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, 1, 1, seed=run.cfg.seed)
         ids = held["wikipedia"][:1]
-        with DynamicRouting(fx, router, args.target) as r:
-            prefill_fn(fx, ids)()
-            mi, hi = r.indices()
-        arch = sp.from_indices(mi[0].tolist(), hi[0].tolist())
-        run_sub = prefill_fn(fx, ids)
-
-        def static():
-            fx.set_arch(arch)
-            run_sub()
-
-        def dynamic():
-            fx.set_arch(None)
-            with DynamicRouting(fx, router, args.target):
-                run_sub()
-
-        def full():
-            fx.set_arch(None)
-            run_sub()
-
-        res = time_models({"static": static, "dynamic": dynamic, "full": full}, repeats=args.repeats, warmup=2, progress=True,
-                          desc="router overhead")
+        ov = measure_overhead(fx, router, args.target, ids, repeats=args.repeats, warmup=2, table=run.table, progress=True)
+        arch, run_sub = ov["config"], prefill_fn(fx, ids)
         pooled = torch.randn(1, sp.hidden_size)
 
-        def router_only():  # what the hooks compute: the target part once, then every layer's logits
+        def router_only():  # what the hooks compute: the target part once, then every layer's choice
             with torch.inference_mode():
-                prep = router.prepare(args.target)
-                for l in range(sp.num_layers):
-                    router.layer_logits(l, pooled, prep)
+                prep = router.prepare(args.target, fused=True)
+                for g in range(len(prep["g_w1"])):
+                    router.group_argmax(g, pooled, prep).tolist()
 
         r_only = time_models({"router": router_only}, repeats=args.repeats, warmup=2)["router"]["median_s"]
-        overhead = paired_ratio(res, "dynamic", "static") - 1
+        overhead = ov["overhead_fraction"]
         fx.set_arch(None)
 
         # per-token MLP routing: a share p of the tokens at full width, the rest at the smallest
@@ -109,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         monotone = all(b["median_s"] > a["median_s"] for a, b in zip(per_token, per_token[1:]))
         out = {
             "target": args.target, "seq_len": T, "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "config": arch.to_dict(), "predicted_fraction": run.table.fraction(arch),
-            "static_s": res["static"]["median_s"], "dynamic_s": res["dynamic"]["median_s"], "full_s": res["full"]["median_s"],
-            "overhead_fraction": overhead, "router_forward_s": r_only, "router_forward_fraction": r_only / res["static"]["median_s"],
+            "config": arch.to_dict(), "predicted_fraction": ov["predicted_fraction"],
+            "static_s": ov["sliced_s"], "dynamic_s": ov["routed_s"], "full_s": ov["full_s"],
+            "overhead_fraction": overhead, "timed_fraction": ov["timed_fraction"], "router_forward_s": r_only,
+            "router_forward_fraction": r_only / ov["sliced_s"],
             "meets_2_percent": overhead < 0.02, "per_token": per_token, "per_token_latency_falls_with_width": monotone,
         }
         path = write_json(Path(args.out) / "router_overhead.json", out)

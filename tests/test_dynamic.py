@@ -10,9 +10,9 @@ import torch
 
 from conftest import make_tiny
 from flextron.config import ElasticConfig
-from flextron.dynamic import DynamicRouter, DynamicRouting, calibrate_price, choice_statistics, routed_fractions
+from flextron.dynamic import DynamicRouter, DynamicRouting, calibrate_price, choice_statistics, measure_overhead, routed_fractions
 from flextron.dynamic_eval import compare_at_equal_latency
-from flextron.dynamic_train import DynamicConfig, config_from_overrides, load_dynamic, train_dynamic
+from flextron.dynamic_train import DynamicConfig, config_from_overrides, load_dynamic, timed_budgets, train_dynamic
 from flextron.elastic import convert
 from flextron.errors import ConfigError, ModelError, TargetError
 from flextron.latency import CostTable
@@ -69,6 +69,38 @@ def test_untrained_dynamic_router_is_the_static_router():
         assert torch.allclose(out, fx(input_ids=ids).logits, atol=1e-12, rtol=0)
         fx.set_arch(None)
     assert fx.arch == fx.space.full()  # the context restores the model
+
+
+@pytest.mark.parametrize("route_every", [1, 2])
+def test_fast_argmax_path_equals_the_router_logits(route_every):
+    fx, table, static, _ = _setup()
+    router = DynamicRouter.from_static(static, TARGETS, hidden=16, route_every=route_every).to(torch.float64)
+    _scramble(router)
+    h = torch.randn(5, fx.space.hidden_size, dtype=torch.float64)
+    prep, fused = router.prepare(0.7), router.prepare(0.7, fused=True)
+    groups = torch.cat([router.group_argmax(g, h, fused) for g in range(len(fused["g_w1"]))])  # (L, B, 2)
+    assert groups.shape == (router.num_layers, 5, 2)
+    for l in range(router.num_layers):
+        m, a = router.layer_logits(l, h, prep)
+        assert torch.equal(groups[l], torch.stack([m.argmax(-1), a.argmax(-1)], 1))
+    # deployment routing (fast path) and the straight-through path (grad=True) choose alike
+    ids = torch.randint(0, 97, (6, 10))
+    picks = []
+    for grad in (False, True):
+        with DynamicRouting(fx, router, 0.7, grad=grad) as r:
+            with torch.no_grad():
+                out = fx(input_ids=ids).logits
+            picks.append(tuple(t.tolist() for t in r.indices()))
+            assert r.stacked()[0].shape == (6, router.num_layers, router.n_mlp)
+    assert picks[0] == picks[1]
+    # every sequence's output is its sliced sub-network's
+    mi, hi = torch.tensor(picks[0][0]), torch.tensor(picks[0][1])
+    for b in range(6):
+        fx.set_arch(fx.space.from_indices(mi[b].tolist(), hi[b].tolist()))
+        assert torch.allclose(out[b], fx(input_ids=ids[b : b + 1]).logits[0], atol=1e-10, rtol=0)
+    fx.set_arch(None)
+    with pytest.raises(ConfigError, match="route_every"):
+        DynamicRouter(TARGETS, 2, 8, 3, 2, route_every=3)
 
 
 def test_routed_batch_equals_each_sequence_sliced():
@@ -171,6 +203,29 @@ def test_calibrated_price_meets_the_average_target():
         assert frac.max() > frac.min()  # inputs got different budgets around the average
 
 
+def test_router_overhead_is_measured_and_budgets_follow_the_timing():
+    fx, table, static, router = _setup()
+    _scramble(router)
+    ids = torch.randint(0, 97, (1, 12))
+    ov = measure_overhead(fx, router, 0.6, ids, repeats=3, table=table)
+    assert ov["routed_s"] > 0 and ov["sliced_s"] > 0 and ov["full_s"] > 0 and ov["timed_fraction"] > 0 and ov["repeats"] == 3
+    assert fx.space.validate(ov["config"]) == ov["config"] and ov["predicted_fraction"] == table.fraction(ov["config"])
+    assert fx.arch == fx.space.full()  # the measurement leaves the model as it was
+    with pytest.raises(ConfigError, match="one sequence"):
+        measure_overhead(fx, router, 0.6, torch.randint(0, 97, (2, 12)))
+    timing, budgets = timed_budgets(fx, router, table, ids, 3)
+    for t in (0.6, 0.8):  # budget = t · predicted / timed, within ±15 % of t
+        m = timing[f"{t:g}"]
+        assert budgets[t] == pytest.approx(min(max(t / m["timed_over_predicted"], 0.85 * t), 1.15 * t))
+    blocks = torch.randint(0, 97, (16, 12))
+    cal = calibrate_price(fx, router, table, blocks, iters=12, budgets={0.6: 0.5, 0.8: 0.7})
+    for t, b in ((0.6, 0.5), (0.8, 0.7)):
+        assert cal[f"{t:g}"]["budget"] == b and routed_fractions(fx, router, t, blocks, table)[0].mean().item() <= b
+    for bad in (-0.01, 1.2, float("nan")):
+        with pytest.raises(ConfigError, match="budget"):
+            calibrate_price(fx, router, table, blocks, budgets={0.6: bad})
+
+
 def test_choice_statistics_detect_collapse():
     same = torch.zeros(5, 4, dtype=torch.long)
     st = choice_statistics(same, same, 3, 2)
@@ -215,12 +270,13 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         r.stacked()
 
 
-@pytest.mark.parametrize("variant", ["surrogate", "per_token", "direct_joint"])
+@pytest.mark.parametrize("variant", ["surrogate", "per_token", "direct_joint", "gate_closed"])
 def test_train_dynamic_meets_budget_logs_and_round_trips(tmp_path, variant):
     fx, table, static, _ = _setup(dtype=torch.float32)
-    kw = {"surrogate": {}, "per_token": {"per_token": True}, "direct_joint": {"surrogate": False, "joint_steps": 2}}[variant]
+    kw = {"surrogate": {}, "per_token": {"per_token": True}, "direct_joint": {"surrogate": False, "joint_steps": 2},
+          "gate_closed": {"gate_spearman": 2.0, "fallback_steps": 3}}[variant]  # a gate that cannot open: direct fallback
     cfg = DynamicConfig(targets=TARGETS, steps=4, batch_size=4, warmup_steps=1, heldout_steps=1, calibrate_blocks=12,
-                        gate_spearman=-1.0, gate_error=100.0, **kw)
+                        timing_repeats=0, **{"gate_spearman": -1.0, "gate_error": 100.0, **kw})
     pool = torch.randint(0, 97, (24, 12), generator=torch.Generator().manual_seed(0))
     before = [p.detach().clone() for p in fx.parameters()]
     router, summary = train_dynamic(fx, static, table, pool, cfg, tmp_path, progress=False)
@@ -228,7 +284,11 @@ def test_train_dynamic_meets_budget_logs_and_round_trips(tmp_path, variant):
         assert -0.05 <= c["error"] <= 0, (t, c)
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     stages = {r["stage"] for r in recs}
-    if variant == "direct_joint":
+    if variant == "gate_closed":
+        assert stages == {"dynamic_routers", "dynamic_direct"} and summary["fallback"]["steps"] == 3
+        assert summary["routers"]["router_steps_with_surrogate_grad"] == 0
+        assert sum(r["stage"] == "dynamic_direct" for r in recs) == 3
+    elif variant == "direct_joint":
         assert stages == {"dynamic_direct", "dynamic_joint"}
         assert (tmp_path / "model" / "flextron.json").exists()
         assert any(not torch.equal(a, b) for a, b in zip(before, fx.parameters()))  # joint fine-tuning moved the model
@@ -243,3 +303,15 @@ def test_train_dynamic_meets_budget_logs_and_round_trips(tmp_path, variant):
     (tmp_path / "router" / "dynamic_router.safetensors").write_bytes(b"altered")
     with pytest.raises(ModelError):
         load_dynamic(tmp_path, fx)
+
+
+def test_prepared_target_part_is_cached_until_the_router_changes():
+    fx, table, static, router = _setup()
+    a = router.prepared(0.7)
+    assert router.prepared(0.7) is a  # deployment prepares a target once
+    with torch.no_grad():
+        router.price[0] += 1.0  # calibration changes a buffer in place
+    b = router.prepared(0.7)
+    assert b is not a and torch.equal(b["g_b2p"][0], router.prepare(0.7, fused=True)["g_b2p"][0])
+    router.float()  # new tensors: never the cached float64 ones
+    assert router.prepared(0.7)["g_w1"][0].dtype == torch.float32

@@ -40,16 +40,23 @@ def test_cli_dynamic_train_eval_generate(tiny_run, capsys):
     res = json.loads((tiny_run / "dynamic_results.json").read_text())
     assert set(res["domains"]) == {"wikipedia", "shakespeare", "python"}
     assert [r["target"] for r in res["dynamic"]] == [0.6, 0.8]
+    cal, timing = res["router_summary"]["calibration"], res["router_summary"]["timing"]
     for r in res["dynamic"]:
-        assert -0.1 <= r["predicted_latency_error"] <= 0.05  # calibrated on training blocks, measured on held-out ones
+        budget = cal[f"{r['target']:g}"]["budget"]  # the target scaled by the timed / predicted ratio measured on this machine
+        assert budget == timing[f"{r['target']:g}"]["budget"] and abs(budget / r["target"] - 1) <= 0.15 + 1e-9
+        assert -0.1 <= r["predicted_fraction"] / budget - 1 <= 0.05  # calibrated on training blocks, measured on held-out ones
         assert set(r["per_domain"]) == set(res["domains"]) and "vs_static_predicted" in r and "timed_fraction" in r
         assert len(r["per_domain"]["python"]["mlp_width_per_layer"]) == 3
         assert all("verdict" in v["vs_static_predicted"] for v in r["per_domain"].values())
+        sh = r["vs_shuffled"]  # the same configurations, not matched to their inputs
+        assert sh["distinct_configs"] >= 1 and sh["verdict"] in ("input adaptivity helps", "input adaptivity hurts", "tie")
+        if sh["distinct_configs"] == 1:  # nothing to shuffle: exactly the dynamic result
+            assert sh["delta_nll"] == 0
     modes = [r.get("mode") for r in json.loads((tiny_run / "results.json").read_text())["rows"]]
     assert modes.count("dynamic") == 2 and "static" in modes
     report = (tiny_run / "dynamic_report.md").read_text()
     for section in ("## Latency targets", "## Dynamic against static at equal latency", "## Compute per domain", "## Collapse",
-                    "## Router training", "Per domain, dynamic / static perplexity"):
+                    "## Router training", "Per domain, dynamic / static perplexity", "## Input adaptivity (shuffled control)"):
         assert section in report
     for png in ("dynamic_latency_perplexity.png", "dynamic_domain_compute.png", "dynamic_domain_widths.png", "dynamic_training.png"):
         assert (tiny_run / png).stat().st_size > 1000

@@ -164,11 +164,16 @@ def cmd_dynamic(args: argparse.Namespace) -> int:
 
     cfg = config_from_overrides(targets=tuple(args.targets) if args.targets else None, steps=args.steps,
                                 latency_weight=args.latency_weight, surrogate=False if args.direct else None,
+                                fallback_steps=args.fallback_steps, route_every=args.route_every,
                                 per_token=True if args.per_token else None, joint_steps=args.joint_steps)
     out = Path(args.out) if args.out else Path(args.run) / "dynamic"
     summary = train_dynamic_run(Path(args.run), out, cfg, train_blocks=args.train_blocks)
+    timing = summary.get("timing", {})
     for t, c in summary["calibration"].items():
-        print(f"target {t}: average predicted latency {c['mean_fraction']:.3f} of full ({100 * c['error']:+.1f}%) on the calibration blocks")
+        tm = (f"; one block timed {timing[t]['timed_fraction']:.3f} against a predicted {timing[t]['predicted_fraction']:.3f} "
+              f"(router overhead {100 * timing[t]['overhead_fraction']:+.1f}%)") if t in timing else ""
+        print(f"target {t}: average predicted latency {c['mean_fraction']:.3f} of full, budget {c['budget']:.3f} "
+              f"({100 * c['error']:+.1f}%) on the calibration blocks{tm}")
     print(f"dynamic router: {out / 'router'}")
     return 0
 
@@ -233,9 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("dynamic", parents=[common], help="train input-adaptive (dynamic) routers on a finished run",
-                       description="Train dynamic routers (warm start from the run's static router, surrogate training, latency "
-                                   "price calibrated so the average predicted latency meets each target) on Wikipedia, "
-                                   "Shakespeare and Python source; writes OUT (default RUN/dynamic).")
+                       description="Train dynamic routers (warm start from the run's static router, surrogate training with a "
+                                   "direct LM-loss fallback when its gate never opens, latency price calibrated so the average "
+                                   "predicted latency meets each target) on Wikipedia, Shakespeare and Python source; writes OUT "
+                                   "(default RUN/dynamic).")
     d.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     d.add_argument("--out", default=None, metavar="DIR", help="output directory (default RUN/dynamic)")
     d.add_argument("--targets", type=parse_targets, default=None, help="targets served (default 0.6,0.7,0.85,1.0)")
@@ -243,7 +249,11 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--train-blocks", type=_positive_int, default=16, metavar="N", help="training blocks per domain (default 16)")
     d.add_argument("--latency-weight", type=float, default=None, metavar="λ", help="weight of the latency loss (default 10)")
     d.add_argument("--direct", action="store_true", help="ablation: train through the LM loss (soft masks), no surrogate")
+    d.add_argument("--fallback-steps", type=_nonnegative_int, default=None, metavar="N",
+                   help="direct LM-loss steps after the surrogate path if its gate never opened (default 20; 0 = none)")
     d.add_argument("--per-token", action="store_true", help="per-token MLP routing (grouped by width)")
+    d.add_argument("--route-every", type=_positive_int, default=None, metavar="K",
+                   help="layers that share one read of the hidden state (default 3; 1 = every layer reads its own input)")
     d.add_argument("--joint-steps", type=_nonnegative_int, default=None, metavar="N",
                    help="joint fine-tuning steps of model and router afterwards (default 0; the model is saved to OUT/model)")
     d.set_defaults(func=cmd_dynamic)

@@ -6,7 +6,8 @@ its own text files), ``shakespeare`` (the run's out-of-domain plays; the router 
 other plays) and ``python`` (source files of this Python's standard library, shipped with the
 interpreter; a seeded file split). Outputs: ``dynamic_results.json`` with, per target, the average
 predicted and timed latency, perplexity, per-domain compute and width shares per layer, collapse
-statistics, and dynamic against static routing at equal latency (interpolated along the static
+statistics, the shuffled control (:func:`shuffled_control`: the same configurations, not matched to
+their inputs), and dynamic against static routing at equal latency (interpolated along the static
 curve, bootstrap CIs over blocks); :func:`append_dynamic_rows` adds ``mode: dynamic`` rows to
 ``results.json``; plots and Markdown come from :mod:`flextron.dynamic_report`.
 """
@@ -35,7 +36,7 @@ from .latency import paired_ratio, prefill_fn, time_models
 log = logging.getLogger(__name__)
 
 __all__ = ["domain_documents", "domain_blocks", "train_dynamic_run", "load_dynamic_run", "evaluate_dynamic",
-           "evaluate_dynamic_run", "compare_at_equal_latency", "append_dynamic_rows", "generate_dynamic"]
+           "evaluate_dynamic_run", "compare_at_equal_latency", "shuffled_control", "append_dynamic_rows", "generate_dynamic"]
 
 DOMAINS = ("wikipedia", "shakespeare", "python")
 
@@ -167,6 +168,36 @@ def _routed(fx, router: DynamicRouter, t: float, blocks: torch.Tensor, table, ba
             mlp.append(m.float())
             heads.append(h.float())
     return {"nll": nll, "fraction": frac, "mlp": torch.cat(mlp), "heads": torch.cat(heads)}
+
+
+@torch.no_grad()
+def shuffled_control(fx, routed: dict, blocks: torch.Tensor, *, batch_size: int, seed: int = 0) -> dict:
+    """Is the *input* dependence worth anything? Every block ``i`` of ``blocks`` ``(N, T)`` runs at
+    the configuration the router chose for block ``π(i)`` (a seeded random permutation), so the
+    configurations and their average latency are exactly those of dynamic routing, only no longer
+    matched to their inputs. ``routed``: :func:`_routed`'s output for these blocks (per-sequence
+    choices). Returns the per-block NLL ``"nll"`` (N,), the paired difference dynamic − shuffled
+    (nats, bootstrap CI over blocks), and ``verdict``: ``input adaptivity helps`` / ``hurts`` /
+    ``tie``; ``distinct_configs``: the number of different configurations routed."""
+    sp = fx.space
+    mi, hi = routed["mlp"].argmax(-1).tolist(), routed["heads"].argmax(-1).tolist()  # (N, L) each
+    archs = [sp.from_indices(a, b) for a, b in zip(mi, hi)]
+    perm = torch.randperm(len(archs), generator=torch.Generator().manual_seed(seed)).tolist()
+    nll = [0.0] * len(archs)
+    groups: dict = {}
+    for i, j in enumerate(perm):
+        groups.setdefault(archs[j], []).append(i)
+    for arch, ix in groups.items():
+        fx.set_arch(arch)
+        for i, v in zip(ix, perplexity(fx, blocks[ix], batch_size=batch_size, progress=False)["nll_per_block"]):
+            nll[i] = v
+    fx.set_arch(None)
+    diff = [d - s for d, s in zip(routed["nll"], nll)]
+    ci = bootstrap_ci(diff, seed=seed)
+    return {"nll": nll, "perplexity": math.exp(sum(nll) / len(nll)), "delta_nll": sum(diff) / len(diff), "delta_nll_ci": list(ci),
+            "ppl_ratio": math.exp(sum(diff) / len(diff)), "ppl_ratio_ci": [math.exp(ci[0]), math.exp(ci[1])],
+            "verdict": "input adaptivity helps" if ci[1] < 0 else "input adaptivity hurts" if ci[0] > 0 else "tie",
+            "distinct_configs": len(set(archs))}
 
 
 def compare_at_equal_latency(static: list[tuple[float, list[float]]], latency: float, nll: list[float], *, seed: int = 0) -> dict:
@@ -307,6 +338,8 @@ def evaluate_dynamic(run, router: DynamicRouter, held: dict[str, torch.Tensor], 
                "perplexity": math.exp(mean(r["nll"])), "perplexity_ci": list(bootstrap_ci(r["nll"], transform=math.exp)),
                "collapse": {k: stats[k] for k in ("entropy_nats", "input_independent_layers", "collapsed")},
                "per_domain": per_domain, "vs_static_predicted": compare_at_equal_latency(static_pred, mean(r["fraction"]), r["nll"])}
+        if not per_token:
+            row["vs_shuffled"] = {k: v for k, v in shuffled_control(fx, r, blocks, batch_size=batch_size).items() if k != "nll"}
         if timed:
             tf = timed[f"dynamic {t:g}"]["fraction"]
             row |= {"timed_fraction": tf, "latency_s": timed[f"dynamic {t:g}"]["median_s"], "full_latency_s": timed["full"]["median_s"],

@@ -95,8 +95,7 @@ def plot_domain_widths(res: dict, path: Path) -> bool:
 def plot_training(metrics: list[dict], path: Path) -> bool:
     """Latency error of the batch average, router loss and choice entropy over inputs per step,
     for every dynamic training stage present (surrogate path, direct ablation, joint)."""
-    recs = {s: [m for m in metrics if m.get("stage") == s and m.get("phase", "train") == "train"] for s in STAGES}
-    recs = {s: v for s, v in recs.items() if v}
+    recs = _by_stage(metrics)
     if not recs:
         return False
     fig = _figure(figsize=(12, 3.6))
@@ -104,13 +103,25 @@ def plot_training(metrics: list[dict], path: Path) -> bool:
                                       ("choice_entropy_nats", "choice entropy over inputs (nats)"))):
         ax = fig.add_subplot(1, 3, i + 1)
         for s, v in recs.items():
-            ax.plot([m["step"] for m in v], [m.get(key) for m in v], marker=".", label=s.replace("dynamic_", ""))
+            ax.plot([m["step"] for m in v], [m.get(key) for m in v], marker=".", label=s)
         ax.set_xlabel("step")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     _save_figure(fig, path)
     return True
+
+
+def _by_stage(metrics: list[dict]) -> dict[str, list[dict]]:
+    """Training records per stage (labelled ``variant: stage`` when the records come from several
+    router directories), in the order of ``STAGES``; stages without records are left out."""
+    out: dict[str, list[dict]] = {}
+    for s in STAGES:
+        for m in metrics:
+            if m.get("stage") == s and m.get("phase", "train") == "train":
+                label = s.replace("dynamic_", "")
+                out.setdefault(f"{m['variant']}: {label}" if "variant" in m else label, []).append(m)
+    return out
 
 
 def _verdict(v: dict | None) -> list[str]:
@@ -151,6 +162,15 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
         md += ["By timed latency:", "", _table(hdr, [[_fmt(r["target"])] + _verdict(r.get("vs_static_timed")) for r in rows]), ""]
     if plots.get("dynamic_latency_perplexity.png"):
         md += ["![dynamic vs static](dynamic_latency_perplexity.png)", ""]
+    if any("vs_shuffled" in r for r in rows):
+        md += ["## Input adaptivity (shuffled control)", "",
+               "Every block runs at the configuration routed for another block (a random permutation): the same "
+               "configurations and the same average latency, no longer matched to their inputs. Ratio = dynamic / shuffled "
+               "perplexity, 95% bootstrap CI over blocks; below 1 means the input dependence itself helps.", "",
+               _table(["target", "configurations", "ppl dynamic / shuffled", "ratio [95% CI]", "verdict"],
+                      [[_fmt(r["target"]), str(r["vs_shuffled"]["distinct_configs"]),
+                        f"{r['perplexity']:.2f} / {r['vs_shuffled']['perplexity']:.2f}", _ratio(r["vs_shuffled"]),
+                        r["vs_shuffled"]["verdict"]] for r in rows if "vs_shuffled" in r]), ""]
     md += ["## Compute per domain", "",
            _table(["target"] + [f"{d} (full ppl {res['domains'][d]['full_perplexity']:.1f})" for d in domains],
                   [[_fmt(r["target"])] + [f"{r['per_domain'][d]['mean_fraction']:.3f} (ppl {r['per_domain'][d]['perplexity']:.1f})"
@@ -174,9 +194,8 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
                   [[_fmt(r["target"]), _fmt(r["collapse"]["entropy_nats"], 3), f"{100 * r['collapse']['input_independent_layers']:.0f}%",
                     "yes" if r["collapse"]["collapsed"] else "no"] for r in rows]), "",
            f"Identical choices at every target (targets collapsed): {'yes' if res.get('targets_collapsed') else 'no'}.", ""]
-    train = [m for m in metrics if m.get("stage") in STAGES and m.get("phase", "train") == "train"]
-    if train:
-        by = {s: [m for m in train if m["stage"] == s] for s in STAGES}
+    by = _by_stage(metrics)
+    if by:
         md += ["## Router training", "",
                _table(["stage", "steps", "final latency error (abs.)", "mean entropy (nats)", "surrogate-gradient steps"],
                       [[s, str(len(v)), f"{100 * abs(v[-1]['latency_error']):.1f}%",
@@ -195,7 +214,8 @@ def write_dynamic_report(out_dir: str | Path, res: dict, metrics_paths: list[str
     out_dir.mkdir(parents=True, exist_ok=True)
     if isinstance(metrics_paths, (str, Path)):
         metrics_paths = [metrics_paths]
-    metrics = [m for p in metrics_paths or [] for m in read_metrics(Path(p))]
+    paths = [Path(p) for p in metrics_paths or []]
+    metrics = [m | {"variant": p.parent.name} if len(paths) > 1 else m for p in paths for m in read_metrics(p)]
     makers = {"dynamic_latency_perplexity.png": lambda p: plot_latency_perplexity(res, p),
               "dynamic_domain_compute.png": lambda p: plot_domain_compute(res, p),
               "dynamic_domain_widths.png": lambda p: plot_domain_widths(res, p),

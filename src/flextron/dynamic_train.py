@@ -15,10 +15,22 @@ Stages (project choices):
    gate the router is updated on ``SM + λ · latency_loss(mean over the batch)``. The latency
    price β (a dual variable) rises while the batch average is over the target and falls while
    under. ``surrogate=False``: the direct ablation, LM loss through soft masks.
+   **Fallback** (project choice): when the surrogate never passes its gate, the router has had
+   no loss gradient at all (only the latency term), so it is reset to its warm start and
+   ``fallback_steps`` direct LM-loss steps train it instead, logged as stage ``dynamic_direct``
+   and recorded as ``summary["fallback"]``. On SmolLM2 the gate stayed closed (held-out Spearman
+   0.34 over 24 steps): per-input loss differences between nearby configurations are small next
+   to the noise between texts. Kept, the latency-only steps cost quality: surrogate path + 10
+   direct steps reached perplexity 182 at target 0.6, 10 direct steps from the warm start 115.
 3. **joint fine-tuning** (optional, METHOD §8): model and router on LM loss + λ · latency, through
    soft masks (single process: the router runs inside hooks, outside DDP).
 4. **calibration**: :func:`~flextron.dynamic.calibrate_price` fits β so the *average* predicted
-   latency over calibration blocks meets each target (≤ target, within a few per cent).
+   latency over calibration blocks meets each target (≤ target, within a few per cent). Then, on
+   this device, :func:`~flextron.dynamic.measure_overhead` times the routed prefill of one
+   calibration block at each target against the full model; the ratio timed / predicted (router
+   overhead plus the table's error on the configurations this router picks; SmolLM2 on 2 CPU
+   cores: 3–8 % above the table) scales each budget, and β is fitted again, so that the *timed*
+   latency meets the target (project choice; METHOD §9: a deployed target must meet its latency).
 """
 
 from __future__ import annotations
@@ -35,7 +47,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import MetricsLog, atomic_write_dir, file_hashes, verify_hashes
 from .config import _check
-from .dynamic import DynamicRouter, DynamicRouting, calibrate_price, choice_statistics
+from .dynamic import DynamicRouter, DynamicRouting, calibrate_price, choice_statistics, measure_overhead
 from .elastic import ElasticModel
 from .errors import ConfigError, DataError, ModelError
 from .evaluate import perplexity
@@ -45,7 +57,7 @@ from .surrogate import Surrogate, SurrogateFit
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DynamicConfig", "train_dynamic", "save_dynamic", "load_dynamic"]
+__all__ = ["DynamicConfig", "train_dynamic", "timed_budgets", "save_dynamic", "load_dynamic"]
 
 ROUTER_FILE = "dynamic_router.safetensors"
 SURROGATE_FILE = "dynamic_surrogate.safetensors"
@@ -59,12 +71,18 @@ class DynamicConfig:
     each; 1.0 is the full model). ``batch_size``: inputs per step, whose *average* latency is
     constrained. ``latency_weight`` λ, ``latency_tol`` as in METHOD §7; ``dual_lr``: step of the
     latency price per unit of relative latency error. ``surrogate=False``: direct LM-loss
-    ablation. ``joint_steps``: joint fine-tuning steps after router training (0 = none).
-    ``per_token``: per-token MLP routing. ``calibrate_blocks``: blocks used to fit the price."""
+    ablation. ``fallback_steps``: direct steps when the surrogate's gate never opened (0 = none).
+    ``joint_steps``: joint fine-tuning steps after router training (0 = none).
+    ``per_token``: per-token MLP routing. ``calibrate_blocks``: blocks used to fit the price.
+    ``route_every``: layers that share one read of the hidden state (:class:`DynamicRouter`; at most
+    the model's layer count).
+    ``timing_repeats``: timed rounds per target of the timed calibration (0 = calibrate on the
+    predicted latency only; per-token routing is calibrated on the predicted latency only)."""
 
     targets: tuple[float, ...] = (0.6, 0.7, 0.85, 1.0)
     hidden: int = 64
     anchor_scale: float = 3.0
+    route_every: int = 3
     steps: int = 30
     batch_size: int = 8
     router_lr: float = 1e-2
@@ -81,20 +99,22 @@ class DynamicConfig:
     gate_spearman: float = 0.8
     gate_error: float = 0.5
     surrogate: bool = True
+    fallback_steps: int = 20
     per_token: bool = False
     joint_steps: int = 0
     model_lr: float = 1e-4
     calibrate_blocks: int = 16
     calibrate_iters: int = 8
+    timing_repeats: int = 5
 
     def __post_init__(self) -> None:
         _check(len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets), "dynamic.targets", self.targets,
                "fractions in (0, 1]")
         _check(any(t < 1 for t in self.targets), "dynamic.targets", self.targets, "at least one target below 1.0")
-        for k in ("hidden", "batch_size", "surrogate_hidden", "surrogate_updates", "heldout_steps", "calibrate_blocks",
+        for k in ("hidden", "route_every", "batch_size", "surrogate_hidden", "surrogate_updates", "heldout_steps", "calibrate_blocks",
                   "calibrate_iters"):
             _check(getattr(self, k) >= 1, f"dynamic.{k}", getattr(self, k), "must be >= 1")
-        for k in ("steps", "warmup_steps", "joint_steps"):
+        for k in ("steps", "warmup_steps", "joint_steps", "fallback_steps", "timing_repeats"):
             _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
         _check(self.batch_size >= 2, "dynamic.batch_size", self.batch_size, "must be >= 2 (the constraint is on a batch average)")
         _check(self.tau_start >= self.tau_end > 0, "dynamic.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
@@ -270,13 +290,24 @@ def train_dynamic(fx: ElasticModel, static: TargetRouter, table, pool: torch.Ten
         metrics.truncate(stage, -1)
     torch.manual_seed(seed)
     dtype = next(fx.parameters()).dtype
-    router = DynamicRouter.from_static(static, cfg.targets, cfg.hidden, cfg.anchor_scale).to(dtype)
+    every = min(cfg.route_every, fx.space.num_layers)  # a model with fewer layers: one read for all of them
+    router = DynamicRouter.from_static(static, cfg.targets, cfg.hidden, cfg.anchor_scale, every).to(dtype)
     sp = fx.space
     surrogate = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), cfg.surrogate_hidden, n_features=1)
     t0 = time.time()
     summary: dict = {"config": asdict(cfg), "seed": seed, "blocks": list(pool.shape)}
     if cfg.surrogate:
+        warm = {k: v.clone() for k, v in router.state_dict().items()}
         summary["routers"] = train_through_surrogate(fx, router, surrogate, table, pool, cfg, metrics, seed=seed, progress=progress)
+        if summary["routers"]["router_steps_with_surrogate_grad"] == 0 and cfg.fallback_steps and not cfg.per_token:
+            log.warning("dynamic routers: the surrogate never passed its gate (held-out Spearman %s); the router restarts from "
+                        "its warm start with %d direct LM-loss steps", summary["routers"]["surrogate_spearman"], cfg.fallback_steps)
+            router.load_state_dict(warm)  # the latency-only steps are discarded
+            summary["fallback"] = train_through_masks(fx, router, table, pool, cfg, metrics, steps=cfg.fallback_steps,
+                                                      train_model=False, seed=seed, progress=progress)
+        elif summary["routers"]["router_steps_with_surrogate_grad"] == 0:
+            log.warning("dynamic routers: the surrogate never passed its gate, so the router learned from the latency term only%s",
+                        " (per-token routing has no direct fallback)" if cfg.per_token else "")
     else:
         summary["routers"] = train_through_masks(fx, router, table, pool, cfg, metrics, steps=cfg.steps, train_model=False,
                                                  seed=seed, progress=progress)
@@ -291,10 +322,33 @@ def train_dynamic(fx: ElasticModel, static: TargetRouter, table, pool: torch.Ten
     summary["price_before_calibration"] = router.price.tolist()
     summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size, iters=cfg.calibrate_iters,
                                              per_token=cfg.per_token, progress=progress)
+    if cfg.timing_repeats and not cfg.per_token:
+        summary["timing"], budgets = timed_budgets(fx, router, table, cal[:1].to(next(fx.parameters()).device), cfg.timing_repeats,
+                                                   progress=progress)
+        summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size, iters=cfg.calibrate_iters,
+                                                 budgets=budgets, progress=progress)
     summary["wall_s"] = round(time.time() - t0, 1)
     save_dynamic(out_dir, router, surrogate, summary)
     log.info("dynamic routers: calibrated average latency %s", {k: round(v["mean_fraction"], 4) for k, v in summary["calibration"].items()})
     return router, summary
+
+
+def timed_budgets(fx: ElasticModel, router: DynamicRouter, table, ids: torch.Tensor, repeats: int, *, max_change: float = 0.15,
+                  progress: bool = False) -> tuple[dict, dict[float, float]]:
+    """Budgets of the predicted latency under which the *timed* latency meets each target: for
+    every trained target ``t`` < 1, :func:`~flextron.dynamic.measure_overhead` on ``ids`` ``(1, T)``
+    gives the timed fraction ``τ`` and the table's prediction ``p`` of the routed sub-network; the
+    budget is ``t · p / τ``, kept within ``±max_change`` of ``t`` (a noisy reading cannot move it
+    further). Returns the measurements per target (JSON-ready) and ``{t: budget}``."""
+    timing, budgets = {}, {}
+    for t in [t for t in router.trained_targets if t < 1.0]:
+        m = measure_overhead(fx, router, t, ids, repeats=repeats, table=table, progress=progress, desc=f"dynamic: timing {t:g}")
+        ratio = m["timed_fraction"] / m["predicted_fraction"]
+        budgets[t] = min(max(t / ratio, t * (1 - max_change)), min(1.0, t * (1 + max_change)))
+        timing[f"{t:g}"] = {**m, "config": m["config"].to_dict(), "timed_over_predicted": ratio, "budget": budgets[t]}
+        log.info("dynamic routers at %g: timed %.3f vs predicted %.3f of full (router overhead %+.2f%%); budget %.3f", t,
+                 m["timed_fraction"], m["predicted_fraction"], 100 * m["overhead_fraction"], budgets[t])
+    return timing, budgets
 
 
 def save_dynamic(out_dir: str | Path, router: DynamicRouter, surrogate: Surrogate, summary: dict) -> Path:
@@ -303,7 +357,7 @@ def save_dynamic(out_dir: str | Path, router: DynamicRouter, surrogate: Surrogat
     out_dir = Path(out_dir)
     meta = {"targets": router.trained_targets, "num_layers": router.num_layers, "n_mlp": router.n_mlp, "n_heads": router.n_heads,
             "hidden_size": router.norm.normalized_shape[0], "hidden": router.b1.shape[1], "anchor_scale": router.anchor_scale,
-            "surrogate_hidden": surrogate.net[0].out_features, "per_token": bool(summary.get("config", {}).get("per_token", False)),
+            "route_every": router.route_every, "surrogate_hidden": surrogate.net[0].out_features, "per_token": bool(summary.get("config", {}).get("per_token", False)),
             "summary": summary}
 
     def write(tmp: Path) -> None:
@@ -329,7 +383,7 @@ def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dic
         meta = json.loads((sub / MANIFEST).read_text())
         hashes = meta["sha256"]
         router = DynamicRouter(meta["targets"], meta["num_layers"], meta["hidden_size"], meta["n_mlp"], meta["n_heads"],
-                               meta["hidden"], meta["anchor_scale"])
+                               meta["hidden"], meta["anchor_scale"], meta.get("route_every", 1))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"no readable dynamic router in {sub} ({type(e).__name__}: {e}); {fix}") from None
     verify_hashes(sub, hashes, fix)
