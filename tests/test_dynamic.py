@@ -315,3 +315,17 @@ def test_prepared_target_part_is_cached_until_the_router_changes():
     assert b is not a and torch.equal(b["g_b2p"][0], router.prepare(0.7, fused=True)["g_b2p"][0])
     router.float()  # new tensors: never the cached float64 ones
     assert router.prepared(0.7)["g_w1"][0].dtype == torch.float32
+
+
+def test_timed_budgets_are_capped_and_warn_when_the_timing_cannot_be_met(caplog, monkeypatch):
+    fx, table, static, router = _setup()
+    import flextron.dynamic_train as dt
+
+    def slow(fx_, router_, t, ids, **kw):  # the routed model times twice the table's prediction
+        return {"config": static.route(t), "timed_fraction": 2 * t, "predicted_fraction": t, "overhead_fraction": 0.5}
+
+    monkeypatch.setattr(dt, "measure_overhead", slow)
+    with caplog.at_level("WARNING", logger="flextron.dynamic_train"):
+        timing, budgets = timed_budgets(fx, router, table, torch.randint(0, 97, (1, 12)), 3)
+    assert budgets == {0.6: pytest.approx(0.51), 0.8: pytest.approx(0.68)}  # −15 %, no further
+    assert timing["0.6"]["timed_over_predicted"] == 2 and "will miss this target" in caplog.text

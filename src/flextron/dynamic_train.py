@@ -348,6 +348,12 @@ def timed_budgets(fx: ElasticModel, router: DynamicRouter, table, ids: torch.Ten
         timing[f"{t:g}"] = {**m, "config": m["config"].to_dict(), "timed_over_predicted": ratio, "budget": budgets[t]}
         log.info("dynamic routers at %g: timed %.3f vs predicted %.3f of full (router overhead %+.2f%%); budget %.3f", t,
                  m["timed_fraction"], m["predicted_fraction"], 100 * m["overhead_fraction"], budgets[t])
+        if abs(ratio - 1) > max_change:
+            log.warning("dynamic routers at %g: timed latency is %.2f× the table's prediction on this machine, beyond the ±%.0f%% "
+                        "the budget may move; the timed latency will miss this target. Train the routers on the machine the run's "
+                        "lookup table was measured on, or use the static router where the router overhead (%+.1f%% of the "
+                        "sub-network's prefill) is this large (very small models)", t, ratio, 100 * max_change,
+                        100 * m["overhead_fraction"])
     return timing, budgets
 
 
