@@ -183,6 +183,9 @@ def test_masked_routing_equals_sliced_and_passes_gradients():
         m, h = r.stacked()
     assert torch.allclose(sliced, masked, atol=1e-10, rtol=0)
     assert m.requires_grad and h.requires_grad
+    with DynamicRouting(fx, router, 0.6, masked=True) as r2:  # hard masks without a gradient: the same outputs
+        assert torch.allclose(sliced, fx(input_ids=ids).logits, atol=1e-10, rtol=0)
+        assert not r2.stacked()[0].requires_grad
     masked.square().mean().backward()
     assert router.w2.grad is not None and router.w2.grad.abs().sum() > 0
 

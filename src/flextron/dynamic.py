@@ -88,7 +88,7 @@ class DynamicRouter(nn.Module):
         self.register_buffer("price", torch.zeros(n_t))
         self.register_buffer("cost_mlp", torch.zeros(n_mlp))
         self.register_buffer("cost_heads", torch.zeros(n_heads))
-        self.norm = nn.LayerNorm(hidden_size, elementwise_affine=False)
+        self.hidden_size = hidden_size
         self.w1 = nn.Parameter(torch.randn(L, hidden_size + n_t, hidden) / math.sqrt(hidden_size + n_t))
         self.b1 = nn.Parameter(torch.zeros(L, hidden))
         self.w2 = nn.Parameter(torch.zeros(L, hidden, K))
@@ -189,7 +189,7 @@ class DynamicRouter(nn.Module):
         """Layer ``layer``'s logits from features ``h`` ``(..., d)`` (pooled ``(B, d)`` or per token
         ``(B, T, d)``) and :meth:`prepare`'s output: MLP ``(..., K_mlp)`` and heads ``(..., K_heads)``
         (``None`` unless ``heads``)."""
-        hn = F.layer_norm(h.to(self.w1.dtype), h.shape[-1:])  # = self.norm (no affine), without a module call
+        hn = F.layer_norm(h.to(self.w1.dtype), h.shape[-1:])  # no affine parameters
         w1, c1, w2, b2 = prep["w1"][layer], prep["c1"][layer], prep["w2"][layer], prep["b2"][layer]
         z = F.leaky_relu(torch.addmm(c1, hn, w1) if hn.dim() == 2 else hn @ w1 + c1)  # (..., H)
         if not heads:
@@ -287,10 +287,10 @@ class DynamicRouting:
         return None
 
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
-        """A layer's choice: candidate indices ``(...)`` (long) for plain argmax routing
-        (deployment: no one-hot is built on the hot path), else a straight-through one-hot ``(..., K)``."""
+        """A layer's choice: candidate indices ``(...)`` (long) for argmax routing that needs neither
+        a gradient nor a mask (no one-hot is built), else a straight-through one-hot ``(..., K)``."""
         if self.tau is None:  # argmax; with ``grad`` straight-through with the softmax's gradient
-            if not self.grad:
+            if not self.grad and not self.masked:
                 return logits.argmax(-1)
             soft = F.softmax(logits, -1)
             return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype) + soft - soft.detach()
@@ -333,12 +333,8 @@ class DynamicRouting:
             if prefill:  # a group's first layer: every tensor op here costs tens of µs between large kernels
                 if self._prep is None:
                     self._prep = self.router.prepared(self.target)
-                g = l // self.router.route_every
-                if torch.is_grad_enabled():
-                    with torch.no_grad():
-                        idx = self.router.group_argmax(g, self._pool(h), self._prep)
-                else:
-                    idx = self.router.group_argmax(g, self._pool(h), self._prep)  # (k_g, B, 2)
+                with torch.no_grad():
+                    idx = self.router.group_argmax(l // self.router.route_every, self._pool(h), self._prep)  # (k_g, B, 2)
                 self._pairs.extend(idx.unbind(0))
                 self._distincts.extend((sorted({r[0] for r in rows}), sorted({r[1] for r in rows})) for rows in idx.tolist())
             for i in range(l, min(l + self.router.route_every, self.sp.num_layers)):  # the group's layers

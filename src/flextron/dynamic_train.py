@@ -362,7 +362,7 @@ def save_dynamic(out_dir: str | Path, router: DynamicRouter, surrogate: Surrogat
     sha256 of both files) into ``out_dir`` atomically (other files there are kept)."""
     out_dir = Path(out_dir)
     meta = {"targets": router.trained_targets, "num_layers": router.num_layers, "n_mlp": router.n_mlp, "n_heads": router.n_heads,
-            "hidden_size": router.norm.normalized_shape[0], "hidden": router.b1.shape[1], "anchor_scale": router.anchor_scale,
+            "hidden_size": router.hidden_size, "hidden": router.b1.shape[1], "anchor_scale": router.anchor_scale,
             "route_every": router.route_every, "surrogate_hidden": surrogate.net[0].out_features, "per_token": bool(summary.get("config", {}).get("per_token", False)),
             "summary": summary}
 
