@@ -19,6 +19,7 @@ import json
 import math
 import sys
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,7 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoConfig
 
         import flextron
-        from flextron.bench import format_table, scaled_random_model, write_json
+        from benchmarks.harness import format_table, write_json
+        from benchmarks.measure import scaled_random_model
         from flextron.config import ModelConfig, to_dict
         from flextron.errors import ConfigError
 
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("--depth-mult and --width-mult must be >= 1 and not both 1 (the second model must be larger)")
         cfg = flextron.load_config(args.config)
         if cfg.model.source == "smollm2":
-            from flextron.assets import smollm2_model_dir
+            from flextron.data.assets import smollm2_model_dir
 
             base = smollm2_model_dir()
         else:
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
                                  for st, v in scaling.items()]))
         return 0
 
-    from flextron.bench import script_main
+    from benchmarks.harness import script_main
 
     return script_main(body, args.quiet)
 

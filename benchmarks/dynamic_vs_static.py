@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,12 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import json
 
-        from flextron.checkpoint import atomic_write_json
-        from flextron.dynamic_eval import domain_blocks, domain_documents, evaluate_dynamic, load_dynamic_run
-        from flextron.dynamic_report import write_dynamic_report
-        from flextron.dynamic_train import config_from_overrides, train_dynamic
+        from flextron.files import atomic_write_json
+        from flextron.data.domains import domain_blocks, domain_documents
+        from flextron.eval.dynamic import evaluate_dynamic
+        from flextron.eval.deploy_dynamic import load_dynamic_run
+        from flextron.report.dynamic import write_dynamic_report
+        from flextron.config import config_from_overrides
+        from flextron.train.dynamic import train_dynamic
         from flextron.errors import ConfigError
-        from flextron.pipeline import _set_threads, load_run
+        from flextron.eval.deploy import set_threads, load_run
 
         try:
             targets = tuple(float(t) for t in args.targets.split(","))
@@ -58,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--targets {args.targets!r} is not a comma-separated list of numbers") from None
         out = Path(args.out)
         run = load_run(args.run_dir)
-        _set_threads(run.cfg)
+        set_threads(run.cfg)
         seq = run.cfg.eval.seq_len
         pool, held = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, args.train_blocks, args.blocks_per_domain,
                                    seed=run.cfg.seed)
@@ -96,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nreport: {out / 'dynamic_report.md'}")
         return 0
 
-    from flextron.bench import script_main
+    from benchmarks.harness import script_main
 
     return script_main(body, args.quiet)
 

@@ -10,7 +10,7 @@ computation) is "outside the forward". Batching must keep that share small. Buil
         [--items 64] [--batch-sizes 1,16] [--threads 1] [--out benchmarks/results/eval_throughput.json]
 
 ``--model smollm2`` uses the embedded SmolLM2-135M-Instruct wrapped as a flextron model at
-target 1.0 (:class:`flextron.lm_eval_model.FlextronLM`); ``tiny`` a tiny random Llama (seconds,
+target 1.0 (:class:`flextron.eval.lm_eval_model.FlextronLM`); ``tiny`` a tiny random Llama (seconds,
 for a smoke test). Prints a table last and writes the JSON.
 """
 
@@ -28,7 +28,7 @@ import torch
 def _tiny():
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from flextron.assets import smollm2_model_dir
+    from flextron.data.assets import smollm2_model_dir
 
     tok = AutoTokenizer.from_pretrained(smollm2_model_dir())  # a real tokenizer, a tiny random model
     torch.manual_seed(0)
@@ -50,12 +50,12 @@ def main() -> None:
     torch.set_num_threads(args.threads)
 
     from flextron.config import ElasticConfig
-    from flextron.elastic import convert
-    from flextron.lm_eval_model import FlextronLM, evaluate_tasks
+    from flextron.model.elastic import convert
+    from flextron.eval.lm_eval_model import FlextronLM, evaluate_tasks
 
     if args.model == "smollm2":
-        from flextron.assets import smollm2_model_dir
-        from flextron.export import load_hf_model
+        from flextron.data.assets import smollm2_model_dir
+        from flextron.model.export import load_hf_model
 
         model, tok = load_hf_model(smollm2_model_dir())
     else:

@@ -75,7 +75,7 @@ def _model(args):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from flextron.export import load_hf_model
+    from flextron.model.export import load_hf_model
 
     if args.model == "tiny":
         torch.manual_seed(0)
@@ -83,7 +83,7 @@ def _model(args):
                           num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512)
         return AutoModelForCausalLM.from_config(cfg).float().eval()
     if args.model == "smollm2":
-        from flextron.assets import smollm2_model_dir
+        from flextron.data.assets import smollm2_model_dir
 
         return load_hf_model(smollm2_model_dir())[0]
     return load_hf_model(Path(args.model))[0]
@@ -94,7 +94,7 @@ def _activations(fx, teacher, batch, with_grad: bool) -> int:
     chunked loss), or the largest module output of a no-grad forward."""
     import torch
 
-    from flextron.training import lm_kd_loss
+    from flextron.train.losses import lm_kd_loss
 
     if with_grad:
         saved = []
@@ -120,13 +120,14 @@ def run_stage(stage: str, args) -> dict:
     import torch
 
     from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig
-    from flextron.elastic import convert
-    from flextron.evaluate import perplexity
-    from flextron.latency import CostTable
-    from flextron.routers import StaticRouter
-    from flextron.surrogate import Surrogate
-    from flextron.router_training import train_routers
-    from flextron.training import train_elastic, train_joint
+    from flextron.model.elastic import convert
+    from flextron.eval.perplexity import perplexity
+    from flextron.cost.table import CostTable
+    from flextron.routing.router import StaticRouter
+    from flextron.routing.surrogate import Surrogate
+    from flextron.train.routers import train_routers
+    from flextron.train.elastic import train_elastic
+    from flextron.train.joint import train_joint
 
     torch.set_num_threads(args.threads)
     blocks = torch.randint(0, 49152, (args.batch * (args.steps + 1), args.seq), generator=torch.Generator().manual_seed(0))
@@ -169,7 +170,7 @@ def run_stage(stage: str, args) -> dict:
     batch = blocks[: args.batch]
     fx.train(training)
     if stage == "joint":  # the joint stage runs the masked forward (router choices as soft masks): measure that one
-        from flextron.routers import choices_to_masks, gumbel_choice
+        from flextron.routing.router import choices_to_masks, gumbel_choice
 
         g = torch.Generator().manual_seed(0)
         mlp_logits, head_logits = router(torch.full((args.batch,), 0.6))

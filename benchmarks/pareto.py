@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from flextron.baselines import resolve_run, run_pareto, settings_for, summary_rows
-from flextron.bench import format_table, parse_overrides, resolve_device, script_main
-from flextron.report import plot_pareto
+from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
+from benchmarks.baselines import resolve_run, run_pareto, settings_for, summary_rows
+from benchmarks.harness import format_table, parse_overrides, resolve_device, script_main
+from flextron.report.static import plot_pareto
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python benchmarks/router_overhead.py RUN --dynamic-dir DIR --out OUT [--target 0.7] [--repeats 15] [--seq-len 256]
 
 1. **Router overhead.** For one held-out prompt (batch of one, the run's latency workload
-   length), :func:`flextron.dynamic.measure_overhead` times the routed prefill (router forward in
+   length), :func:`flextron.routing.runtime.measure_overhead` times the routed prefill (router forward in
    every layer + dispatch, ``dynamic``) against the *same* sub-network sliced without hooks
    (``static``) and the full model, interleaved in one session. Overhead = median of the
    per-round ratios − 1. The router's own forward (all layers, on one pooled feature vector,
@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +36,18 @@ def main(argv: list[str] | None = None) -> int:
     def body() -> int:
         import torch
 
-        from flextron.bench import format_table, write_json
-        from flextron.dynamic import measure_overhead
-        from flextron.dynamic_eval import domain_blocks, domain_documents, load_dynamic_run
+        from benchmarks.harness import format_table, write_json
+        from flextron.routing.calibrate import measure_overhead
+        from flextron.data.domains import domain_blocks, domain_documents
+        from flextron.eval.deploy_dynamic import load_dynamic_run
         from flextron.errors import ConfigError
-        from flextron.latency import prefill_fn, time_models
-        from flextron.pipeline import _set_threads
+        from flextron.cost.timing import prefill_fn, time_models
+        from flextron.eval.deploy import set_threads
 
         if args.repeats < 3:
             raise ConfigError(f"--repeats {args.repeats} is too few; give at least 3")
         run, router, _ = load_dynamic_run(args.run_dir, args.dynamic_dir)
-        _set_threads(run.cfg)
+        set_threads(run.cfg)
         fx, sp = run.fx, run.fx.space
         seq = args.seq_len or run.cfg.latency.seq_len
         _, held = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, 1, 1, seed=run.cfg.seed)
@@ -108,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"per-token latency falls with width: {'yes' if monotone else 'no'}; written {path}")
         return 0
 
-    from flextron.bench import script_main
+    from benchmarks.harness import script_main
 
     return script_main(body, False)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def body() -> int:
         import flextron
-        from flextron.bench import dir_bytes, export_targets, format_table, resolve_device, serving_memory, write_json
+        from benchmarks.measure import dir_bytes, serving_memory
+        from benchmarks.harness import export_targets, format_table, resolve_device, write_json
         from flextron.errors import ConfigError
 
         device = resolve_device(args.device)
@@ -81,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(["", "flextron (1 checkpoint)", f"{len(targets)} separate", "separate / flextron"], rows))
         return 0
 
-    from flextron.bench import script_main
+    from benchmarks.harness import script_main
 
     return script_main(body, args.quiet)
 

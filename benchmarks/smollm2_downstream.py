@@ -49,9 +49,9 @@ def main() -> None:
     import transformers
     from lm_eval.models.huggingface import HFLM
 
-    from flextron.assets import smollm2_model_dir
-    from flextron.export import load_hf_model
-    from flextron.lm_eval_model import evaluate_tasks
+    from flextron.data.assets import smollm2_model_dir
+    from flextron.model.export import load_hf_model
+    from flextron.eval.lm_eval_model import evaluate_tasks
 
     model, tok = load_hf_model(smollm2_model_dir())
     lm = HFLM(pretrained=model, tokenizer=tok, batch_size=args.batch_size)

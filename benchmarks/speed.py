@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
 def _losers(sub: dict[str, float], full: dict[str, float], ideal: float, top: int = 5) -> list[dict]:
@@ -44,10 +45,10 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         import flextron
-        from flextron.bench import (export_targets, format_table, forward_flops, generate_fn, load_exported, profile_ops,
-                                    resolve_device, time_prefill_decode, write_json)
+        from benchmarks.harness import export_targets, format_table, load_exported, resolve_device, write_json
+        from benchmarks.measure import forward_flops, generate_fn, profile_ops, time_prefill_decode
         from flextron.errors import ConfigError
-        from flextron.latency import prefill_fn
+        from flextron.cost.timing import prefill_fn
 
         device = resolve_device(args.device)
         if args.repeats < 3:
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
               r["decode_real_over_ideal"]] for r in rows]))
         return 0
 
-    from flextron.bench import script_main
+    from benchmarks.harness import script_main
 
     return script_main(body, args.quiet)
 

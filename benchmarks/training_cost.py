@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,10 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         import torch
 
         import flextron
-        from flextron.bench import format_table, resolve_device, run_inputs, training_step_costs, write_json
+        from benchmarks.harness import format_table, resolve_device, run_inputs, write_json
+        from benchmarks.measure import training_step_costs
         from flextron.errors import ConfigError, ModelError
-        from flextron.latency import CostTable
-        from flextron.training import BudgetSampler
+        from flextron.cost.table import CostTable
+        from flextron.train.loop import BudgetSampler
 
         device = resolve_device(args.device)
         if args.steps < 1:
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         ]))
         return 0
 
-    from flextron.bench import script_main
+    from benchmarks.harness import script_main
 
     return script_main(body, args.quiet)
 

@@ -17,13 +17,15 @@ from safetensors.torch import save_file
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny  # noqa: E402
 
-from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig  # noqa: E402
-from flextron.elastic import convert  # noqa: E402
-from flextron.latency import CostTable  # noqa: E402
-from flextron.routers import StaticRouter  # noqa: E402
-from flextron.surrogate import Surrogate  # noqa: E402
-from flextron.router_training import train_routers  # noqa: E402
-from flextron.training import make_accelerator, train_elastic, train_joint  # noqa: E402
+from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig
+from flextron.model.elastic import convert
+from flextron.cost.table import CostTable
+from flextron.routing.router import StaticRouter
+from flextron.routing.surrogate import Surrogate
+from flextron.train.routers import train_routers
+from flextron.train.distributed import make_accelerator
+from flextron.train.elastic import train_elastic
+from flextron.train.joint import train_joint
 
 
 def _snapshot(prefix: str, module: torch.nn.Module) -> dict:

@@ -15,10 +15,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny  # noqa: E402
 
-from flextron.config import ElasticConfig  # noqa: E402
-from flextron.elastic import convert  # noqa: E402
-from flextron.latency import CostTable  # noqa: E402
-from flextron.training import BudgetSampler, batch_for_step, lm_kd_loss, step_generator  # noqa: E402
+from flextron.config import ElasticConfig
+from flextron.model.elastic import convert
+from flextron.cost.table import CostTable
+from flextron.train.loop import BudgetSampler, batch_for_step, step_generator
+from flextron.train.losses import lm_kd_loss
 
 GLOBAL_BATCH = 4
 

@@ -26,15 +26,16 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny  # noqa: E402
 
-import flextron.checkpoint  # noqa: E402
-import flextron.router_training  # noqa: E402
-from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig  # noqa: E402
-from flextron.elastic import convert  # noqa: E402
-from flextron.latency import CostTable  # noqa: E402
-from flextron.routers import StaticRouter  # noqa: E402
-from flextron.surrogate import Surrogate  # noqa: E402
-from flextron.router_training import train_routers  # noqa: E402
-from flextron.training import train_elastic, train_joint  # noqa: E402
+import flextron.train.checkpoint  # noqa: E402
+import flextron.train.routers  # noqa: E402
+from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig
+from flextron.model.elastic import convert
+from flextron.cost.table import CostTable
+from flextron.routing.router import StaticRouter
+from flextron.routing.surrogate import Surrogate
+from flextron.train.routers import train_routers
+from flextron.train.elastic import train_elastic
+from flextron.train.joint import train_joint
 
 CFG = TrainConfig(steps=16, batch_size=2, seq_len=12, checkpoint_every=3, warmup_steps=2, lr=1e-2)
 # the surrogate gate is forced open so that every router step also trains the router through it
@@ -95,7 +96,7 @@ def train(run_dir: str, stage: str = "elastic", step_sleep: float = 0.0, hold_in
         forwards.append(time.sleep(step_sleep))
 
     fx.model.get_decoder().register_forward_pre_hook(counted, with_kwargs=True)  # also run by the chunked perplexity
-    real_gumbel = flextron.router_training.gumbel_choice
+    real_gumbel = flextron.train.routers.gumbel_choice
 
     def gumbel(logits, tau, gen):  # the router stage draws twice per step, nowhere else
         if not router_steps:
@@ -104,20 +105,20 @@ def train(run_dir: str, stage: str = "elastic", step_sleep: float = 0.0, hold_in
         return real_gumbel(logits, tau, gen)
 
     if hold_in_save:
-        real = flextron.checkpoint.save_file
+        real = flextron.train.checkpoint.save_file
 
         def parked(tensors, path, *a, **k):
             real(tensors, path, *a, **k)
             (run / "in_save").touch()
             time.sleep(600)  # the test kills the process here
 
-        flextron.checkpoint.save_file = parked
+        flextron.train.checkpoint.save_file = parked
     try:
         if stage == "elastic":
             summary = train_elastic(fx, teacher, blocks, CFG, table, run, seed=0, progress=False)
             weights = {"model": fx}
         elif stage == "routers":
-            flextron.router_training.gumbel_choice = gumbel
+            flextron.train.routers.gumbel_choice = gumbel
             summary = train_routers(fx, router, sm, table, blocks, ROUTER_CFG, run, seed=0, progress=False)
             weights = {"router": router, "surrogate": sm}
         else:

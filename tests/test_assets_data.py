@@ -1,4 +1,4 @@
-"""Tests of flextron.assets and flextron.data: fast ones on fakes, ``real`` ones on the assets."""
+"""Tests of flextron.data.assets and flextron.data: fast ones on fakes, ``real`` ones on the assets."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron import assets, data
-from flextron.data import Document
+from flextron.data import assets as assets, corpora as data
+from flextron.data.corpora import Document
 from flextron.errors import AssetError, DataError
 
 WORDS = ["<eos>", "<unk>"] + [f"w{i}" for i in range(50)]

@@ -11,7 +11,10 @@ from pathlib import Path
 import pytest
 
 import flextron
-from flextron.bench import forward_flops, paired_comparison, pareto_frontier
+from benchmarks.measure import forward_flops
+from flextron.pipeline.runner import STAGES
+from flextron.eval.stats import paired_comparison, pareto_frontier
+from flextron.model.space import SearchSpace
 
 from conftest import write_tiny_run
 
@@ -119,7 +122,7 @@ def test_conversion_scaling_two_sizes(tiny):
     assert b["model"]["num_hidden_layers"] == 2 * a["model"]["num_hidden_layers"]
     assert b["model"]["num_key_value_heads"] == 3 and b["model"]["params"] > a["model"]["params"]
     assert res["param_ratio"] > 1
-    assert set(res["scaling"]) == set(flextron.pipeline.STAGES) | {"total"}
+    assert set(res["scaling"]) == set(STAGES) | {"total"}
     for v in res["scaling"].values():
         assert v["base_s"] >= 0 and v["larger_s"] >= 0 and set(v["extrapolated_s"]) == {"1e+09", "8e+09"}
 
@@ -161,7 +164,7 @@ def test_bench_helpers():
     assert paired_comparison([1.0, 1.1, 0.9, 1.0], [2.0, 2.1, 1.9, 2.0])["verdict"] == "better"
     assert paired_comparison([2.0, 2.1], [1.0, 1.1])["verdict"] == "worse"
     assert pareto_frontier([(3, 1.0), (1, 5.0), (2, 6.0), (2, 2.0)]) == [(1, 5.0), (2, 2.0), (3, 1.0)]
-    sp = flextron.SearchSpace(num_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
+    sp = SearchSpace(num_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
                               head_dim=2, mlp_choices=(8, 16), head_choices=(1, 2), total_params=1, q_bias=False, mlp_bias=False)
     f_full = forward_flops(sp, sp.full(), 10, batch=1, new_tokens=4, context=0, lm_head_tokens=1)
     f_half = forward_flops(sp, sp.smallest(), 10, batch=1, new_tokens=4, context=0, lm_head_tokens=1)

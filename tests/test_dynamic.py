@@ -10,13 +10,19 @@ import torch
 
 from conftest import make_tiny
 from flextron.config import ElasticConfig
-from flextron.dynamic import DynamicRouter, DynamicRouting, calibrate_price, choice_statistics, measure_overhead, routed_fractions
-from flextron.dynamic_eval import compare_at_equal_latency
-from flextron.dynamic_train import DynamicConfig, config_from_overrides, load_dynamic, timed_budgets, train_dynamic
-from flextron.elastic import convert
+from flextron.routing.dynamic_router import DynamicRouter
+from flextron.routing.runtime import DynamicRouting, routed_fractions
+from flextron.routing.calibrate import calibrate_price, choice_statistics, measure_overhead
+from flextron.eval.dynamic import compare_at_equal_latency
+from flextron.config import DynamicConfig, config_from_overrides
+from flextron.routing.store import load_dynamic
+from flextron.routing.calibrate import timed_budgets
+from flextron.train.dynamic import train_dynamic
+from flextron.model.elastic import convert
 from flextron.errors import ConfigError, ModelError, TargetError
-from flextron.latency import CostTable
-from flextron.routers import StaticRouter, TargetRouter
+from flextron.cost.table import CostTable
+from flextron.routing.router import StaticRouter
+from flextron.routing.deploy import TargetRouter
 
 TARGETS = (0.6, 0.8, 1.0)
 
@@ -322,13 +328,13 @@ def test_prepared_target_part_is_cached_until_the_router_changes():
 
 def test_timed_budgets_are_capped_and_warn_when_the_timing_cannot_be_met(caplog, monkeypatch):
     fx, table, static, router = _setup()
-    import flextron.dynamic_train as dt
+    import flextron.routing.calibrate as dt
 
     def slow(fx_, router_, t, ids, **kw):  # the routed model times twice the table's prediction
         return {"config": static.route(t), "timed_fraction": 2 * t, "predicted_fraction": t, "overhead_fraction": 0.5}
 
     monkeypatch.setattr(dt, "measure_overhead", slow)
-    with caplog.at_level("WARNING", logger="flextron.dynamic_train"):
+    with caplog.at_level("WARNING", logger="flextron.routing.calibrate"):
         timing, budgets = timed_budgets(fx, router, table, torch.randint(0, 97, (1, 12)), 3)
     assert budgets == {0.6: pytest.approx(0.51), 0.8: pytest.approx(0.68)}  # −15 %, no further
     assert timing["0.6"]["timed_over_predicted"] == 2 and "will miss this target" in caplog.text

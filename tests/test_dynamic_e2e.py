@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from conftest import write_tiny_run
-from flextron import pipeline
+from flextron.pipeline import runner as pipeline
 from flextron.cli import main
 from flextron.config import load_config
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from flextron.config import ElasticConfig
-from flextron.elastic import ArchConfig, convert, nested_mask, sample_arch
+from flextron.model.space import ArchConfig, nested_mask, sample_arch
+from flextron.model.elastic import convert
 from flextron.errors import ConfigError, UnsupportedModelError
 
 from conftest import make_tiny

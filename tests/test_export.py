@@ -9,10 +9,11 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from flextron.config import ElasticConfig
-from flextron.elastic import ArchConfig, convert, sample_arch
+from flextron.model.space import ArchConfig, sample_arch
+from flextron.model.elastic import convert
 from flextron.errors import ModelError, OutputExistsError, UnsupportedModelError
-from flextron.export import export_subnetwork, load_elastic, load_hf_model, save_elastic, save_subnetwork, subnetwork_arch
-from flextron.hf_modeling import FlextronForCausalLM
+from flextron.model.export import export_subnetwork, load_elastic, load_hf_model, save_elastic, save_subnetwork, subnetwork_arch
+from flextron.model.hf_modeling import FlextronForCausalLM
 
 from conftest import make_tiny
 

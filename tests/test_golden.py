@@ -14,7 +14,7 @@ import struct
 import torch
 from safetensors.torch import load_file
 
-import flextron.pipeline as stage_module  # where the rank stage looks up compute_importance
+import flextron.pipeline.stages as stage_module  # where the rank stage looks up compute_importance
 from flextron.cli import main
 
 from conftest import write_tiny_run

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 import interrupt_worker
-from flextron.checkpoint import load_checkpoint
+from flextron.train.checkpoint import load_checkpoint
 
 TIMEOUT_S = 120
 
@@ -27,7 +27,7 @@ def ctx():
     server of Python 3.11 does not get the test directory on its path, so the worker module
     itself is imported by each child, which is quick once its dependencies are loaded.)"""
     c = multiprocessing.get_context("forkserver")
-    c.set_forkserver_preload(["flextron.training", "flextron.router_training", "flextron.elastic", "flextron.latency"])
+    c.set_forkserver_preload(["flextron.train.loop", "flextron.train.routers", "flextron.model.elastic", "flextron.cost.measure"])
     return c
 
 

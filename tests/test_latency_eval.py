@@ -14,10 +14,14 @@ import pytest
 import torch
 
 from flextron.config import ElasticConfig, LatencyConfig
-from flextron.elastic import convert, sample_arch
+from flextron.model.elastic import convert
+from flextron.model.space import sample_arch
 from flextron.errors import ConfigError
-from flextron.evaluate import bootstrap_ci, decode_tokens_per_s, perplexity
-from flextron.latency import CostTable, measure_latency_table, time_models, validate_latency_table
+from flextron.eval.stats import bootstrap_ci
+from flextron.eval.perplexity import decode_tokens_per_s, perplexity
+from flextron.cost.table import CostTable
+from flextron.cost.measure import measure_latency_table, validate_latency_table
+from flextron.cost.timing import time_models
 
 from conftest import make_tiny
 
@@ -137,7 +141,7 @@ def test_measure_latency_table_roundtrip(tmp_path):
 
 
 def test_monotone_enforced_and_recorded(monkeypatch):
-    import flextron.latency as lat
+    import flextron.cost.measure as lat
 
     fx = convert(make_tiny("llama_gqa_tied", dtype=torch.float32), CFG)
     real = lat.time_models
@@ -192,7 +196,7 @@ def test_decode_tokens_per_s_runs():
 
 
 def test_paired_ratio_is_the_median_of_per_round_ratios():
-    from flextron.latency import paired_ratio
+    from flextron.cost.timing import paired_ratio
 
     res = {"a": {"times_s": [1.0, 2.0, 9.0]}, "b": {"times_s": [2.0, 4.0, 10.0]}}
     assert paired_ratio(res, "a", "b") == pytest.approx(0.5)

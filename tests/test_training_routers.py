@@ -8,14 +8,17 @@ import json
 import pytest
 import torch
 
-from flextron.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flextron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from flextron.config import ElasticConfig, TrainConfig
-from flextron.elastic import ArchConfig, archs_from_json, archs_to_json, convert
+from flextron.model.space import ArchConfig, archs_from_json, archs_to_json
+from flextron.model.elastic import convert
 from flextron.errors import ConfigError, TargetError
-from flextron.latency import CostTable
-from flextron.routers import StaticRouter, TargetRouter, gumbel_choice, latency_loss
-from flextron.surrogate import Surrogate, SurrogateFit, encode_arch, spearman
-from flextron.training import BudgetSampler, homogeneous_for_target, train_elastic
+from flextron.cost.table import CostTable
+from flextron.routing.router import StaticRouter, gumbel_choice, latency_loss
+from flextron.routing.deploy import TargetRouter
+from flextron.routing.surrogate import Surrogate, SurrogateFit, encode_arch, spearman
+from flextron.train.loop import BudgetSampler, homogeneous_for_target
+from flextron.train.elastic import train_elastic
 
 from conftest import make_tiny
 
@@ -209,7 +212,7 @@ def test_interrupted_training_resumes_to_same_weights(tmp_path):
 def _elastic_and_joint(run_dir, batch_size, grad_accum):
     """Elastic training then joint fine-tuning of a float64 model; returns the trained weights."""
     from flextron.config import JointConfig, RouterConfig
-    from flextron.training import train_joint
+    from flextron.train.joint import train_joint
 
     fx = _fx(torch.float64)
     teacher = copy.deepcopy(fx.model).requires_grad_(False)
@@ -260,7 +263,7 @@ def test_chunked_loss_equals_direct_and_keeps_no_vocab_sized_activations():
     vocabulary size is kept for the backward pass beyond the logits themselves."""
     import torch.nn.functional as F
 
-    from flextron.training import lm_kd_loss
+    from flextron.train.losses import lm_kd_loss
 
     B, T, V = 3, 11, 500
     g = torch.Generator().manual_seed(0)
@@ -322,7 +325,7 @@ def test_allocate_by_sensitivity_is_the_knapsack_optimum_within_budget():
     import numpy as np
 
     from flextron.errors import ConfigError
-    from flextron.routers import allocate_by_sensitivity
+    from flextron.routing.deploy import allocate_by_sensitivity
 
     fx = _fx()
     sp, table = fx.space, CostTable.from_parameters(fx.space)
@@ -360,7 +363,7 @@ def test_layer_sensitivity_measures_one_layer_at_a_time_and_interpolates():
     every measured configuration reduces exactly one layer."""
     import numpy as np
 
-    from flextron.router_training import layer_sensitivity
+    from flextron.train.routers import layer_sensitivity
 
     fx = _fx()
     sp = fx.space
@@ -387,7 +390,7 @@ def test_joint_full_model_steps(tmp_path):
     """joint.p_full: the full-model steps train the model alone (the router is not run, so it does
     not change); with p_full = 0 every step trains the router."""
     from flextron.config import JointConfig, RouterConfig
-    from flextron.training import train_joint
+    from flextron.train.joint import train_joint
 
     blocks = torch.randint(0, 97, (16, 12), generator=torch.Generator().manual_seed(0))
     rcfg = RouterConfig(targets=(0.6, 1.0), tau_end=1.0)

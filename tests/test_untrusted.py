@@ -24,17 +24,21 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
 from conftest import make_tiny, write_tiny_run
-from flextron import pipeline
-from flextron.checkpoint import load_checkpoint, save_checkpoint, sha256_file
+from flextron.eval.deploy import load_run
+from flextron.pipeline import runner as pipeline
+from flextron.routing.store import new_router, save_routers
+from flextron.train.checkpoint import load_checkpoint, save_checkpoint
+from flextron.files import sha256_file
 from flextron.cli import main, parse_target
 from flextron.config import ElasticConfig, RouterConfig, RunConfig, dump_config, from_dict, load_config
-from flextron.elastic import convert
+from flextron.model.elastic import convert
 from flextron.errors import ConfigError, ModelError, TargetError
-from flextron.export import load_elastic, load_hf_model, save_elastic
-from flextron.latency import CostTable
-from flextron.routers import StaticRouter, TargetRouter
-from flextron.surrogate import Surrogate
-from flextron.router_training import train_routers
+from flextron.model.export import load_elastic, load_hf_model, save_elastic
+from flextron.cost.table import CostTable
+from flextron.routing.router import StaticRouter
+from flextron.routing.deploy import TargetRouter
+from flextron.routing.surrogate import Surrogate
+from flextron.train.routers import train_routers
 
 CASES: Counter = Counter()  # cases tried per fuzz test, printed by conftest's terminal summary
 FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
@@ -101,7 +105,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (run / "stages.json").write_text(json.dumps({s: {"wall_s": 0, "tokens": 0, "summary": {}} for s in pipeline.STAGES[:-1]}))
     save_elastic(fx, run / "final", tokenizer=tok)
     CostTable.from_parameters(fx.space).save(run / "latency_table.json")
-    pipeline._save_routers(run / "final_routers", *pipeline._new_router(cfg, fx))
+    save_routers(run / "final_routers", *new_router(cfg, fx))
     _train_routers(root / "router_run")
     return {"checkpoint": _checkpoint(root / "ckpt"), "run": run, "router_run": root / "router_run"}
 
@@ -222,9 +226,9 @@ def test_run_files_refuse_altered_weights_routers_and_shapes(files, tmp_path):
     cfg = load_config(run / "config.yaml")
     fx = load_elastic(run / "final")
     other = StaticRouter((0.5, 0.6, 0.8, 1.0), fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), cfg.routers.hidden)
-    pipeline._save_routers(run / "final_routers", other, pipeline._new_router(cfg, fx)[1])
+    save_routers(run / "final_routers", other, new_router(cfg, fx)[1])
     with pytest.raises(ModelError, match=r"tensor net\.0\.weight has shape \(\d+, 4\) but the model expects \(\d+, 3\)"):
-        pipeline.load_run(run)
+        load_run(run)
 
 
 # --------------------------------------------------------------------------- fuzz: configs

@@ -17,8 +17,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from . import __version__
-from .errors import FlextronError
+from flextron.errors import FlextronError
+from flextron.version import __version__
 
 log = logging.getLogger("flextron")
 
@@ -56,7 +56,7 @@ def parse_targets(text: str) -> list[float]:
 
 def parse_tasks(text: str) -> list[str]:
     """Comma-separated downstream task names: ``arc_easy,piqa``."""
-    from .tasks import TASKS
+    from flextron.eval.tasks import TASKS
 
     parts = [p.strip() for p in text.split(",") if p.strip()]
     if not parts:
@@ -91,10 +91,10 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from .config import load_config
+    from flextron.config import load_config
 
     cfg = load_config(args.config)  # config errors surface before the (heavy) pipeline import
-    from . import pipeline
+    from flextron.pipeline import runner as pipeline
 
     run_dir = Path(pipeline.run(cfg, overwrite=args.overwrite))
     if os.environ.get("RANK", "0") == "0":  # under accelerate launch every process gets here; one reports
@@ -104,19 +104,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from flextron.eval.deploy import export_target
 
-    out = pipeline.export_target(Path(args.run), args.target, Path(args.out), overwrite=args.overwrite)
+    out = export_target(Path(args.run), args.target, Path(args.out), overwrite=args.overwrite)
     print(f"exported target {args.target:g} to {out}")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from flextron.pipeline import runner as pipeline
 
     run_dir = Path(args.run)
     if args.dynamic or args.dynamic_only:
-        from .dynamic_eval import evaluate_dynamic_run
+        from flextron.pipeline.dynamic import evaluate_dynamic_run
 
         if not args.dynamic_only:
             pipeline.evaluate_run(run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot)
@@ -146,21 +146,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from . import pipeline
+    from flextron.eval.deploy import generate_text
 
     if args.dynamic:
-        from .dynamic_eval import generate_dynamic
+        from flextron.eval.deploy_dynamic import generate_dynamic
 
         text = generate_dynamic(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens, dyn_dir=args.dynamic_dir)
     else:
-        text = pipeline.generate_text(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens)
+        text = generate_text(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens)
     print(args.prompt + text)  # the prompt, then its continuation
     return 0
 
 
 def cmd_dynamic(args: argparse.Namespace) -> int:
-    from .dynamic_eval import train_dynamic_run
-    from .dynamic_train import config_from_overrides
+    from flextron.config import config_from_overrides
+    from flextron.pipeline.dynamic import train_dynamic_run
 
     cfg = config_from_overrides(targets=tuple(args.targets) if args.targets else None, steps=args.steps,
                                 latency_weight=args.latency_weight, surrogate=False if args.direct else None,

@@ -8,6 +8,7 @@ allowed. Every **[choice]** of ``METHOD.md`` is a field here, with the project d
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import types
 import typing
@@ -17,8 +18,12 @@ from typing import Any
 
 import yaml
 
-from .errors import ConfigError
+from flextron.errors import ConfigError
 
+log = logging.getLogger(__name__)
+
+#: The paper's six downstream tasks, in the paper's order (defined in :mod:`flextron.eval.tasks`).
+TASKS: tuple[str, ...] = ("arc_easy", "lambada", "piqa", "winogrande", "mmlu", "hellaswag")
 ORDERINGS = ("importance", "none", "random")
 MIXED_PRECISION = ("no", "bf16")
 
@@ -142,7 +147,7 @@ class LatencyConfig:
     ``block_repeats``: rounds of the isolated per-width block timings. ``method``: ``fit`` scales
     the block timings by least squares over ``fit_configs`` + all homogeneous exported
     sub-models timed against the full model, ``block`` uses the block timings as they are
-    (see :func:`flextron.latency.measure_latency_table`)."""
+    (see :func:`flextron.cost.measure.measure_latency_table`)."""
 
     seq_len: int = 256
     batch_size: int = 1
@@ -262,7 +267,7 @@ class EvalConfig:
     batch_size: int = 8
     latency_repeats: int = 7
     ablation_mlp_fraction: float = 0.5
-    # downstream tasks (flextron.tasks) scored with lm-eval during evaluation; () = none
+    # downstream tasks (flextron.eval.tasks) scored with lm-eval during evaluation; () = none
     tasks: tuple[str, ...] = ()
     task_limit: int = 0  # items per task, a fixed seeded subset; 0 = every item
     task_targets: tuple[float, ...] = ()  # targets whose sub-models are scored; () = all of `targets`
@@ -277,8 +282,6 @@ class EvalConfig:
             _check(getattr(self, k) >= 1, f"eval.{k}", getattr(self, k), "must be >= 1")
         _check(self.latency_repeats >= 5, "eval.latency_repeats", self.latency_repeats, "must be >= 5")
         _check(0 < self.ablation_mlp_fraction <= 1, "eval.ablation_mlp_fraction", self.ablation_mlp_fraction, "must lie in (0, 1]")
-        from .tasks import TASKS
-
         for name in self.tasks:
             _check(name in TASKS, "eval.tasks", name, f"each task must be one of {', '.join(TASKS)}")
         _check(self.task_limit >= 0, "eval.task_limit", self.task_limit, "must be >= 0 (0 = every item)")
@@ -408,3 +411,79 @@ def load_config(path: str | Path) -> RunConfig:
 def dump_config(cfg: RunConfig) -> str:
     """YAML text of a run config (round-trips through :func:`load_config`)."""
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+@dataclass(frozen=True)
+class DynamicConfig:
+    """Dynamic-router training. ``targets``: the targets it serves (the price is calibrated at
+    each; 1.0 is the full model). ``batch_size``: inputs per step, whose *average* latency is
+    constrained. ``latency_weight`` λ, ``latency_tol`` as in METHOD §7; ``dual_lr``: step of the
+    latency price per unit of relative latency error. ``surrogate=False``: direct LM-loss
+    ablation. ``fallback_steps``: direct steps when the surrogate's gate never opened (0 = none).
+    ``joint_steps``: joint fine-tuning steps after router training (0 = none).
+    ``per_token``: per-token MLP routing. ``calibrate_blocks``: blocks used to fit the price.
+    ``route_every``: layers that share one read of the hidden state (:class:`DynamicRouter`; at most
+    the model's layer count).
+    ``timing_repeats``: timed rounds per target of the timed calibration (0 = calibrate on the
+    predicted latency only; per-token routing is calibrated on the predicted latency only)."""
+
+    targets: tuple[float, ...] = (0.6, 0.7, 0.85, 1.0)
+    hidden: int = 64
+    anchor_scale: float = 3.0
+    route_every: int = 3
+    steps: int = 30
+    batch_size: int = 8
+    router_lr: float = 1e-2
+    surrogate_hidden: int = 256
+    surrogate_lr: float = 1e-3
+    surrogate_updates: int = 20
+    heldout_steps: int = 2
+    warmup_steps: int = 4
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    latency_weight: float = 10.0
+    latency_tol: float = 0.02
+    dual_lr: float = 2.0
+    gate_spearman: float = 0.8
+    gate_error: float = 0.5
+    surrogate: bool = True
+    fallback_steps: int = 20
+    per_token: bool = False
+    joint_steps: int = 0
+    model_lr: float = 1e-4
+    calibrate_blocks: int = 16
+    calibrate_iters: int = 8
+    timing_repeats: int = 5
+
+    def __post_init__(self) -> None:
+        _check(len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets), "dynamic.targets", self.targets,
+               "fractions in (0, 1]")
+        _check(any(t < 1 for t in self.targets), "dynamic.targets", self.targets, "at least one target below 1.0")
+        for k in ("hidden", "route_every", "batch_size", "surrogate_hidden", "surrogate_updates", "heldout_steps", "calibrate_blocks",
+                  "calibrate_iters"):
+            _check(getattr(self, k) >= 1, f"dynamic.{k}", getattr(self, k), "must be >= 1")
+        for k in ("steps", "warmup_steps", "joint_steps", "fallback_steps", "timing_repeats"):
+            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
+        _check(self.batch_size >= 2, "dynamic.batch_size", self.batch_size, "must be >= 2 (the constraint is on a batch average)")
+        _check(self.tau_start >= self.tau_end > 0, "dynamic.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
+        for k in ("router_lr", "surrogate_lr", "model_lr"):
+            _check(getattr(self, k) > 0, f"dynamic.{k}", getattr(self, k), "must be > 0")
+        for k in ("latency_weight", "dual_lr", "anchor_scale"):
+            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
+        _check(0 <= self.latency_tol < 1, "dynamic.latency_tol", self.latency_tol, "must lie in [0, 1)")
+        _check(not (self.per_token and (not self.surrogate or self.joint_steps)), "dynamic.per_token", self.per_token,
+               "per-token routing trains through the surrogate only (no masked form): set surrogate=true, joint_steps=0")
+
+
+def config_from_overrides(**overrides) -> DynamicConfig:
+    """A :class:`DynamicConfig` from keyword overrides (``None`` values ignored).
+
+    Raises:
+        ConfigError: unknown field or invalid value (naming it)."""
+    pass
+
+    given = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return from_dict(DynamicConfig, given, "dynamic")
+    except TypeError as e:
+        raise ConfigError(f"dynamic: {e}") from None

@@ -22,7 +22,7 @@ class AssetError(FlextronError, OSError):
 
 
 class TaskFileError(AssetError):
-    """A file of a downstream evaluation task (``flextron.tasks``) is missing, truncated or malformed."""
+    """A file of a downstream evaluation task (``flextron.eval.tasks``) is missing, truncated or malformed."""
 
 
 class DataError(FlextronError, ValueError):

@@ -3,8 +3,8 @@ flextron's model and tasks available.
 
 lm-eval 0.4.13 finds models only through its registry (no plugin entry points), so the plain
 ``lm_eval`` command cannot know ``--model flextron`` unless flextron is imported first. This
-wrapper imports :mod:`flextron.lm_eval_model` (which registers ``flextron``), adds
-``--include_path`` for flextron's local task definitions (:data:`flextron.tasks.TASK_DIR`; they
+wrapper imports :mod:`flextron.eval.lm_eval_model` (which registers ``flextron``), adds
+``--include_path`` for flextron's local task definitions (:data:`flextron.eval.tasks.TASK_DIR`; they
 take precedence over lm-eval's built-in tasks of the same names, which would read the hub), and
 runs lm-eval's own CLI with the remaining arguments unchanged::
 
@@ -22,8 +22,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run lm-eval's CLI on ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
     from lm_eval.__main__ import cli_evaluate
 
-    from . import lm_eval_model  # noqa: F401  (registers --model flextron)
-    from .tasks import TASK_DIR
+    from flextron.eval import lm_eval_model as lm_eval_model
+    from flextron.eval.tasks import TASK_DIR
 
     args = list(sys.argv[1:] if argv is None else argv)
     commands = {"run", "ls", "validate"}

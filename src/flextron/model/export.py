@@ -1,0 +1,373 @@
+"""Stage: export and persistence — slice a configuration into a plain HF model; save and load.
+
+Inputs: an :class:`~flextron.model.elastic.ElasticModel` (permuted weights) and an
+:class:`~flextron.model.elastic.ArchConfig`. Outputs:
+
+- :func:`export_subnetwork`: a *new* ``PreTrainedModel`` holding cloned, sliced weights (never
+  zero-padded). A homogeneous configuration becomes a model of the same family class
+  (``LlamaForCausalLM`` ...) that reloads in plain transformers; a heterogeneous one (or one whose
+  homogeneous config transformers would reject, e.g. ``hidden_size % num_attention_heads != 0``)
+  becomes a :class:`~flextron.model.hf_modeling.FlextronForCausalLM`, whose self-contained modeling file
+  is saved next to the weights (``trust_remote_code=True``).
+- :func:`save_subnetwork` / :func:`save_elastic`: atomic directory writes (temp sibling + rename),
+  safetensors only; :func:`load_elastic` and :func:`load_hf_model` read them back, turning every
+  missing or corrupt file into a :class:`~flextron.errors.ModelError` that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from flextron.config import RunConfig
+from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError
+from flextron.files import atomic_write_dir, file_hashes, verify_hashes
+from flextron.model.elastic import ElasticModel, convert, elastic_config_from_metadata
+from flextron.model.families import adapter_for
+from flextron.model.space import ArchConfig
+
+log = logging.getLogger(__name__)
+
+HF_MODELING_FILE = "hf_modeling.py"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+SUBNETWORK_INFO_FILE = "flextron_subnetwork.json"
+ELASTIC_INFO_FILE = "flextron.json"
+AUTO_MAP = {"AutoConfig": "hf_modeling.FlextronConfig", "AutoModelForCausalLM": "hf_modeling.FlextronForCausalLM"}
+
+
+# -- slicing ----------------------------------------------------------------------------------
+def _head_index(G: int, R: int, hd: int, a: int, device) -> torch.Tensor:
+    """Rows of q_proj (columns of o_proj) of the first ``a`` heads in each of ``G`` groups of ``R``."""
+    idx = torch.arange(G * R * hd, device=device).view(G, R, hd)[:, :a]  # (G, a, hd)
+    return idx.reshape(-1)  # (G·a·hd,)
+
+
+def _sliced_state_dict(fx: ElasticModel, arch: ArchConfig) -> dict[str, torch.Tensor]:
+    """The wrapped model's state dict with q/o and MLP projections cut to ``arch``.
+
+    Projections are found through the family adapter (by module identity), never by name.
+    """
+    sd = fx.model.state_dict()
+    name_of: dict[int, str] = {}
+    for n, p in fx.model.named_parameters(remove_duplicate=False):
+        name_of.setdefault(id(p), n)
+    sp = fx.space
+    G, R, hd = sp.num_key_value_heads, sp.heads_per_group, sp.head_dim
+    for mlp, attn, m, a in zip(fx.mlps, fx.attns, arch.mlp, arch.heads):
+        p = fx.adapter.mlp_projections(mlp)
+        for key in ("gate", "up"):
+            sd[name_of[id(p[key].weight)]] = p[key].weight.detach()[:m]  # (m, d)
+            if p[key].bias is not None:
+                sd[name_of[id(p[key].bias)]] = p[key].bias.detach()[:m]
+        sd[name_of[id(p["down"].weight)]] = p["down"].weight.detach()[:, :m]  # (d, m)
+        proj = fx.adapter.attention_projections(attn)
+        q, o = proj["q"], proj["o"]
+        idx = _head_index(G, R, hd, a, q.weight.device)
+        sd[name_of[id(q.weight)]] = q.weight.detach().index_select(0, idx)  # (G·a·hd, d)
+        if q.bias is not None:
+            sd[name_of[id(q.bias)]] = q.bias.detach().index_select(0, idx)
+        sd[name_of[id(o.weight)]] = o.weight.detach().index_select(1, idx)  # (d, G·a·hd)
+    return sd
+
+
+try:  # transformers 5 configs are huggingface_hub strict dataclasses; this is not a ValueError
+    from huggingface_hub.errors import StrictDataclassClassValidationError
+
+    _STRICT_ERRORS: tuple[type[Exception], ...] = (StrictDataclassClassValidationError,)
+except ImportError:  # pragma: no cover - older huggingface_hub
+    _STRICT_ERRORS = ()
+
+
+def _homogeneous_config(fx: ElasticModel, arch: ArchConfig):
+    """The family config at ``arch`` (homogeneous), or None when transformers rejects it."""
+    base = fx.model.config
+    d = base.to_dict()
+    for k in ("transformers_version", "auto_map"):
+        d.pop(k, None)
+    d.update(
+        intermediate_size=arch.mlp[0],
+        num_attention_heads=fx.space.num_key_value_heads * arch.heads[0],
+        num_key_value_heads=fx.space.num_key_value_heads,
+        head_dim=fx.space.head_dim,
+    )
+    try:
+        cfg = type(base).from_dict(d)
+    except (ValueError, TypeError, *_STRICT_ERRORS):  # e.g. hidden_size % num_attention_heads != 0
+        return None
+    return cfg
+
+
+def export_subnetwork(fx: ElasticModel, arch: ArchConfig | None = None):
+    """A new, plain ``PreTrainedModel`` computing ``fx`` at ``arch`` (default: the active one).
+
+    Weights are copied (the elastic model is untouched), same dtype and device, eval mode.
+    Homogeneous ``arch``: the family class with ``intermediate_size``/``num_attention_heads``
+    changed and ``head_dim`` explicit. Heterogeneous: :class:`flextron.model.hf_modeling.FlextronForCausalLM`.
+
+    Raises:
+        ConfigError: ``arch`` is not in the search space.
+    """
+    arch = fx.arch if arch is None else fx.space.validate(arch)
+    ref = next(fx.model.parameters())
+    base = fx.model.config
+    attn_impl = getattr(base, "_attn_implementation", None)
+    cfg = _homogeneous_config(fx, arch) if arch.is_homogeneous else None
+    if cfg is not None:
+        model_cls = type(fx.model)
+    else:
+        from flextron.model.hf_modeling import FlextronConfig, FlextronForCausalLM
+
+        G = fx.space.num_key_value_heads
+        cfg = FlextronConfig.from_base(base, list(arch.mlp), [G * a for a in arch.heads])
+        cfg.auto_map = dict(AUTO_MAP)
+        model_cls = FlextronForCausalLM
+    if attn_impl in ("sdpa", "eager"):
+        cfg._attn_implementation = attn_impl
+    with torch.device(ref.device):
+        model = model_cls(cfg)
+    model.to(dtype=ref.dtype)
+    result = model.load_state_dict(_sliced_state_dict(fx, arch), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys  # strict=True raises otherwise
+    if getattr(fx.model, "generation_config", None) is not None:
+        model.generation_config = copy.deepcopy(fx.model.generation_config)
+    return model.eval()
+
+
+def subnetwork_arch(model: nn.Module) -> ArchConfig:
+    """The per-layer (MLP width, query heads per KV group) of an exported model, from its config."""
+    c = model.config
+    kv = int(c.num_key_value_heads)
+    if getattr(c, "model_type", None) == "flextron_elastic":
+        return ArchConfig(mlp=tuple(c.intermediate_sizes), heads=tuple(h // kv for h in c.num_attention_heads_per_layer))
+    L = int(c.num_hidden_layers)
+    return ArchConfig(mlp=(int(c.intermediate_size),) * L, heads=(int(c.num_attention_heads) // kv,) * L)
+
+
+# -- atomic directory writes ------------------------------------------------------------------
+def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
+        raise OutputExistsError(
+            f"{out_dir} already exists and is not empty; nothing was written. "
+            f"Pass --overwrite (overwrite=True) to replace it, or choose another path"
+        )
+
+
+def _atomic_write(out_dir, overwrite: bool, write: Callable[[Path], None]) -> Path:
+    """Refuse a non-empty ``out_dir`` unless ``overwrite``, then :func:`atomic_write_dir`."""
+    out_dir = Path(out_dir).expanduser().resolve()
+    _check_out_dir(out_dir, overwrite)
+    return atomic_write_dir(out_dir, write)
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def save_subnetwork(model, out_dir, *, tokenizer=None, metadata: dict | None = None, overwrite: bool = False) -> Path:
+    """Save an exported sub-network as a HF checkpoint (safetensors) into ``out_dir``.
+
+    Also writes ``flextron_subnetwork.json`` (``arch``, ``params`` and ``metadata``) and, for a
+    heterogeneous model, its modeling file ``hf_modeling.py`` (``auto_map`` in ``config.json``).
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists and is not empty (and ``overwrite`` is False).
+    """
+    hetero = getattr(model.config, "model_type", None) == "flextron_elastic"
+    info = {
+        "arch": subnetwork_arch(model).to_dict(),
+        "params": sum(p.numel() for p in model.parameters()),
+        "heterogeneous": hetero,
+        **(metadata or {}),
+    }
+
+    def write(tmp: Path) -> None:
+        if hetero:
+            model.config.auto_map = dict(AUTO_MAP)
+        model.save_pretrained(tmp)
+        if hetero:
+            shutil.copyfile(Path(__file__).with_name(HF_MODELING_FILE), tmp / HF_MODELING_FILE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        _write_json(tmp / SUBNETWORK_INFO_FILE, info)
+
+    return _atomic_write(out_dir, overwrite, write)
+
+
+def save_elastic(fx: ElasticModel, out_dir, *, tokenizer=None, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Save the whole (permuted) elastic model: a plain HF checkpoint (safetensors, HF keys) plus
+    ``flextron.json`` (``fx.metadata()``, with ``extra`` merged in at the top level, and the
+    sha256 of every weight file under ``weights_sha256``, checked by :func:`load_elastic`).
+
+    Raises:
+        OutputExistsError: ``out_dir`` exists and is not empty (and ``overwrite`` is False).
+    """
+    meta = fx.metadata()
+    meta.update(extra or {})
+
+    def write(tmp: Path) -> None:
+        fx.model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        weights = sorted(p.name for p in tmp.glob("*.safetensors"))
+        _write_json(tmp / ELASTIC_INFO_FILE, {**meta, "weights_sha256": file_hashes(tmp, weights)})
+
+    return _atomic_write(out_dir, overwrite, write)
+
+
+# -- loading ----------------------------------------------------------------------------------
+def _require_hf_dir(path: Path, what: str) -> None:
+    if not path.exists():
+        raise ModelError(f"{what} {path} does not exist; check the path")
+    if not path.is_dir():
+        raise ModelError(f"{what} {path} is not a directory; give a Hugging Face model directory")
+    if not (path / "config.json").is_file():
+        raise ModelError(f"{path / 'config.json'} is missing; {path} is not a Hugging Face model directory")
+
+
+def _load_causal_lm(path: Path, dtype: torch.dtype, fix: str, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` with safetensors only; any failure, missing or
+    mismatched weight becomes a one-line :class:`ModelError`."""
+    from transformers import AutoModelForCausalLM
+
+    weights = sorted(p.name for p in path.glob("*.safetensors"))
+    if not weights:
+        raise ModelError(f"no *.safetensors weights in {path} (pickled .bin files are not read); {fix}")
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            # mismatches are reported by us below (one line) instead of transformers' table + raise
+            path, dtype=dtype, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+        )
+    except FlextronError:
+        raise
+    except Exception as e:  # safetensors/json/torch errors of many types; all mean "bad checkpoint"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ModelError(f"cannot load {path / weights[0]} ({type(e).__name__}: {first}); {fix}") from None
+    bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
+    if bad:
+        def show(item) -> str:  # mismatched entries are (key, checkpoint shape, config shape)
+            if isinstance(item, tuple) and len(item) == 3:
+                return f"{item[0]} {tuple(item[1])} in the file vs {tuple(item[2])} from the config"
+            return str(item)
+
+        detail = "; ".join(
+            f"{k.replace('_keys', '')}: {', '.join(sorted(map(show, v))[:3])}{' ...' if len(v) > 3 else ''}"
+            for k, v in bad.items()
+        )
+        raise ModelError(f"weights in {path} do not match {path / 'config.json'} ({detail}); {fix}")
+    return model.eval()
+
+
+def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
+    """Load a directory written by :func:`save_elastic` as an :class:`ElasticModel`.
+
+    Raises:
+        ModelError: missing directory, ``config.json`` or ``flextron.json``; a weight file whose
+            sha256 differs from the one recorded at save (truncated or altered); corrupt
+            safetensors; weights whose shapes do not match the config.
+    """
+    path = Path(path).expanduser()
+    _require_hf_dir(path, "elastic checkpoint")
+    meta_file = path / ELASTIC_INFO_FILE
+    fix = f"save it again with flextron.model.export.save_elastic (or delete {path} and rerun the stage)"
+    if not meta_file.is_file():
+        raise ModelError(f"{meta_file} is missing; {path} is not a flextron elastic checkpoint ({fix})")
+    try:
+        meta = json.loads(meta_file.read_text())
+        elastic_config = elastic_config_from_metadata(meta)
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError) as e:
+        raise ModelError(f"{meta_file} is corrupt ({type(e).__name__}: {e}); {fix}") from None
+    if "weights_sha256" in meta:
+        verify_hashes(path, meta["weights_sha256"], fix)
+    else:  # written before hashes were recorded
+        log.warning("%s records no weight hashes; corruption of its weights cannot be detected", meta_file)
+    model = _load_causal_lm(path, dtype, fix)
+    try:
+        fx = convert(model, elastic_config)
+    except ConfigError as e:
+        raise ModelError(f"{meta_file}: its elastic_config does not fit the model in {path} ({e}); {fix}") from None
+    recorded = meta.get("search_space")
+    if isinstance(recorded, dict):
+        now = fx.space.to_dict()
+        diff = [f"{k}: {recorded.get(k)!r} recorded vs {v!r} from the weights" for k, v in now.items() if recorded.get(k) != v]
+        if diff:
+            raise ModelError(f"{meta_file} does not match the model in {path} ({'; '.join(diff[:3])}); {fix}")
+    fx.ranking = dict(meta.get("ranking", fx.ranking))
+    return fx
+
+
+def _plain_from_gguf(path: Path, dtype: torch.dtype):
+    """Load a GGUF file (dequantized) as a plain model that ``save_pretrained`` accepts.
+
+    Same trick as :func:`flextron.data.assets._convert_gguf` (DESIGN: trap (a)): the GGUF model is
+    flagged quantized although its weights are plain, so rebuild it from its config without
+    ``quantization_config`` and copy the weights in.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    config = gguf_model.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    adapter_for(config)  # fail early on an unsupported family
+    plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    plain.load_state_dict(gguf_model.state_dict())
+    plain.generation_config = gguf_model.generation_config
+    return plain.eval(), tokenizer
+
+
+def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
+    """A user model source → ``(model, tokenizer or None)``.
+
+    ``path_or_dir``: a Hugging Face directory (safetensors only) or a local ``.gguf`` file.
+
+    Raises:
+        ModelError: missing or corrupt path; UnsupportedModelError: a family without adapter.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    path = Path(path_or_dir).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        try:
+            return _plain_from_gguf(path, dtype)
+        except FlextronError:
+            raise
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ModelError(f"cannot load GGUF file {path} ({type(e).__name__}: {first}); check that it is a complete GGUF model") from None
+    if path.is_file():
+        raise ModelError(f"{path} is a file but not a .gguf model; give a Hugging Face directory or a .gguf file")
+    _require_hf_dir(path, "model path")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception as e:
+        raise ModelError(f"cannot read {path / 'config.json'} ({type(e).__name__}: {e}); fix or replace the file") from None
+    adapter_for(config)  # UnsupportedModelError before loading any weights
+    model = _load_causal_lm(path, dtype, "re-download or re-convert the model")
+    # transformers 5 builds an *empty* tokenizer (vocab_size 1) from a directory without tokenizer
+    # files instead of failing, so only try when the directory has some.
+    tokenizer = None
+    if any((path / f).is_file() for f in _TOKENIZER_FILES):
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        except Exception as e:
+            raise ModelError(f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); fix or remove its tokenizer files") from None
+    return model, tokenizer
+
+def model_source(cfg: RunConfig) -> Path:
+    if cfg.model.source == "smollm2":
+        from flextron.data.assets import smollm2_model_dir
+
+        return smollm2_model_dir()
+    return Path(cfg.model.source).expanduser()
+
+
+def load_original(cfg: RunConfig):
+    return load_hf_model(model_source(cfg))

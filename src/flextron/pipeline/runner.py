@@ -1,0 +1,152 @@
+"""The conversion as one resumable run: config → data → rank → latency table → elastic training →
+routers → joint fine-tuning → evaluation → report.
+
+Input: a :class:`~flextron.config.RunConfig`. Output: ``run_dir = out_dir/name`` holding
+``config.yaml``, ``stages.json`` (finished stages with wall time, tokens and summaries), the
+ranked/trained elastic weights (safetensors), ``latency_table.json``, routers and surrogate,
+``metrics.jsonl``, ``results.json`` and ``report.md`` with PNG plots. A finished stage is skipped
+on rerun; an interrupted training stage resumes from its last checkpoint. Under ``accelerate
+launch`` the training stages run on every process and the others on the main one
+(:mod:`flextron.train.distributed`).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from pathlib import Path
+
+from flextron.config import RunConfig, dump_config, load_config
+from flextron.data.inputs import make_inputs
+from flextron.errors import FlextronError, OutputExistsError
+from flextron.eval.deploy import finished_stages, set_threads
+from flextron.eval.static import evaluate_targets
+from flextron.files import atomic_write_json, atomic_write_text
+from flextron.model.export import load_original
+from flextron.pipeline.stages import (
+    stage_elastic,
+    stage_joint,
+    stage_latency,
+    stage_rank,
+    stage_routers,
+)
+from flextron.report.static import write_report
+from flextron.train.distributed import on_main, process_state
+
+log = logging.getLogger(__name__)
+
+STAGES = ("rank", "latency", "elastic", "routers", "joint", "evaluate")
+
+
+def _finish_stage(run_dir: Path, name: str, summary: dict, wall_s: float) -> None:
+    st = finished_stages(run_dir)
+    st[name] = {"wall_s": round(wall_s, 2), "tokens": int(summary.get("tokens", 0)), "summary": summary}
+    atomic_write_json(run_dir / "stages.json", st)
+    log.info("stage %s done in %.1f s (%d tokens)", name, wall_s, st[name]["tokens"])
+    print(f"[flextron] stage {name}: {wall_s:.1f} s, {st[name]['tokens']} tokens", flush=True)
+
+
+def _same_config(saved: Path, cfg: RunConfig) -> bool:
+    """Whether ``saved`` describes ``cfg`` (a config written before a field was added reads with
+    that field's default)."""
+    try:
+        return load_config(saved) == cfg
+    except FlextronError:
+        return False
+
+
+def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
+    """Create or reuse ``run_dir``. A run directory written by a different config is refused
+    (nothing overwritten) unless ``overwrite``."""
+    run_dir = cfg.run_dir
+    text = dump_config(cfg)
+    saved = run_dir / "config.yaml"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if saved.exists() and (saved.read_text() == text or _same_config(saved, cfg)):
+            log.info("resuming run in %s", run_dir)
+            return run_dir
+        if not overwrite:
+            raise OutputExistsError(
+                f"run directory {run_dir} exists and holds a different run; pass --overwrite or choose another name/out_dir"
+            )
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(saved, text)
+    return run_dir
+
+
+def stage_evaluate(run_dir: Path) -> dict:
+    evaluate_run(run_dir)  # writes results.json and the report
+    return {"tokens": 0}
+
+
+# --------------------------------------------------------------------------- public entry points
+
+
+def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
+    """Run every stage of the conversion (resumable); returns the run directory.
+
+    Under ``accelerate launch`` (several processes; :mod:`flextron.train.distributed`) the training
+    stages (elastic, routers, joint) run on every process, each on its share of the global batch;
+    ranking, the latency table and evaluation run on the main process while the others wait.
+    Whether a stage is finished is decided by the main process and sent to the others.
+
+    Raises:
+        FlextronError subclasses for bad input (config, model path, data, existing output).
+    """
+    state = process_state()
+    main = state.is_main_process
+    run_dir = Path(on_main(state, lambda: str(_prepare_run_dir(cfg, overwrite))))
+    set_threads(cfg)
+    if on_main(state, lambda: all(s in finished_stages(run_dir) for s in STAGES)):
+        if main:
+            print(f"[flextron] run {run_dir} is complete; nothing to do", flush=True)
+        return run_dir
+    t0 = time.time()
+    model, tok = load_original(cfg)  # fails early on a bad model path or unsupported family
+    del model
+    inp = make_inputs(cfg, tok, state.num_processes)
+    log.info("inputs: calibration %s, train %s, held-out %s, ood %s (%.1f s)", tuple(inp.calibration.shape),
+             tuple(inp.train.shape), tuple(inp.heldout.shape), tuple(inp.ood.shape), time.time() - t0)
+    steps = {  # name: (stage, runs on every process)
+        "rank": (lambda: stage_rank(cfg, run_dir, inp), False),
+        "latency": (lambda: stage_latency(cfg, run_dir), False),
+        "elastic": (lambda: stage_elastic(cfg, run_dir, inp), True),
+        "routers": (lambda: stage_routers(cfg, run_dir, inp), True),
+        "joint": (lambda: stage_joint(cfg, run_dir, inp), True),
+        "evaluate": (lambda: stage_evaluate(run_dir), False),
+    }
+    for name, (fn, everywhere) in steps.items():
+        if on_main(state, lambda: name in finished_stages(run_dir)):
+            log.info("stage %s already finished; skipped", name)
+            continue
+        if main:
+            print(f"[flextron] stage {name} ...", flush=True)
+        s0 = time.time()
+        summary = fn() if everywhere else on_main(state, fn)
+        if main:
+            _finish_stage(run_dir, name, summary, time.time() - s0)
+        state.wait_for_everyone()  # the next stage reads what this one wrote
+    return run_dir
+
+
+def evaluate_run(
+    run_dir: str | Path,
+    targets: list[float] | None = None,
+    *,
+    tasks: list[str] | None = None,
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Evaluate a finished run at every target (:func:`~flextron.eval.static.evaluate_targets`:
+    writes ``results.json``), then write ``report.md`` with its plots; returns the results.
+
+    Raises:
+        TargetError, ConfigError, TaskFileError, ModelError: as
+        :func:`~flextron.eval.static.evaluate_targets`.
+    """
+    results = evaluate_targets(run_dir, targets, tasks=tasks, limit=limit, num_fewshot=num_fewshot, progress=progress)
+    write_report(Path(run_dir), results)
+    return results

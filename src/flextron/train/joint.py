@@ -1,0 +1,112 @@
+"""Stage 5 (end): joint fine-tuning of the model and the static routers (METHOD §8) through
+:func:`~flextron.train.loop.lm_loop`; one step in ``p_full`` trains the full model alone.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from flextron.config import JointConfig, RouterConfig
+from flextron.model.elastic import ElasticModel
+from flextron.routing.router import (
+    StaticRouter,
+    choices_to_masks,
+    gumbel_choice,
+    latency_loss,
+)
+from flextron.train.distributed import make_accelerator
+from flextron.train.loop import lm_loop, teacher_logits
+from flextron.train.losses import lm_kd_loss
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- joint fine-tuning
+
+
+def train_joint(
+    fx: ElasticModel,
+    teacher: torch.nn.Module | None,
+    router: StaticRouter,
+    table,
+    blocks: torch.Tensor,
+    cfg: JointConfig,
+    router_cfg: RouterConfig,
+    run_dir: Path,
+    *,
+    seed: int = 0,
+    accelerator: Accelerator | None = None,
+    progress: bool = True,
+) -> dict:
+    """Joint fine-tuning of model and router (METHOD §8): each sequence of a step's batch gets a
+    target from the trained set (drawn for the whole step, then sliced, so the split over
+    processes and micro-batches does not matter); the router's straight-through choices become
+    soft masks (masked forward, differentiable), and the loss is LM + KD + λ · latency loss. The
+    router's learning rate is higher than the model's. A share ``cfg.p_full`` of the steps (drawn
+    per step, the same on every rank) trains the full model alone on LM + KD, as elastic
+    training does, so the full model is not left to drift. ``accelerator``: default
+    ``make_accelerator(cfg.grad_accum)``."""
+    accelerator = accelerator or make_accelerator(cfg.grad_accum)
+    sp = fx.space
+    for p in fx.parameters():
+        p.requires_grad_(True)
+    fx.train()
+    router.train()
+    fx.set_arch(None)
+    targets = torch.tensor(router_cfg.targets)
+
+    full_steps: set[int] = set()
+
+    def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
+        full = torch.rand((), generator=gen).item() < cfg.p_full  # the full model alone; the router is not run
+        if full:
+            full_steps.add(step)
+        else:
+            t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the whole step's targets
+            mlp_logits, head_logits = wrapped["router"](t)
+            mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)[rows]
+            head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)[rows]
+            t = t[rows]
+            fx.set_masks(*choices_to_masks(sp, mlp_c, head_c))
+        out = wrapped["model"](input_ids=batch, use_cache=False)
+        fx.set_masks(None, None)
+        loss, ce, kd = lm_kd_loss(out.logits, batch, teacher_logits(teacher, batch, cfg.kd_alpha), cfg.kd_alpha)
+        rec = {"lm_loss": float(ce), "kd_loss": float(kd), "full_model": full}
+        if full:
+            return loss, rec
+        frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full
+        lat = latency_loss(frac, t, router_cfg.latency_tol).mean()
+        return loss + router_cfg.latency_weight * lat, {
+            **rec, "latency_loss": float(lat.detach()), "latency_error": float((frac.detach() / t - 1).abs().mean()),
+        }
+
+    summary = lm_loop(
+        stage="joint",
+        modules={"model": fx, "router": router},
+        param_groups=[
+            {"params": list(fx.parameters()), "lr": cfg.model_lr, "weight_decay": 0.0},
+            {"params": list(router.parameters()), "lr": cfg.router_lr, "weight_decay": 0.0},
+        ],
+        steps=cfg.steps,
+        micro_batch=cfg.batch_size,
+        grad_accum=cfg.grad_accum,
+        warmup=0,
+        min_lr_ratio=0.1,
+        max_grad_norm=1.0,
+        checkpoint_every=cfg.checkpoint_every,
+        blocks=blocks,
+        seed=seed + 1,
+        run_dir=run_dir,
+        step_fn=step_fn,
+        accelerator=accelerator,
+        progress=progress,
+        mixed_precision=cfg.mixed_precision,
+    )
+    fx.eval()
+    router.eval()
+    summary["full_model_steps"] = len(full_steps)
+    return summary

@@ -1,0 +1,18 @@
+"""Version of the library and of the formats it writes (base layer: no flextron imports).
+
+``RUN_FORMAT`` is recorded in a run directory (``stages.json``) and ``CHECKPOINT_FORMAT`` in an
+elastic checkpoint (``flextron.json``). A reader accepts the versions listed in
+``*_FORMATS_READ`` and refuses any other, naming it (:func:`check_format`).
+"""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+#: format of a run directory written by this version (``stages.json`` → ``"format"``)
+RUN_FORMAT = 1
+#: format of an elastic checkpoint written by this version (``flextron.json`` → ``"format"``)
+CHECKPOINT_FORMAT = 1
+#: formats this version reads; files written before formats were recorded count as version 1
+RUN_FORMATS_READ = (1,)
+CHECKPOINT_FORMATS_READ = (1,)
