@@ -52,6 +52,7 @@ from flextron.train.routers import lm_loss_at
 from flextron.train.loop import BudgetSampler, homogeneous_for_target
 from flextron.train.distributed import make_accelerator
 from flextron.train.elastic import train_elastic
+
 log = logging.getLogger(__name__)
 
 METHODS = ("flextron", "matformer", "matformer_unpermuted", "minitron", "untrained", "untrained_unpermuted")
@@ -87,11 +88,15 @@ class ParetoSettings:
             raise ConfigError(f"latency_repeats={self.latency_repeats} is invalid: must be >= 3")
         unknown = sorted(set(self.methods) - set(METHODS))
         if unknown or "flextron" not in self.methods:
-            raise ConfigError(f"methods={list(self.methods)} is invalid: choose from {list(METHODS)}, flextron included")
+            raise ConfigError(
+                f"methods={list(self.methods)} is invalid: choose from {list(METHODS)}, flextron included"
+            )
 
 
 PRESETS = {
-    "tiny": ParetoSettings(targets=(0.6, 0.8, 1.0), random_search=3, search_batches=1, lut_configs=4, latency_repeats=3),
+    "tiny": ParetoSettings(
+        targets=(0.6, 0.8, 1.0), random_search=3, search_batches=1, lut_configs=4, latency_repeats=3
+    ),
     # sized so that the real SmolLM2 demo run (2 CPU cores) stays under an hour: baseline training is ~3× Flextron's tokens
     "demo": ParetoSettings(random_search=8, search_batches=1, lut_configs=20, latency_repeats=5),
 }
@@ -162,7 +167,9 @@ def resolve_run(config_path: str | Path | None, run_dir: str | Path | None, *, o
                 d.pop("out_dir"), d.pop("name")
             if a != b:
                 diff = sorted(k for k in a if a[k] != b[k])
-                raise ConfigError(f"{config_path} and {saved} differ in {', '.join(diff)}; the baselines must share the run's config")
+                raise ConfigError(
+                    f"{config_path} and {saved} differ in {', '.join(diff)}; the baselines must share the run's config"
+                )
         return run_dir
     return run_pipeline(load_config(config_path), overwrite=overwrite)
 
@@ -187,7 +194,14 @@ class _Work:
         return d
 
 
-def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *, device: torch.device | None = None, progress: bool = True) -> dict:
+def run_pareto(
+    run_dir: str | Path,
+    out: str | Path,
+    settings: ParetoSettings,
+    *,
+    device: torch.device | None = None,
+    progress: bool = True,
+) -> dict:
     """Train and evaluate every method of ``settings.methods`` at ``settings.targets`` against the
     finished run ``run_dir``; the router and latency-table checks; returns the results (see the
     module docstring) and writes ``out/pareto.json``. Baseline training happens in
@@ -234,18 +248,38 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
         return {"perplexity": r["perplexity"], "perplexity_ci": r["ci95"], "nll_per_block": r["nll_per_block"]}
 
     def record(method: str, t: float, arch: ArchConfig, tokens: int, ev: dict) -> None:
-        results[(method, t)] = {"method": method, "target": t, "config": arch.to_dict(), "homogeneous": arch.is_homogeneous,
-                                "params": space.num_parameters(arch), "predicted_fraction": table.fraction(arch),
-                                "train_tokens": tokens, **ev}
+        results[(method, t)] = {
+            "method": method,
+            "target": t,
+            "config": arch.to_dict(),
+            "homogeneous": arch.is_homogeneous,
+            "params": space.num_parameters(arch),
+            "predicted_fraction": table.fraction(arch),
+            "train_tokens": tokens,
+            **ev,
+        }
         log.info("%s @ %.2f: perplexity %.2f", method, t, ev["perplexity"])
 
     def train(fx_b: ElasticModel, name: str, steps: int, sampling: str, sampler=None, extra_spec=None) -> dict:
-        tcfg = dataclasses.replace(cfg.train, steps=steps, sampling=sampling, checkpoint_every=min(cfg.train.checkpoint_every, steps))
+        tcfg = dataclasses.replace(
+            cfg.train, steps=steps, sampling=sampling, checkpoint_every=min(cfg.train.checkpoint_every, steps)
+        )
         spec = {"run_dir": str(Path(run_dir).resolve()), "train": to_dict(tcfg), "seed": cfg.seed, **(extra_spec or {})}
         acc = make_accelerator(tcfg.grad_accum)
         teacher = original.to(acc.device)
-        return train_elastic(fx_b, teacher, inp.train, tcfg, table, work.dir(name, spec), seed=cfg.seed, accelerator=acc,
-                             min_fraction=min(cfg.routers.targets), sampler=sampler, progress=progress)
+        return train_elastic(
+            fx_b,
+            teacher,
+            inp.train,
+            tcfg,
+            table,
+            work.dir(name, spec),
+            seed=cfg.seed,
+            accelerator=acc,
+            min_fraction=min(cfg.routers.targets),
+            sampler=sampler,
+            progress=progress,
+        )
 
     # -- Flextron and the untrained cuts ------------------------------------------------------------
     s0 = time.time()
@@ -262,7 +296,9 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
     # -- MatFormer-style: homogeneous sampling, no routers --------------------------------------------
     mat_steps = _steps_for(budget, cfg)
     search = _search_batches(inp, cfg, settings, device)
-    pool = BudgetSampler(space, table, mode="homogeneous", min_fraction=min(cfg.routers.targets)).homogeneous_pool() + [space.full()]
+    pool = BudgetSampler(space, table, mode="homogeneous", min_fraction=min(cfg.routers.targets)).homogeneous_pool() + [
+        space.full()
+    ]
     for method, model in (("matformer", ranked), ("matformer_unpermuted", unpermuted)):
         if method not in settings.methods:
             continue
@@ -275,8 +311,13 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
             cands = [a for a in pool if table.fraction(a) <= t * (1 + cfg.routers.latency_tol)] or [homo[t]]
             scored = sorted(((_search_loss(model, a, search), a) for a in cands), key=lambda x: x[0])
             arch = scored[0][1]
-            sel = {"candidates": [{"config": a.to_dict(), "predicted_fraction": table.fraction(a), "search_loss": l} for l, a in scored],
-                   "nearest": homo[t].to_dict()}
+            sel = {
+                "candidates": [
+                    {"config": a.to_dict(), "predicted_fraction": table.fraction(a), "search_loss": l}
+                    for l, a in scored
+                ],
+                "nearest": homo[t].to_dict(),
+            }
             record(method, t, arch, mat_steps * per_step, {**evaluate(model, arch), "selection": sel})
         wall[method] = time.time() - s0
     del ranked, unpermuted
@@ -289,7 +330,9 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
             pruned = load_elastic(Path(run_dir) / "ranked")
             arch = archs[t]
             frac = None if arch == space.full() else table.fraction(arch)
-            train(pruned, f"minitron_{t:g}", steps, cfg.train.sampling, FixedSampler(arch, frac), {"arch": arch.to_dict()})
+            train(
+                pruned, f"minitron_{t:g}", steps, cfg.train.sampling, FixedSampler(arch, frac), {"arch": arch.to_dict()}
+            )
             record("minitron", t, arch, steps * per_step, evaluate(pruned, arch))
             del pruned
         wall["minitron"] = time.time() - s0
@@ -297,11 +340,18 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
     # -- latency of every deployed configuration, one interleaved session --------------------------------
     s0 = time.time()
     fx.to(device).eval()
-    ids = torch.randint(0, fx.config.vocab_size, (cfg.latency.batch_size, cfg.latency.seq_len), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = torch.randint(
+        0,
+        fx.config.vocab_size,
+        (cfg.latency.batch_size, cfg.latency.seq_len),
+        generator=torch.Generator().manual_seed(0),
+    ).to(device)
     distinct = sorted({ArchConfig.from_dict(r["config"]) for r in results.values()}, key=table.predict)
     fns = {"full": prefill_fn(export_subnetwork(fx, space.full()), ids)}
     fns.update({f"c{i}": prefill_fn(export_subnetwork(fx, a), ids) for i, a in enumerate(distinct)})
-    timing = time_models(fns, repeats=settings.latency_repeats, warmup=2, progress=progress, desc="latency of deployed configs")
+    timing = time_models(
+        fns, repeats=settings.latency_repeats, warmup=2, progress=progress, desc="latency of deployed configs"
+    )
     lat = {a: (timing[f"c{i}"]["median_s"], paired_ratio(timing, f"c{i}", "full")) for i, a in enumerate(distinct)}
     del fns
     for r in results.values():
@@ -315,8 +365,15 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
         for m in settings.methods:
             if m != "flextron" and (m, t) in results:
                 c = paired_comparison(ref["nll_per_block"], results[(m, t)]["nll_per_block"])
-                comparisons.append({"target": t, "flextron_vs": m, "flextron_perplexity": ref["perplexity"],
-                                    "other_perplexity": results[(m, t)]["perplexity"], **c})
+                comparisons.append(
+                    {
+                        "target": t,
+                        "flextron_vs": m,
+                        "flextron_perplexity": ref["perplexity"],
+                        "other_perplexity": results[(m, t)]["perplexity"],
+                        **c,
+                    }
+                )
 
     s0 = time.time()
     checks = router_checks(fx, table, archs, inp, cfg, settings, results, evaluate, progress=progress)
@@ -339,7 +396,12 @@ def run_pareto(run_dir: str | Path, out: str | Path, settings: ParetoSettings, *
             "tokens_per_step": per_step,
         },
         "full_latency_s": timing["full"]["median_s"],
-        "latency_workload": {"batch_size": cfg.latency.batch_size, "seq_len": cfg.latency.seq_len, "kind": "prefill", "device": str(device)},
+        "latency_workload": {
+            "batch_size": cfg.latency.batch_size,
+            "seq_len": cfg.latency.seq_len,
+            "kind": "prefill",
+            "device": str(device),
+        },
         "rows": [results[k] for k in sorted(results, key=lambda k: (METHODS.index(k[0]), k[1]))],
         "comparisons": comparisons,
         "router_checks": checks,
@@ -359,7 +421,9 @@ def _search_batches(inp, cfg: RunConfig, settings: ParetoSettings, device: torch
     """The ``settings.search_batches`` batches of training text (the router stage's blocks) that
     configurations are selected on: never the held-out set."""
     bs = cfg.routers.batch_size
-    return [inp.router[i * bs : (i + 1) * bs].to(device) for i in range(min(settings.search_batches, len(inp.router) // bs))]
+    return [
+        inp.router[i * bs : (i + 1) * bs].to(device) for i in range(min(settings.search_batches, len(inp.router) // bs))
+    ]
 
 
 def _search_loss(fx: ElasticModel, arch: ArchConfig, search: list[torch.Tensor]) -> float:
@@ -369,7 +433,18 @@ def _search_loss(fx: ElasticModel, arch: ArchConfig, search: list[torch.Tensor])
     return loss
 
 
-def router_checks(fx: ElasticModel, table: CostTable, archs: dict, inp, cfg: RunConfig, settings: ParetoSettings, results: dict, evaluate, *, progress: bool = True) -> list[dict]:
+def router_checks(
+    fx: ElasticModel,
+    table: CostTable,
+    archs: dict,
+    inp,
+    cfg: RunConfig,
+    settings: ParetoSettings,
+    results: dict,
+    evaluate,
+    *,
+    progress: bool = True,
+) -> list[dict]:
     """For every target below 1: the router's configuration against (a) the best homogeneous
     configuration of nearest predicted cost (one per head count, the best by true loss on
     ``settings.search_batches`` batches of training text) and (b) the best of
@@ -389,25 +464,48 @@ def router_checks(fx: ElasticModel, table: CostTable, archs: dict, inp, cfg: Run
     for t in tqdm([t for t in settings.targets if t < 1], desc="router checks", disable=not progress):
         r_arch = archs[t]
         p = table.predict(r_arch)
-        homs = [min((sp.homogeneous(m, a) for m in sp.mlp_choices), key=lambda c: abs(table.predict(c) - p)) for a in sp.head_choices]
+        homs = [
+            min((sp.homogeneous(m, a) for m in sp.mlp_choices), key=lambda c: abs(table.predict(c) - p))
+            for a in sp.head_choices
+        ]
         rand = [sampler.for_budget(p / table.full, gen) for _ in range(settings.random_search)]
-        scored = {"router": [(loss(r_arch), r_arch)], "homogeneous": [(loss(a), a) for a in homs], "random_search": [(loss(a), a) for a in rand]}
+        scored = {
+            "router": [(loss(r_arch), r_arch)],
+            "homogeneous": [(loss(a), a) for a in homs],
+            "random_search": [(loss(a), a) for a in rand],
+        }
         fx.set_arch(None)
         ref = results[("flextron", t)]
-        row = {"target": t, "router": {"config": r_arch.to_dict(), "predicted_fraction": table.fraction(r_arch), "search_loss": scored["router"][0][0],
-                                       "perplexity": ref["perplexity"], "perplexity_ci": ref["perplexity_ci"]}}
+        row = {
+            "target": t,
+            "router": {
+                "config": r_arch.to_dict(),
+                "predicted_fraction": table.fraction(r_arch),
+                "search_loss": scored["router"][0][0],
+                "perplexity": ref["perplexity"],
+                "perplexity_ci": ref["perplexity_ci"],
+            },
+        }
         for name in ("homogeneous", "random_search"):
             best_loss, best = min(scored[name], key=lambda x: x[0])
             ev = evaluate(fx, best)
-            row[name] = {"config": best.to_dict(), "predicted_fraction": table.fraction(best), "search_loss": best_loss,
-                         "candidates": len(scored[name]), "perplexity": ev["perplexity"], "perplexity_ci": ev["perplexity_ci"],
-                         "router_vs": paired_comparison(ref["nll_per_block"], ev["nll_per_block"])}
+            row[name] = {
+                "config": best.to_dict(),
+                "predicted_fraction": table.fraction(best),
+                "search_loss": best_loss,
+                "candidates": len(scored[name]),
+                "perplexity": ev["perplexity"],
+                "perplexity_ci": ev["perplexity_ci"],
+                "router_vs": paired_comparison(ref["nll_per_block"], ev["nll_per_block"]),
+            }
         out.append(row)
     fx.set_arch(None)
     return out
 
 
-def lut_check(fx: ElasticModel, table: CostTable, cfg: RunConfig, settings: ParetoSettings, *, progress: bool = True) -> dict:
+def lut_check(
+    fx: ElasticModel, table: CostTable, cfg: RunConfig, settings: ParetoSettings, *, progress: bool = True
+) -> dict:
     """Predicted vs timed fraction of full latency over ``settings.lut_configs`` random
     configurations (exported and timed against the full model; see
     :func:`~flextron.cost.measure.validate_latency_table`). Skipped, with the reason, when the run's
@@ -418,7 +516,9 @@ def lut_check(fx: ElasticModel, table: CostTable, cfg: RunConfig, settings: Pare
         ``{"skipped": reason}``.
     """
     if table.unit != "s":
-        return {"skipped": f"the run's cost table is in {table.unit!r} (latency.budget: params); there is no latency to check"}
+        return {
+            "skipped": f"the run's cost table is in {table.unit!r} (latency.budget: params); there is no latency to check"
+        }
     if settings.lut_configs == 0:
         return {"skipped": "lut_configs is 0"}
     lcfg = dataclasses.replace(cfg.latency, repeats=max(cfg.latency.repeats, settings.latency_repeats))
@@ -440,8 +540,22 @@ def summary_rows(res: dict) -> list[list]:
     rows = []
     for r in res["rows"]:
         c = verdict.get((r["method"], r["target"]))
-        v = "—" if c is None else f"flextron {c['verdict']} (ppl ×{c['ppl_ratio']:.3f} [{c['ppl_ratio_ci95'][0]:.3f}, {c['ppl_ratio_ci95'][1]:.3f}])"
+        v = (
+            "—"
+            if c is None
+            else f"flextron {c['verdict']} (ppl ×{c['ppl_ratio']:.3f} [{c['ppl_ratio_ci95'][0]:.3f}, {c['ppl_ratio_ci95'][1]:.3f}])"
+        )
         lo, hi = r["perplexity_ci"]
-        rows.append([r["method"], f"{r['target']:g}", f"{1e3 * r['latency_s']:.1f}", f"{r['latency_ratio']:.3f}",
-                     f"{r['perplexity']:.2f} [{lo:.2f}, {hi:.2f}]", f"{r['params'] / 1e6:.2f}", r["train_tokens"], v])
+        rows.append(
+            [
+                r["method"],
+                f"{r['target']:g}",
+                f"{1e3 * r['latency_s']:.1f}",
+                f"{r['latency_ratio']:.3f}",
+                f"{r['perplexity']:.2f} [{lo:.2f}, {hi:.2f}]",
+                f"{r['params'] / 1e6:.2f}",
+                r["train_tokens"],
+                v,
+            ]
+        )
     return rows

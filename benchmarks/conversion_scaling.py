@@ -19,6 +19,7 @@ import json
 import math
 import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
@@ -27,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="run config (YAML); its model gives the base geometry and tokenizer")
     ap.add_argument("--out", required=True, help="output folder (conversion_scaling.json, models/, runs/)")
     ap.add_argument("--depth-mult", type=float, default=2.0, help="layer multiplier of the larger model (default 2)")
-    ap.add_argument("--width-mult", type=float, default=4 / 3, help="width multiplier of the larger model (default 4/3)")
+    ap.add_argument(
+        "--width-mult", type=float, default=4 / 3, help="width multiplier of the larger model (default 4/3)"
+    )
     ap.add_argument("--extrapolate", default="1e9,8e9", help="comma-separated parameter counts to extrapolate to")
     ap.add_argument("-q", "--quiet", action="store_true", help="warnings only")
     args = ap.parse_args(argv)
@@ -46,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise ConfigError(f"--extrapolate {args.extrapolate!r} is not a comma-separated list of numbers") from None
         if args.depth_mult < 1 or args.width_mult < 1 or (args.depth_mult == 1 and args.width_mult == 1):
-            raise ConfigError("--depth-mult and --width-mult must be >= 1 and not both 1 (the second model must be larger)")
+            raise ConfigError(
+                "--depth-mult and --width-mult must be >= 1 and not both 1 (the second model must be larger)"
+            )
         cfg = flextron.load_config(args.config)
         if cfg.model.source == "smollm2":
             from flextron.data.assets import smollm2_model_dir
@@ -55,23 +60,46 @@ def main(argv: list[str] | None = None) -> int:
         else:
             base = Path(cfg.model.source).expanduser()
             if not (base / "config.json").is_file():
-                raise ConfigError(f"model.source {cfg.model.source!r} must be 'smollm2' or a Hugging Face directory for this benchmark")
+                raise ConfigError(
+                    f"model.source {cfg.model.source!r} must be 'smollm2' or a Hugging Face directory for this benchmark"
+                )
         out = Path(args.out)
         results = []
         for label, dm, wm in (("base", 1.0, 1.0), ("larger", args.depth_mult, args.width_mult)):
             mdir = out / "models" / f"{label}_d{dm:g}_w{wm:.3g}"
             if not (mdir / "config.json").is_file():  # deterministic (seeded), so an existing one is reused
-                scaled_random_model(base, mdir, depth_mult=dm, width_mult=wm, divisor=cfg.elastic.mlp_divisor, seed=cfg.seed)
+                scaled_random_model(
+                    base, mdir, depth_mult=dm, width_mult=wm, divisor=cfg.elastic.mlp_divisor, seed=cfg.seed
+                )
             c = AutoConfig.from_pretrained(mdir)
-            info = {k: getattr(c, k) for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads")}
-            rcfg = dataclasses.replace(cfg, name=mdir.name, out_dir=str(out / "runs"), model=ModelConfig(source=str(mdir)))
+            info = {
+                k: getattr(c, k)
+                for k in (
+                    "num_hidden_layers",
+                    "hidden_size",
+                    "intermediate_size",
+                    "num_attention_heads",
+                    "num_key_value_heads",
+                )
+            }
+            rcfg = dataclasses.replace(
+                cfg, name=mdir.name, out_dir=str(out / "runs"), model=ModelConfig(source=str(mdir))
+            )
             run_dir = flextron.run(rcfg)
             stages = json.loads((run_dir / "stages.json").read_text())
             meta = json.loads((run_dir / "ranked" / "flextron.json").read_text())
             info["params"] = meta["search_space"]["total_params"]
-            results.append({"label": label, "depth_mult": dm, "width_mult": wm, "model": {"path": str(mdir), **info}, "run_dir": str(run_dir),
-                            "stages": {k: {"wall_s": v["wall_s"], "tokens": v["tokens"]} for k, v in stages.items()},
-                            "total_wall_s": sum(v["wall_s"] for v in stages.values())})
+            results.append(
+                {
+                    "label": label,
+                    "depth_mult": dm,
+                    "width_mult": wm,
+                    "model": {"path": str(mdir), **info},
+                    "run_dir": str(run_dir),
+                    "stages": {k: {"wall_s": v["wall_s"], "tokens": v["tokens"]} for k, v in stages.items()},
+                    "total_wall_s": sum(v["wall_s"] for v in stages.values()),
+                }
+            )
         a, b = results
         ratio = b["model"]["params"] / a["model"]["params"]
         scaling = {}
@@ -80,19 +108,41 @@ def main(argv: list[str] | None = None) -> int:
             tb = b["total_wall_s"] if stage == "total" else b["stages"][stage]["wall_s"]
             k = math.log(tb / ta) / math.log(ratio) if ta > 0 and tb > 0 else None
             if stage == "total":  # each stage grows at its own rate: the total extrapolates as their sum
-                ext = {f"{p:.3g}": sum(v["extrapolated_s"][f"{p:.3g}"] or 0.0 for v in scaling.values()) for p in sizes_out}
+                ext = {
+                    f"{p:.3g}": sum(v["extrapolated_s"][f"{p:.3g}"] or 0.0 for v in scaling.values()) for p in sizes_out
+                }
             else:
                 ext = {f"{p:.3g}": (ta * (p / a["model"]["params"]) ** k if k is not None else None) for p in sizes_out}
-            scaling[stage] = {"base_s": ta, "larger_s": tb, "time_ratio": tb / ta if ta > 0 else None, "exponent": k, "extrapolated_s": ext}
-        res = {"config": to_dict(cfg), "sizes": results, "param_ratio": ratio, "scaling": scaling,
-               "note": "time ∝ params^k through two points, at the config's token counts; a shared machine adds noise"}
+            scaling[stage] = {
+                "base_s": ta,
+                "larger_s": tb,
+                "time_ratio": tb / ta if ta > 0 else None,
+                "exponent": k,
+                "extrapolated_s": ext,
+            }
+        res = {
+            "config": to_dict(cfg),
+            "sizes": results,
+            "param_ratio": ratio,
+            "scaling": scaling,
+            "note": "time ∝ params^k through two points, at the config's token counts; a shared machine adds noise",
+        }
         write_json(out / "conversion_scaling.json", res)
-        print(f"\nwrote {out / 'conversion_scaling.json'}; base {a['model']['params'] / 1e6:.2f} M params "
-              f"({a['model']['num_hidden_layers']} layers, hidden {a['model']['hidden_size']}), larger {b['model']['params'] / 1e6:.2f} M "
-              f"({b['model']['num_hidden_layers']} layers, hidden {b['model']['hidden_size']}): ×{ratio:.2f} params\n")
+        print(
+            f"\nwrote {out / 'conversion_scaling.json'}; base {a['model']['params'] / 1e6:.2f} M params "
+            f"({a['model']['num_hidden_layers']} layers, hidden {a['model']['hidden_size']}), larger {b['model']['params'] / 1e6:.2f} M "
+            f"({b['model']['num_hidden_layers']} layers, hidden {b['model']['hidden_size']}): ×{ratio:.2f} params\n"
+        )
         hdr = ["stage", "base s", "larger s", "time ×", "exponent k"] + [f"≈ s at {p:.3g}" for p in sizes_out]
-        print(format_table(hdr, [[st, v["base_s"], v["larger_s"], v["time_ratio"], v["exponent"], *v["extrapolated_s"].values()]
-                                 for st, v in scaling.items()]))
+        print(
+            format_table(
+                hdr,
+                [
+                    [st, v["base_s"], v["larger_s"], v["time_ratio"], v["exponent"], *v["extrapolated_s"].values()]
+                    for st, v in scaling.items()
+                ],
+            )
+        )
         return 0
 
     from benchmarks.harness import script_main

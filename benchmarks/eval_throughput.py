@@ -32,9 +32,17 @@ def _tiny():
 
     tok = AutoTokenizer.from_pretrained(smollm2_model_dir())  # a real tokenizer, a tiny random model
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True,
-                      max_position_embeddings=2048)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        tie_word_embeddings=True,
+        max_position_embeddings=2048,
+    )
     return LlamaForCausalLM(cfg).eval(), tok
 
 
@@ -82,23 +90,43 @@ def main() -> None:
         total = time.perf_counter() - t0
         wall = summary["_wall_s"]  # lm_eval.simple_evaluate only; building the task is extra
         n = summary[args.task]["n"]
-        rows.append({"batch_size": bs, "items": n, "wall_s": round(wall, 3), "task_build_s": round(total - wall, 3),
-                     "forward_s": round(forward["s"], 3),
-                     "forward_calls": forward["calls"], "items_per_s": round(n / wall, 3),
-                     "outside_forward_share": round(1 - forward["s"] / wall, 4), "acc": summary[args.task].get("acc")})
+        rows.append(
+            {
+                "batch_size": bs,
+                "items": n,
+                "wall_s": round(wall, 3),
+                "task_build_s": round(total - wall, 3),
+                "forward_s": round(forward["s"], 3),
+                "forward_calls": forward["calls"],
+                "items_per_s": round(n / wall, 3),
+                "outside_forward_share": round(1 - forward["s"] / wall, 4),
+                "acc": summary[args.task].get("acc"),
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
-    result = {"model": args.model, "task": args.task, "num_fewshot": 0, "torch_threads": torch.get_num_threads(),
-              "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "torch": torch.__version__, "rows": rows}
+    result = {
+        "model": args.model,
+        "task": args.task,
+        "num_fewshot": 0,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch": torch.__version__,
+        "rows": rows,
+    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
-    print(f"\n{args.model} on {args.task} ({rows[0]['items'] if rows else 0} items, 0-shot, {torch.get_num_threads()} thread(s)):")
+    print(
+        f"\n{args.model} on {args.task} ({rows[0]['items'] if rows else 0} items, 0-shot, {torch.get_num_threads()} thread(s)):"
+    )
     print(f"{'batch':>6} {'items/s':>9} {'wall s':>8} {'forward s':>10} {'outside forward':>16}")
     for r in rows:
-        print(f"{r['batch_size']:>6} {r['items_per_s']:>9.2f} {r['wall_s']:>8.1f} {r['forward_s']:>10.1f} "
-              f"{100 * r['outside_forward_share']:>15.1f}%")
+        print(
+            f"{r['batch_size']:>6} {r['items_per_s']:>9.2f} {r['wall_s']:>8.1f} {r['forward_s']:>10.1f} "
+            f"{100 * r['outside_forward_share']:>15.1f}%"
+        )
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ def sync_device(device: torch.device) -> None:
 # --------------------------------------------------------------------------- exported checkpoints
 
 
-def export_targets(run, targets: Sequence[float], out_root: str | Path, *, include_full: bool = True) -> dict[str, tuple[Path, ArchConfig]]:
+def export_targets(
+    run, targets: Sequence[float], out_root: str | Path, *, include_full: bool = True
+) -> dict[str, tuple[Path, ArchConfig]]:
     """Save the routed sub-model of every target of a loaded run (:func:`flextron.load_run`) as a
     checkpoint ``out_root/target_<t>`` (and the full model as ``out_root/full``), overwriting.
 
@@ -107,8 +109,11 @@ def export_targets(run, targets: Sequence[float], out_root: str | Path, *, inclu
     if include_full:
         items.append(("full", run.fx.space.full()))
     for key, arch in items:
-        meta = {"target": None if key == "full" else float(key), "config": arch.to_dict(),
-                "predicted_fraction": run.table.fraction(arch)}
+        meta = {
+            "target": None if key == "full" else float(key),
+            "config": arch.to_dict(),
+            "predicted_fraction": run.table.fraction(arch),
+        }
         sub = export_subnetwork(run.fx, arch)
         name = "full" if key == "full" else f"target_{key}"
         out[key] = (save_subnetwork(sub, root / name, tokenizer=run.tokenizer, metadata=meta, overwrite=True), arch)

@@ -22,7 +22,16 @@ from benchmarks.harness import load_exported, sync_device
 # --------------------------------------------------------------------------- FLOPs and speed
 
 
-def forward_flops(space: SearchSpace, arch: ArchConfig, vocab_size: int, *, batch: int, new_tokens: int, context: int, lm_head_tokens: int) -> float:
+def forward_flops(
+    space: SearchSpace,
+    arch: ArchConfig,
+    vocab_size: int,
+    *,
+    batch: int,
+    new_tokens: int,
+    context: int,
+    lm_head_tokens: int,
+) -> float:
     """Multiply-add FLOPs (2 per MAC) of one forward of ``batch`` sequences, each computing
     ``new_tokens`` new positions that attend causally to ``context`` earlier cached positions,
     with the LM head on ``lm_head_tokens`` positions per sequence.
@@ -55,8 +64,16 @@ def generate_fn(model: torch.nn.Module, ids: torch.Tensor, k: int) -> Callable[[
     def run():
         with torch.inference_mode():
             return model.generate(
-                input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=k, min_new_tokens=k,
-                pad_token_id=pad, use_cache=True, temperature=None, top_p=None, top_k=None,
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=k,
+                min_new_tokens=k,
+                pad_token_id=pad,
+                use_cache=True,
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
 
     return run
@@ -104,7 +121,10 @@ def time_prefill_decode(
     res = time_models(fns, repeats=repeats, warmup=warmup, progress=progress, desc="timing prefill/decode")
 
     def per_token(name: str) -> list[float]:
-        return [(a - b) / (new_tokens - 1) for a, b in zip(res[f"{name}|gen{new_tokens}"]["times_s"], res[f"{name}|gen1"]["times_s"])]
+        return [
+            (a - b) / (new_tokens - 1)
+            for a, b in zip(res[f"{name}|gen{new_tokens}"]["times_s"], res[f"{name}|gen1"]["times_s"])
+        ]
 
     def median(xs: list[float]) -> float:
         xs = sorted(xs)
@@ -198,7 +218,11 @@ def training_step_costs(
     phases = {"elastic": {}, "dense": {}, "full": {}}
     fractions = []
 
-    per_step: dict[str, list[float]] = {"elastic": [], "dense": [], "full": []}  # step totals (elastic: without the teacher)
+    per_step: dict[str, list[float]] = {
+        "elastic": [],
+        "dense": [],
+        "full": [],
+    }  # step totals (elastic: without the teacher)
 
     def add(kind: str, phase: str, dt: float) -> None:
         phases[kind][phase] = phases[kind].get(phase, 0.0) + dt
@@ -280,7 +304,13 @@ def training_step_costs(
     fx.set_arch(None)
     fx.eval()
     mean = {k: {ph: v / steps for ph, v in d.items()} for k, d in phases.items()}
-    return {"steps": steps, "tokens_per_step": int(batch_size * blocks.shape[1]), **mean, "configs": fractions, "per_step_s": per_step}
+    return {
+        "steps": steps,
+        "tokens_per_step": int(batch_size * blocks.shape[1]),
+        **mean,
+        "configs": fractions,
+        "per_step_s": per_step,
+    }
 
 
 # --------------------------------------------------------------------------- memory
@@ -305,7 +335,9 @@ def _peak_rss_bytes() -> int:
     return int(r if platform.system() == "Darwin" else r * 1024)
 
 
-def _serve_worker(queue, kind: str, paths: list[str], targets: list[float], device: str, new_tokens: int, threads: int) -> None:
+def _serve_worker(
+    queue, kind: str, paths: list[str], targets: list[float], device: str, new_tokens: int, threads: int
+) -> None:
     """Child process of :func:`serving_memory` (spawned, so its memory starts clean)."""
     try:
         if threads > 0:
@@ -335,20 +367,28 @@ def _serve_worker(queue, kind: str, paths: list[str], targets: list[float], devi
                 outputs.append(generate_fn(m, prompt(m.config.vocab_size), new_tokens)())
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
-        queue.put({
-            "baseline_rss_bytes": base,
-            "loaded_rss_bytes": loaded - base,
-            "serving_rss_bytes": _rss_bytes() - base,
-            "peak_rss_bytes": _peak_rss_bytes() - base,
-            "cuda_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
-            "generated": [int(o.shape[1]) for o in outputs],
-        })
+        queue.put(
+            {
+                "baseline_rss_bytes": base,
+                "loaded_rss_bytes": loaded - base,
+                "serving_rss_bytes": _rss_bytes() - base,
+                "peak_rss_bytes": _peak_rss_bytes() - base,
+                "cuda_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
+                "generated": [int(o.shape[1]) for o in outputs],
+            }
+        )
     except BaseException as e:  # reported to the parent, which raises
         queue.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def serving_memory(scenarios: dict[str, tuple[str, Sequence[str | Path]]], targets: Sequence[float], *, device: str = "cpu",
-                   new_tokens: int = 4, threads: int = 0) -> dict[str, dict]:
+def serving_memory(
+    scenarios: dict[str, tuple[str, Sequence[str | Path]]],
+    targets: Sequence[float],
+    *,
+    device: str = "cpu",
+    new_tokens: int = 4,
+    threads: int = 0,
+) -> dict[str, dict]:
     """Resident memory of fresh processes that each load and serve every target once (greedy
     generation of ``new_tokens`` tokens per target). The processes run concurrently; each
     measures only itself.
@@ -371,7 +411,10 @@ def serving_memory(scenarios: dict[str, tuple[str, Sequence[str | Path]]], targe
     procs = {}
     for name, (kind, paths) in scenarios.items():
         queue = ctx.Queue()
-        proc = ctx.Process(target=_serve_worker, args=(queue, kind, [str(p) for p in paths], list(targets), device, new_tokens, threads))
+        proc = ctx.Process(
+            target=_serve_worker,
+            args=(queue, kind, [str(p) for p in paths], list(targets), device, new_tokens, threads),
+        )
         proc.start()
         procs[name] = (proc, queue)
     out = {}
@@ -390,7 +433,15 @@ def serving_memory(scenarios: dict[str, tuple[str, Sequence[str | Path]]], targe
 # --------------------------------------------------------------------------- model sizes
 
 
-def scaled_random_model(base_dir: str | Path, out_dir: str | Path, *, depth_mult: float = 1.0, width_mult: float = 1.0, divisor: int = 64, seed: int = 0) -> dict:
+def scaled_random_model(
+    base_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    depth_mult: float = 1.0,
+    width_mult: float = 1.0,
+    divisor: int = 64,
+    seed: int = 0,
+) -> dict:
     """Write a randomly initialised model of ``base_dir``'s family and tokenizer, with
     ``round(layers · depth_mult)`` layers and ``round(G · width_mult)`` KV groups (query heads per
     group and ``head_dim`` kept, hidden size = query heads · head_dim when the base has that
@@ -426,5 +477,12 @@ def scaled_random_model(base_dir: str | Path, out_dir: str | Path, *, depth_mult
     out = Path(out_dir)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
-    return {"path": str(out), "params": sum(p.numel() for p in model.parameters()), "num_hidden_layers": L,
-            "hidden_size": hidden, "intermediate_size": inter, "num_attention_heads": H2, "num_key_value_heads": G2}
+    return {
+        "path": str(out),
+        "params": sum(p.numel() for p in model.parameters()),
+        "num_hidden_layers": L,
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_attention_heads": H2,
+        "num_key_value_heads": G2,
+    }

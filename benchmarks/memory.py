@@ -79,8 +79,17 @@ def _model(args):
 
     if args.model == "tiny":
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=49152, hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                          num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=512)
+        cfg = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=192,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=6,
+            num_key_value_heads=2,
+            head_dim=32,
+            tie_word_embeddings=True,
+            max_position_embeddings=512,
+        )
         return AutoModelForCausalLM.from_config(cfg).float().eval()
     if args.model == "smollm2":
         from flextron.data.assets import smollm2_model_dir
@@ -106,8 +115,10 @@ def _activations(fx, teacher, batch, with_grad: bool) -> int:
         # the weights autograd saves are counted once, as weights; + the loss's gradient buffer (logits' size)
         return _bytes(saved + [out.logits] + extra, exclude=list(fx.parameters())) + out.logits.nbytes
     largest = [0]
-    hooks = [m.register_forward_hook(lambda m, i, o: largest.__setitem__(0, max(largest[0], getattr(o, "nbytes", 0))))
-             for m in fx.modules()]
+    hooks = [
+        m.register_forward_hook(lambda m, i, o: largest.__setitem__(0, max(largest[0], getattr(o, "nbytes", 0))))
+        for m in fx.modules()
+    ]
     with torch.no_grad():
         fx(input_ids=batch, use_cache=False)
     for h in hooks:
@@ -130,7 +141,9 @@ def run_stage(stage: str, args) -> dict:
     from flextron.train.joint import train_joint
 
     torch.set_num_threads(args.threads)
-    blocks = torch.randint(0, 49152, (args.batch * (args.steps + 1), args.seq), generator=torch.Generator().manual_seed(0))
+    blocks = torch.randint(
+        0, 49152, (args.batch * (args.steps + 1), args.seq), generator=torch.Generator().manual_seed(0)
+    )
     base = _rss()
     fx = convert(_model(args), ElasticConfig(mlp_divisor=8))
     blocks = blocks % fx.config.vocab_size
@@ -152,15 +165,37 @@ def run_stage(stage: str, args) -> dict:
     fx.train(training)
     with tempfile.TemporaryDirectory() as run_dir:
         if stage == "elastic":
-            cfg = TrainConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6, warmup_steps=1)
+            cfg = TrainConfig(
+                steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6, warmup_steps=1
+            )
             train_elastic(fx, teacher, blocks, cfg, table, Path(run_dir), progress=False)
         elif stage == "joint":
             # p_full=0: every measured step is a routed (masked) step, the stage's largest
-            jcfg = JointConfig(steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6, p_full=0.0)
-            train_joint(fx, teacher, router, table, blocks, jcfg, RouterConfig(targets=(0.6, 0.8, 1.0)), Path(run_dir), progress=False)
+            jcfg = JointConfig(
+                steps=args.steps, batch_size=args.batch, seq_len=args.seq, checkpoint_every=10**6, p_full=0.0
+            )
+            train_joint(
+                fx,
+                teacher,
+                router,
+                table,
+                blocks,
+                jcfg,
+                RouterConfig(targets=(0.6, 0.8, 1.0)),
+                Path(run_dir),
+                progress=False,
+            )
         elif stage == "routers":
-            rcfg = RouterConfig(targets=(0.6, 0.8, 1.0), steps=args.steps, warmup_samples=2, heldout_configs=2, batch_size=args.batch,
-                                seq_len=args.seq, surrogate_updates=2, warm_start=False)
+            rcfg = RouterConfig(
+                targets=(0.6, 0.8, 1.0),
+                steps=args.steps,
+                warmup_samples=2,
+                heldout_configs=2,
+                batch_size=args.batch,
+                seq_len=args.seq,
+                surrogate_updates=2,
+                warm_start=False,
+            )
             train_routers(fx, router, sm, table, blocks, rcfg, Path(run_dir), progress=False)
         else:
             perplexity(fx, blocks, batch_size=args.batch, progress=False)
@@ -195,13 +230,27 @@ def main(argv=None) -> int:
         print(json.dumps(run_stage(args.stage, args)))
         return 0
     results = {}
-    common = ["--model", args.model, "--batch", str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps),
-              "--threads", str(args.threads)]
+    common = [
+        "--model",
+        args.model,
+        "--batch",
+        str(args.batch),
+        "--seq",
+        str(args.seq),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+    ]
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps per stage (MB = 1e6 bytes)")
-    print(f"{'stage':<9} {'weights':>8} {'grads':>8} {'optim':>8} {'teacher':>8} {'activ':>8} {'budget':>8} {'measured':>9} {'ratio':>6} {'load':>8}")
+    print(
+        f"{'stage':<9} {'weights':>8} {'grads':>8} {'optim':>8} {'teacher':>8} {'activ':>8} {'budget':>8} {'measured':>9} {'ratio':>6} {'load':>8}"
+    )
     worst = 0.0
     for stage in STAGES:
-        r = subprocess.run([sys.executable, __file__, "--stage", stage, *common], capture_output=True, text=True, check=True)
+        r = subprocess.run(
+            [sys.executable, __file__, "--stage", stage, *common], capture_output=True, text=True, check=True
+        )
         m = json.loads(r.stdout.strip().splitlines()[-1])
         budget = sum(m["parts"].values())
         used = m["peak"] - m["baseline"]
@@ -209,12 +258,26 @@ def main(argv=None) -> int:
         worst = max(worst, ratio)
         results[stage] = {**m, "budget": budget, "stage_peak": used, "ratio": ratio}
         q = m["parts"]
-        print(f"{stage:<9} {q['weights'] / MB:>8.1f} {q['gradients'] / MB:>8.1f} {q['optimizer'] / MB:>8.1f} {q['teacher'] / MB:>8.1f} "
-              f"{q['activations'] / MB:>8.1f} {budget / MB:>8.1f} {used / MB:>9.1f} {ratio:>5.2f}x {(m['load_peak'] - m['baseline']) / MB:>8.1f}")
+        print(
+            f"{stage:<9} {q['weights'] / MB:>8.1f} {q['gradients'] / MB:>8.1f} {q['optimizer'] / MB:>8.1f} {q['teacher'] / MB:>8.1f} "
+            f"{q['activations'] / MB:>8.1f} {budget / MB:>8.1f} {used / MB:>9.1f} {ratio:>5.2f}x {(m['load_peak'] - m['baseline']) / MB:>8.1f}"
+        )
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps({"model": args.model, "batch": args.batch, "seq": args.seq, "steps": args.steps,
-                               "max_ratio": args.max_ratio, "stages": results}, indent=2) + "\n")
+    tmp.write_text(
+        json.dumps(
+            {
+                "model": args.model,
+                "batch": args.batch,
+                "seq": args.seq,
+                "steps": args.steps,
+                "max_ratio": args.max_ratio,
+                "stages": results,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     os.replace(tmp, out)
     print(f"worst ratio {worst:.2f}x (limit {args.max_ratio}x); written to {out}")
     return 0 if worst <= args.max_ratio else 1

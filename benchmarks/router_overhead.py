@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
@@ -52,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         seq = args.seq_len or run.cfg.latency.seq_len
         _, held = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, 1, 1, seed=run.cfg.seed)
         ids = held["wikipedia"][:1]
-        ov = measure_overhead(fx, router, args.target, ids, repeats=args.repeats, warmup=2, table=run.table, progress=True)
+        ov = measure_overhead(
+            fx, router, args.target, ids, repeats=args.repeats, warmup=2, table=run.table, progress=True
+        )
         arch, run_sub = ov["config"], prefill_fn(fx, ids)
         pooled = torch.randn(1, sp.hidden_size)
 
@@ -84,29 +87,68 @@ def main(argv: list[str] | None = None) -> int:
                 finally:
                     for m in fx.mlps:
                         m.token_widths = None
+
             return go
 
-        tok = time_models({f"{p:g}": tokens_at(p) for p in shares}, repeats=args.repeats, warmup=2, progress=True, desc="per-token widths")
-        per_token = [{"share_full_width": p, "mean_width": (1 - p) * sp.mlp_choices[0] + p * sp.mlp_choices[-1],
-                      "median_s": tok[f"{p:g}"]["median_s"]} for p in shares]
+        tok = time_models(
+            {f"{p:g}": tokens_at(p) for p in shares},
+            repeats=args.repeats,
+            warmup=2,
+            progress=True,
+            desc="per-token widths",
+        )
+        per_token = [
+            {
+                "share_full_width": p,
+                "mean_width": (1 - p) * sp.mlp_choices[0] + p * sp.mlp_choices[-1],
+                "median_s": tok[f"{p:g}"]["median_s"],
+            }
+            for p in shares
+        ]
         monotone = all(b["median_s"] > a["median_s"] for a, b in zip(per_token, per_token[1:]))
         out = {
-            "target": args.target, "seq_len": T, "threads": torch.get_num_threads(), "repeats": args.repeats,
-            "config": arch.to_dict(), "predicted_fraction": ov["predicted_fraction"],
-            "static_s": ov["sliced_s"], "dynamic_s": ov["routed_s"], "full_s": ov["full_s"],
-            "overhead_fraction": overhead, "timed_fraction": ov["timed_fraction"], "router_forward_s": r_only,
+            "target": args.target,
+            "seq_len": T,
+            "threads": torch.get_num_threads(),
+            "repeats": args.repeats,
+            "config": arch.to_dict(),
+            "predicted_fraction": ov["predicted_fraction"],
+            "static_s": ov["sliced_s"],
+            "dynamic_s": ov["routed_s"],
+            "full_s": ov["full_s"],
+            "overhead_fraction": overhead,
+            "timed_fraction": ov["timed_fraction"],
+            "router_forward_s": r_only,
             "router_forward_fraction": r_only / ov["sliced_s"],
-            "meets_2_percent": overhead < 0.02, "per_token": per_token, "per_token_latency_falls_with_width": monotone,
+            "meets_2_percent": overhead < 0.02,
+            "per_token": per_token,
+            "per_token_latency_falls_with_width": monotone,
         }
         path = write_json(Path(args.out) / "router_overhead.json", out)
-        print(format_table(["", "median (ms)"], [["static (same sub-network, no hooks)", f"{1e3 * out['static_s']:.1f}"],
-                                                 ["dynamic (router + dispatch)", f"{1e3 * out['dynamic_s']:.1f}"],
-                                                 ["full model", f"{1e3 * out['full_s']:.1f}"],
-                                                 ["router forward alone", f"{1e3 * r_only:.2f}"]]))
-        print(f"overhead (median paired ratio − 1): {100 * overhead:+.2f}% of the sub-model's prefill "
-              f"({'under' if overhead < 0.02 else 'NOT under'} 2%)")
-        print(format_table(["share of tokens at full width", "mean MLP width", "prefill (ms)"],
-                           [[f"{r['share_full_width']:g}", f"{r['mean_width']:.0f}", f"{1e3 * r['median_s']:.1f}"] for r in per_token]))
+        print(
+            format_table(
+                ["", "median (ms)"],
+                [
+                    ["static (same sub-network, no hooks)", f"{1e3 * out['static_s']:.1f}"],
+                    ["dynamic (router + dispatch)", f"{1e3 * out['dynamic_s']:.1f}"],
+                    ["full model", f"{1e3 * out['full_s']:.1f}"],
+                    ["router forward alone", f"{1e3 * r_only:.2f}"],
+                ],
+            )
+        )
+        print(
+            f"overhead (median paired ratio − 1): {100 * overhead:+.2f}% of the sub-model's prefill "
+            f"({'under' if overhead < 0.02 else 'NOT under'} 2%)"
+        )
+        print(
+            format_table(
+                ["share of tokens at full width", "mean MLP width", "prefill (ms)"],
+                [
+                    [f"{r['share_full_width']:g}", f"{r['mean_width']:.0f}", f"{1e3 * r['median_s']:.1f}"]
+                    for r in per_token
+                ],
+            )
+        )
         print(f"per-token latency falls with width: {'yes' if monotone else 'no'}; written {path}")
         return 0
 

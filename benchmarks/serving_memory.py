@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
@@ -52,34 +53,79 @@ def main(argv: list[str] | None = None) -> int:
         flex_files = [run_dir / "final", run_dir / "final_routers", run_dir / "latency_table.json"]
         disk = {
             "flextron_bytes": sum(dir_bytes(p) if p.is_dir() else p.stat().st_size for p in flex_files),
-            "flextron_weight_bytes": dir_bytes(run_dir / "final", "*.safetensors") + dir_bytes(run_dir / "final_routers", "*.safetensors"),
+            "flextron_weight_bytes": dir_bytes(run_dir / "final", "*.safetensors")
+            + dir_bytes(run_dir / "final_routers", "*.safetensors"),
             "separate_bytes": sum(dir_bytes(p) for p, _ in exported.values()),
             "separate_weight_bytes": sum(dir_bytes(p, "*.safetensors") for p, _ in exported.values()),
         }
-        mem = serving_memory({"flextron": ("flextron", [run_dir]), "separate": ("separate", [p for p, _ in exported.values()])},
-                             targets, device=str(device), new_tokens=args.new_tokens, threads=threads)
+        mem = serving_memory(
+            {"flextron": ("flextron", [run_dir]), "separate": ("separate", [p for p, _ in exported.values()])},
+            targets,
+            device=str(device),
+            new_tokens=args.new_tokens,
+            threads=threads,
+        )
         ratios = {
             "disk_separate_over_flextron": disk["separate_bytes"] / disk["flextron_bytes"],
-            "serving_rss_separate_over_flextron": mem["separate"]["serving_rss_bytes"] / max(1, mem["flextron"]["serving_rss_bytes"]),
-            "peak_rss_separate_over_flextron": mem["separate"]["peak_rss_bytes"] / max(1, mem["flextron"]["peak_rss_bytes"]),
+            "serving_rss_separate_over_flextron": mem["separate"]["serving_rss_bytes"]
+            / max(1, mem["flextron"]["serving_rss_bytes"]),
+            "peak_rss_separate_over_flextron": mem["separate"]["peak_rss_bytes"]
+            / max(1, mem["flextron"]["peak_rss_bytes"]),
         }
-        write_json(out / "serving_memory.json", {"run_dir": str(run_dir), "targets": targets, "device": str(device),
-                                                  "disk": disk, "memory": mem, "ratios": ratios})
+        write_json(
+            out / "serving_memory.json",
+            {
+                "run_dir": str(run_dir),
+                "targets": targets,
+                "device": str(device),
+                "disk": disk,
+                "memory": mem,
+                "ratios": ratios,
+            },
+        )
         mib = lambda b: None if b is None else f"{b / 2**20:.1f}"  # noqa: E731
         print(f"\nwrote {out / 'serving_memory.json'}; {len(targets)} targets {targets}\n")
         rows = [
-            ["disk, all files (MiB)", mib(disk["flextron_bytes"]), mib(disk["separate_bytes"]), ratios["disk_separate_over_flextron"]],
-            ["disk, weights (MiB)", mib(disk["flextron_weight_bytes"]), mib(disk["separate_weight_bytes"]),
-             disk["separate_weight_bytes"] / max(1, disk["flextron_weight_bytes"])],
-            ["RSS after loading (MiB)", mib(mem["flextron"]["loaded_rss_bytes"]), mib(mem["separate"]["loaded_rss_bytes"]),
-             mem["separate"]["loaded_rss_bytes"] / max(1, mem["flextron"]["loaded_rss_bytes"])],
-            ["RSS serving all N (MiB)", mib(mem["flextron"]["serving_rss_bytes"]), mib(mem["separate"]["serving_rss_bytes"]),
-             ratios["serving_rss_separate_over_flextron"]],
-            ["peak RSS (MiB)", mib(mem["flextron"]["peak_rss_bytes"]), mib(mem["separate"]["peak_rss_bytes"]), ratios["peak_rss_separate_over_flextron"]],
+            [
+                "disk, all files (MiB)",
+                mib(disk["flextron_bytes"]),
+                mib(disk["separate_bytes"]),
+                ratios["disk_separate_over_flextron"],
+            ],
+            [
+                "disk, weights (MiB)",
+                mib(disk["flextron_weight_bytes"]),
+                mib(disk["separate_weight_bytes"]),
+                disk["separate_weight_bytes"] / max(1, disk["flextron_weight_bytes"]),
+            ],
+            [
+                "RSS after loading (MiB)",
+                mib(mem["flextron"]["loaded_rss_bytes"]),
+                mib(mem["separate"]["loaded_rss_bytes"]),
+                mem["separate"]["loaded_rss_bytes"] / max(1, mem["flextron"]["loaded_rss_bytes"]),
+            ],
+            [
+                "RSS serving all N (MiB)",
+                mib(mem["flextron"]["serving_rss_bytes"]),
+                mib(mem["separate"]["serving_rss_bytes"]),
+                ratios["serving_rss_separate_over_flextron"],
+            ],
+            [
+                "peak RSS (MiB)",
+                mib(mem["flextron"]["peak_rss_bytes"]),
+                mib(mem["separate"]["peak_rss_bytes"]),
+                ratios["peak_rss_separate_over_flextron"],
+            ],
         ]
         if device.type == "cuda":
-            rows.append(["CUDA peak allocated (MiB)", mib(mem["flextron"]["cuda_peak_bytes"]), mib(mem["separate"]["cuda_peak_bytes"]),
-                         mem["separate"]["cuda_peak_bytes"] / max(1, mem["flextron"]["cuda_peak_bytes"])])
+            rows.append(
+                [
+                    "CUDA peak allocated (MiB)",
+                    mib(mem["flextron"]["cuda_peak_bytes"]),
+                    mib(mem["separate"]["cuda_peak_bytes"]),
+                    mem["separate"]["cuda_peak_bytes"] / max(1, mem["flextron"]["cuda_peak_bytes"]),
+                ]
+            )
         print(format_table(["", "flextron (1 checkpoint)", f"{len(targets)} separate", "separate / flextron"], rows))
         return 0
 

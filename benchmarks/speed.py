@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
@@ -69,8 +70,15 @@ def main(argv: list[str] | None = None) -> int:
         models = {k: load_exported(p, device) for k, (p, _) in paths.items()}
         B, T = cfg.latency.batch_size, cfg.latency.seq_len
         ids = torch.randint(0, run.fx.config.vocab_size, (B, T), generator=torch.Generator().manual_seed(0)).to(device)
-        timing = time_prefill_decode(models, "full", ids, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                                     repeats=args.repeats, progress=not args.quiet)
+        timing = time_prefill_decode(
+            models,
+            "full",
+            ids,
+            prompt_len=args.prompt_len,
+            new_tokens=args.new_tokens,
+            repeats=args.repeats,
+            progress=not args.quiet,
+        )
         V = run.fx.config.vocab_size
         ctx = args.prompt_len + args.new_tokens // 2  # mean context of a decoded token
 
@@ -83,8 +91,13 @@ def main(argv: list[str] | None = None) -> int:
         for t in targets:
             k = f"{t:g}"
             arch, tm = archs[k], timing[k]
-            row = {"target": t, "config": arch.to_dict(), "params": sp.num_parameters(arch),
-                   "predicted_fraction": run.table.fraction(arch), **tm}
+            row = {
+                "target": t,
+                "config": arch.to_dict(),
+                "params": sp.num_parameters(arch),
+                "predicted_fraction": run.table.fraction(arch),
+                **tm,
+            }
             for kind in ("prefill", "decode"):
                 ideal = flops(archs["full"], kind) / flops(arch, kind)
                 row[f"{kind}_ideal_speedup"] = ideal
@@ -93,30 +106,77 @@ def main(argv: list[str] | None = None) -> int:
                     if kind == "prefill":
                         fs, ff = prefill_fn(models[k], ids), prefill_fn(models["full"], ids)
                     else:
-                        prompt = torch.randint(0, V, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)).to(device)
-                        fs, ff = generate_fn(models[k], prompt, args.new_tokens), generate_fn(models["full"], prompt, args.new_tokens)
+                        prompt = torch.randint(
+                            0, V, (1, args.prompt_len), generator=torch.Generator().manual_seed(1)
+                        ).to(device)
+                        fs, ff = (
+                            generate_fn(models[k], prompt, args.new_tokens),
+                            generate_fn(models["full"], prompt, args.new_tokens),
+                        )
                     losers = _losers(profile_ops(fs, device=device), profile_ops(ff, device=device), ideal)
                     row[f"{kind}_profile"] = losers
             rows.append(row)
-        res = {"run_dir": str(args.run_dir), "device": str(device), "threads": torch.get_num_threads(),
-               "workload": {"prefill_batch": B, "prefill_seq_len": T, "decode_prompt_len": args.prompt_len, "decode_new_tokens": args.new_tokens,
-                            "repeats": args.repeats},
-               "full": timing["full"], "rows": rows}
+        res = {
+            "run_dir": str(args.run_dir),
+            "device": str(device),
+            "threads": torch.get_num_threads(),
+            "workload": {
+                "prefill_batch": B,
+                "prefill_seq_len": T,
+                "decode_prompt_len": args.prompt_len,
+                "decode_new_tokens": args.new_tokens,
+                "repeats": args.repeats,
+            },
+            "full": timing["full"],
+            "rows": rows,
+        }
         write_json(out / "speed.json", res)
         for r in rows:
             for kind in ("prefill", "decode"):
                 for i, op in enumerate(r.get(f"{kind}_profile", [])):
                     if i == 0:
-                        print(f"\ntarget {r['target']:g} {kind}: real/ideal {r[f'{kind}_real_over_ideal']:.2f} < {args.threshold}; "
-                              f"operators losing the most time against ideal scaling (per call):")
-                    print(f"  {op['op']:<40} sub {1e3 * op['sub_s']:8.2f} ms  full {1e3 * op['full_s']:8.2f} ms  excess {1e3 * op['excess_s']:8.2f} ms")
-        print(f"\nwrote {out / 'speed.json'}; full model: prefill {1e3 * timing['full']['prefill_s']:.1f} ms, "
-              f"decode {1e3 * timing['full']['decode_s_per_token']:.1f} ms/token\n")
-        print(format_table(
-            ["target", "params M", "prefill ms", "prefill ×", "ideal ×", "real/ideal", "decode ms/tok", "decode ×", "ideal ×", "real/ideal"],
-            [[f"{r['target']:g}", f"{r['params'] / 1e6:.2f}", f"{1e3 * r['prefill_s']:.1f}", r["prefill_speedup"], r["prefill_ideal_speedup"],
-              r["prefill_real_over_ideal"], f"{1e3 * r['decode_s_per_token']:.2f}", r["decode_speedup"], r["decode_ideal_speedup"],
-              r["decode_real_over_ideal"]] for r in rows]))
+                        print(
+                            f"\ntarget {r['target']:g} {kind}: real/ideal {r[f'{kind}_real_over_ideal']:.2f} < {args.threshold}; "
+                            f"operators losing the most time against ideal scaling (per call):"
+                        )
+                    print(
+                        f"  {op['op']:<40} sub {1e3 * op['sub_s']:8.2f} ms  full {1e3 * op['full_s']:8.2f} ms  excess {1e3 * op['excess_s']:8.2f} ms"
+                    )
+        print(
+            f"\nwrote {out / 'speed.json'}; full model: prefill {1e3 * timing['full']['prefill_s']:.1f} ms, "
+            f"decode {1e3 * timing['full']['decode_s_per_token']:.1f} ms/token\n"
+        )
+        print(
+            format_table(
+                [
+                    "target",
+                    "params M",
+                    "prefill ms",
+                    "prefill ×",
+                    "ideal ×",
+                    "real/ideal",
+                    "decode ms/tok",
+                    "decode ×",
+                    "ideal ×",
+                    "real/ideal",
+                ],
+                [
+                    [
+                        f"{r['target']:g}",
+                        f"{r['params'] / 1e6:.2f}",
+                        f"{1e3 * r['prefill_s']:.1f}",
+                        r["prefill_speedup"],
+                        r["prefill_ideal_speedup"],
+                        r["prefill_real_over_ideal"],
+                        f"{1e3 * r['decode_s_per_token']:.2f}",
+                        r["decode_speedup"],
+                        r["decode_ideal_speedup"],
+                        r["decode_real_over_ideal"],
+                    ]
+                    for r in rows
+                ],
+            )
+        )
         return 0
 
     from benchmarks.harness import script_main

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 
 
@@ -57,8 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.train.kd_alpha > 0:
             teacher = flextron.load_elastic(run_dir / "ranked").model.to(device).eval().requires_grad_(False)
         sampler = BudgetSampler(fx.space, table, cfg.train.p_full, cfg.train.sampling, min(cfg.routers.targets))
-        res = training_step_costs(fx, teacher, sampler, blocks, steps=args.steps, batch_size=cfg.train.batch_size, lr=cfg.train.lr,
-                                  kd_alpha=cfg.train.kd_alpha, max_grad_norm=cfg.train.max_grad_norm, seed=cfg.seed, progress=not args.quiet)
+        res = training_step_costs(
+            fx,
+            teacher,
+            sampler,
+            blocks,
+            steps=args.steps,
+            batch_size=cfg.train.batch_size,
+            lr=cfg.train.lr,
+            kd_alpha=cfg.train.kd_alpha,
+            max_grad_norm=cfg.train.max_grad_norm,
+            seed=cfg.seed,
+            progress=not args.quiet,
+        )
         tok_step = res["tokens_per_step"]
         el = res["elastic"]
         t_el = sum(v for k, v in el.items() if k != "teacher_forward")
@@ -77,28 +89,48 @@ def main(argv: list[str] | None = None) -> int:
             "full_model_steps": sum(c is None for c in res["configs"]),
         }
         out = Path(args.out)
-        write_json(out / "training_cost.json", {"run_dir": str(run_dir), "device": str(device), "threads": torch.get_num_threads(),
-                                                "batch": [cfg.train.batch_size, cfg.train.seq_len], "kd_alpha": cfg.train.kd_alpha,
-                                                **res, "summary": summary})
-        print(f"\nwrote {out / 'training_cost.json'}; {args.steps} timed steps of {tok_step} tokens, "
-              f"{summary['full_model_steps']} of them full-model steps; budgets {['full' if c is None else round(c, 2) for c in res['configs']]}\n")
+        write_json(
+            out / "training_cost.json",
+            {
+                "run_dir": str(run_dir),
+                "device": str(device),
+                "threads": torch.get_num_threads(),
+                "batch": [cfg.train.batch_size, cfg.train.seq_len],
+                "kd_alpha": cfg.train.kd_alpha,
+                **res,
+                "summary": summary,
+            },
+        )
+        print(
+            f"\nwrote {out / 'training_cost.json'}; {args.steps} timed steps of {tok_step} tokens, "
+            f"{summary['full_model_steps']} of them full-model steps; budgets {['full' if c is None else round(c, 2) for c in res['configs']]}\n"
+        )
         rows = []
-        for kind, label in (("elastic", "elastic step"), ("dense", "dense, same widths"), ("full", "full model fine-tune")):
+        for kind, label in (
+            ("elastic", "elastic step"),
+            ("dense", "dense, same widths"),
+            ("full", "full model fine-tune"),
+        ):
             d = res[kind]
             total = sum(d.values())
             for ph, v in d.items():
                 rows.append([label, ph, f"{1e3 * v:.1f}", f"{100 * v / total:.0f}%"])
         print(format_table(["run", "phase", "ms/step", "share"], rows))
         print()
-        print(format_table(["figure", "value"], [
-            ["elastic tokens/s (teacher excluded)", summary["elastic_tokens_per_s"]],
-            ["elastic tokens/s (teacher included)", summary["elastic_with_teacher_tokens_per_s"]],
-            ["dense same-mix tokens/s", summary["dense_same_mix_tokens_per_s"]],
-            ["full fine-tune tokens/s", summary["full_finetune_tokens_per_s"]],
-            ["elastic / dense same mix (median per step)", summary["ratio_elastic_vs_dense_same_mix"]],
-            ["elastic / full fine-tune (median per step)", summary["ratio_elastic_vs_full_finetune"]],
-            ["teacher forward share of the elastic step", summary["teacher_forward_share_of_elastic_step"]],
-        ]))
+        print(
+            format_table(
+                ["figure", "value"],
+                [
+                    ["elastic tokens/s (teacher excluded)", summary["elastic_tokens_per_s"]],
+                    ["elastic tokens/s (teacher included)", summary["elastic_with_teacher_tokens_per_s"]],
+                    ["dense same-mix tokens/s", summary["dense_same_mix_tokens_per_s"]],
+                    ["full fine-tune tokens/s", summary["full_finetune_tokens_per_s"]],
+                    ["elastic / dense same mix (median per step)", summary["ratio_elastic_vs_dense_same_mix"]],
+                    ["elastic / full fine-tune (median per step)", summary["ratio_elastic_vs_full_finetune"]],
+                    ["teacher forward share of the elastic step", summary["teacher_forward_share_of_elastic_step"]],
+                ],
+            )
+        )
         return 0
 
     from benchmarks.harness import script_main

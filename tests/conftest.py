@@ -9,18 +9,39 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 FAMILIES = {
     # GQA (4 query heads in 2 groups) and tied embeddings, like SmolLM2
     "llama_gqa_tied": lambda: LlamaConfig(
-        vocab_size=97, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
     ),
     # Qwen2-style: q/k/v biases, untied
     "qwen2_bias": lambda: Qwen2Config(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, tie_word_embeddings=False, max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=False,
+        max_position_embeddings=128,
     ),
     # Qwen3-style: q/k norms over head_dim
     "qwen3_qknorm": lambda: Qwen3Config(
-        vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=128,
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
     ),
 }
 
@@ -71,9 +92,18 @@ def write_tiny_model_dir(path, seed: int = 0):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
     torch.manual_seed(seed)
     cfg = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=6,
-        num_key_value_heads=2, head_dim=8, tie_word_embeddings=True, max_position_embeddings=128,
-        eos_token_id=1, bos_token_id=None, pad_token_id=None,
+        vocab_size=len(vocab),
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=128,
+        eos_token_id=1,
+        bos_token_id=None,
+        pad_token_id=None,
     )
     model = AutoModelForCausalLM.from_config(cfg)
     model.save_pretrained(path)
@@ -93,17 +123,34 @@ def write_tiny_run(tmp_path, name: str = "tiny", **overrides):
     ood = tmp_path / "ood.txt"
     ood.write_text("\n".join(_docs(_WORDS_B, 1, 600, 1)))
     cfg = {
-        "name": name, "seed": 0, "out_dir": str(tmp_path / "runs"), "threads": 1,
+        "name": name,
+        "seed": 0,
+        "out_dir": str(tmp_path / "runs"),
+        "threads": 1,
         "model": {"source": str(model_dir)},
         "data": {"text_files": [str(data)], "ood_text_files": [str(ood)], "heldout_articles": 8},
         "elastic": {"mlp_fractions": [0.25, 0.5, 0.75, 1.0], "mlp_divisor": 8},
         "calibration": {"num_sequences": 4, "seq_len": 32, "batch_size": 2},
         "train": {"steps": 6, "batch_size": 2, "seq_len": 32, "checkpoint_every": 3, "warmup_steps": 1, "lr": 1e-3},
         "latency": {"budget": "params"},
-        "routers": {"targets": [0.6, 0.8, 1.0], "steps": 4, "warmup_samples": 4, "heldout_configs": 4,
-                    "batch_size": 2, "seq_len": 32, "surrogate_updates": 5},
+        "routers": {
+            "targets": [0.6, 0.8, 1.0],
+            "steps": 4,
+            "warmup_samples": 4,
+            "heldout_configs": 4,
+            "batch_size": 2,
+            "seq_len": 32,
+            "surrogate_updates": 5,
+        },
         "joint": {"steps": 3, "batch_size": 2, "seq_len": 32, "checkpoint_every": 2},
-        "eval": {"targets": [0.6, 1.0], "seq_len": 32, "heldout_blocks": 4, "ood_blocks": 4, "batch_size": 4, "latency_repeats": 5},
+        "eval": {
+            "targets": [0.6, 1.0],
+            "seq_len": 32,
+            "heldout_blocks": 4,
+            "ood_blocks": 4,
+            "batch_size": 4,
+            "latency_repeats": 5,
+        },
     }
     for k, v in overrides.items():
         cfg[k] = {**cfg.get(k, {}), **v} if isinstance(v, dict) else v

@@ -29,14 +29,18 @@ from flextron.train.joint import train_joint
 
 
 def _snapshot(prefix: str, module: torch.nn.Module) -> dict:
-    return {f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items() if "lm_head" not in k}
+    return {
+        f"{prefix}.{k}": v.detach().clone().contiguous() for k, v in module.state_dict().items() if "lm_head" not in k
+    }
 
 
 def main(out: Path, micro_batch: int) -> None:
     acc = make_accelerator(1)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"world_{acc.process_index}.txt").write_text(str(acc.num_processes))
-    fx = convert(make_tiny("llama_gqa_tied", dtype=torch.float64), ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8))
+    fx = convert(
+        make_tiny("llama_gqa_tied", dtype=torch.float64), ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8)
+    )
     teacher = copy.deepcopy(fx.model).requires_grad_(False)
     blocks = torch.randint(0, 97, (32, 12), generator=torch.Generator().manual_seed(0))
     table = CostTable.from_parameters(fx.space)
@@ -51,9 +55,19 @@ def main(out: Path, micro_batch: int) -> None:
     router = StaticRouter((0.6, 0.8, 1.0), sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 16).double()
     sm = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 16).double()
     weights.update(_snapshot("router_init", router))
-    rcfg = RouterConfig(targets=(0.6, 0.8, 1.0), steps=4, warmup_samples=4, heldout_configs=4, batch_size=4, seq_len=12,
-                        surrogate_updates=5, surrogate_gate_spearman=-1.0, surrogate_gate_error=1e9,
-                        tau_start=2.0, tau_end=1.0)  # a warm Gumbel-softmax keeps the joint stage's router gradient non-zero
+    rcfg = RouterConfig(
+        targets=(0.6, 0.8, 1.0),
+        steps=4,
+        warmup_samples=4,
+        heldout_configs=4,
+        batch_size=4,
+        seq_len=12,
+        surrogate_updates=5,
+        surrogate_gate_spearman=-1.0,
+        surrogate_gate_error=1e9,
+        tau_start=2.0,
+        tau_end=1.0,
+    )  # a warm Gumbel-softmax keeps the joint stage's router gradient non-zero
     rsum = train_routers(fx, router, sm, table, blocks, rcfg, out / "run", seed=0, accelerator=acc, progress=False)
     weights.update(_snapshot("router", router))
     weights.update(_snapshot("surrogate", sm))

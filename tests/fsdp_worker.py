@@ -27,7 +27,9 @@ GLOBAL_BATCH = 4
 def elastic_step(rank: int, world: int) -> dict[str, torch.Tensor]:
     """One step on a sampled (not full) sub-network: some parameters get no gradient. Returns the
     full state dict after the step (gathered from the shards when ``world > 1``)."""
-    fx = convert(make_tiny("llama_gqa_tied", dtype=torch.float64), ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8))
+    fx = convert(
+        make_tiny("llama_gqa_tied", dtype=torch.float64), ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8)
+    )
     teacher = copy.deepcopy(fx.model).requires_grad_(False)
     arch, _ = BudgetSampler(fx.space, CostTable.from_parameters(fx.space), p_full=0.0).sample(step_generator(0, 0))
     assert arch != fx.space.full()

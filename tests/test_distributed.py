@@ -18,7 +18,16 @@ WORKER = Path(__file__).parent / "ddp_worker.py"
 
 def _launch(out: Path, nproc: int, micro_batch: int) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(WORKER), str(out), str(micro_batch)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        str(WORKER),
+        str(out),
+        str(micro_batch),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
 
@@ -26,7 +35,9 @@ def _launch(out: Path, nproc: int, micro_batch: int) -> None:
 def test_two_process_ddp_equals_one_process(tmp_path):
     _launch(tmp_path / "one", 1, 4)
     _launch(tmp_path / "two", 2, 2)  # 2 ranks × 2 sequences = the same global batch of 4
-    assert (tmp_path / "two" / "world_0.txt").read_text() == "2" and (tmp_path / "two" / "world_1.txt").read_text() == "2"
+    assert (tmp_path / "two" / "world_0.txt").read_text() == "2" and (
+        tmp_path / "two" / "world_1.txt"
+    ).read_text() == "2"
     one = load_file(tmp_path / "one" / "weights_0.safetensors")
     ranks = [load_file(tmp_path / "two" / f"weights_{r}.safetensors") for r in (0, 1)]
     stages = {k.split(".", 1)[0] for k in one}
@@ -39,7 +50,9 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     from conftest import make_tiny
 
     init = make_tiny("llama_gqa_tied").state_dict()
-    changed = lambda stage, ref: any(not torch.allclose(one[f"{stage}.{k}"], v) for k, v in ref.items() if f"{stage}.{k}" in one)  # noqa: E731
+    changed = lambda stage, ref: any(
+        not torch.allclose(one[f"{stage}.{k}"], v) for k, v in ref.items() if f"{stage}.{k}" in one
+    )  # noqa: E731
     assert changed("elastic", init)
     router_init = {k.split(".", 1)[1]: v for k, v in one.items() if k.startswith("router_init.")}
     assert changed("router", router_init)
@@ -51,8 +64,11 @@ def test_two_process_ddp_equals_one_process(tmp_path):
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assert summary["routers"]["router_steps_with_surrogate_grad"] == 4
     # every rank logged the same sub-network: only rank 0 writes metrics, so compare the sampled budgets of both runs
-    budgets = lambda p: [json.loads(l)["budget"] for l in (p / "run" / "metrics.jsonl").read_text().splitlines()  # noqa: E731
-                         if json.loads(l)["stage"] == "elastic"]
+    budgets = lambda p: [
+        json.loads(l)["budget"]
+        for l in (p / "run" / "metrics.jsonl").read_text().splitlines()  # noqa: E731
+        if json.loads(l)["stage"] == "elastic"
+    ]
     assert budgets(tmp_path / "one") == budgets(tmp_path / "two")
 
 
@@ -66,8 +82,15 @@ def test_fsdp_two_cpu_processes_one_elastic_step(tmp_path):
     from fsdp_worker import elastic_step
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1] / "src")}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(Path(__file__).parent / "fsdp_worker.py"), str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(Path(__file__).parent / "fsdp_worker.py"),
+        str(tmp_path),
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     assert [(tmp_path / f"world_{i}.txt").read_text() for i in (0, 1)] == ["2", "2"]

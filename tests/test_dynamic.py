@@ -28,7 +28,10 @@ TARGETS = (0.6, 0.8, 1.0)
 
 
 def _setup(dtype=torch.float64, seed=0):
-    fx = convert(make_tiny("llama_gqa_tied", dtype=dtype, seed=seed), ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8))
+    fx = convert(
+        make_tiny("llama_gqa_tied", dtype=dtype, seed=seed),
+        ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8),
+    )
     sp = fx.space
     table = CostTable.from_parameters(sp)
     torch.manual_seed(seed)
@@ -131,13 +134,25 @@ def test_cached_generation_keeps_the_prefill_choice():
     with DynamicRouting(fx, router, 0.6) as r:
         fx(input_ids=prompt)
         choice = r.indices()
-        gen = fx.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                          pad_token_id=0, min_new_tokens=6)
+        gen = fx.generate(
+            input_ids=prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            min_new_tokens=6,
+        )
         after = r.indices()
     assert torch.equal(choice[0], after[0]) and torch.equal(choice[1], after[1])  # decode steps did not re-route
     fx.set_arch(fx.space.from_indices(choice[0][0].tolist(), choice[1][0].tolist()))
-    ref = fx.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=6, do_sample=False,
-                      pad_token_id=0, min_new_tokens=6)
+    ref = fx.generate(
+        input_ids=prompt,
+        attention_mask=torch.ones_like(prompt),
+        max_new_tokens=6,
+        do_sample=False,
+        pad_token_id=0,
+        min_new_tokens=6,
+    )
     fx.set_arch(None)
     assert torch.equal(gen, ref)
     # the cached decode equals recomputing the whole sequence at that sub-network
@@ -217,7 +232,13 @@ def test_router_overhead_is_measured_and_budgets_follow_the_timing():
     _scramble(router)
     ids = torch.randint(0, 97, (1, 12))
     ov = measure_overhead(fx, router, 0.6, ids, repeats=3, table=table)
-    assert ov["routed_s"] > 0 and ov["sliced_s"] > 0 and ov["full_s"] > 0 and ov["timed_fraction"] > 0 and ov["repeats"] == 3
+    assert (
+        ov["routed_s"] > 0
+        and ov["sliced_s"] > 0
+        and ov["full_s"] > 0
+        and ov["timed_fraction"] > 0
+        and ov["repeats"] == 3
+    )
     assert fx.space.validate(ov["config"]) == ov["config"] and ov["predicted_fraction"] == table.fraction(ov["config"])
     assert fx.arch == fx.space.full()  # the measurement leaves the model as it was
     with pytest.raises(ConfigError, match="one sequence"):
@@ -282,10 +303,22 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
 @pytest.mark.parametrize("variant", ["surrogate", "per_token", "direct_joint", "gate_closed"])
 def test_train_dynamic_meets_budget_logs_and_round_trips(tmp_path, variant):
     fx, table, static, _ = _setup(dtype=torch.float32)
-    kw = {"surrogate": {}, "per_token": {"per_token": True}, "direct_joint": {"surrogate": False, "joint_steps": 2},
-          "gate_closed": {"gate_spearman": 2.0, "fallback_steps": 3}}[variant]  # a gate that cannot open: direct fallback
-    cfg = DynamicConfig(targets=TARGETS, steps=4, batch_size=4, warmup_steps=1, heldout_steps=1, calibrate_blocks=12,
-                        timing_repeats=0, **{"gate_spearman": -1.0, "gate_error": 100.0, **kw})
+    kw = {
+        "surrogate": {},
+        "per_token": {"per_token": True},
+        "direct_joint": {"surrogate": False, "joint_steps": 2},
+        "gate_closed": {"gate_spearman": 2.0, "fallback_steps": 3},
+    }[variant]  # a gate that cannot open: direct fallback
+    cfg = DynamicConfig(
+        targets=TARGETS,
+        steps=4,
+        batch_size=4,
+        warmup_steps=1,
+        heldout_steps=1,
+        calibrate_blocks=12,
+        timing_repeats=0,
+        **{"gate_spearman": -1.0, "gate_error": 100.0, **kw},
+    )
     pool = torch.randint(0, 97, (24, 12), generator=torch.Generator().manual_seed(0))
     before = [p.detach().clone() for p in fx.parameters()]
     router, summary = train_dynamic(fx, static, table, pool, cfg, tmp_path, progress=False)
@@ -308,7 +341,9 @@ def test_train_dynamic_meets_budget_logs_and_round_trips(tmp_path, variant):
     assert all({"latency_error", "choice_entropy_nats", "mean_fraction"} <= set(r) for r in recs)
     loaded, meta = load_dynamic(tmp_path, fx)
     assert meta["per_token"] == (variant == "per_token")
-    assert all(torch.equal(a, b.to(a.dtype)) for a, b in zip(router.state_dict().values(), loaded.state_dict().values()))
+    assert all(
+        torch.equal(a, b.to(a.dtype)) for a, b in zip(router.state_dict().values(), loaded.state_dict().values())
+    )
     (tmp_path / "router" / "dynamic_router.safetensors").write_bytes(b"altered")
     with pytest.raises(ModelError):
         load_dynamic(tmp_path, fx)

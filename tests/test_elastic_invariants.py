@@ -67,8 +67,23 @@ def test_sliced_equals_masked_one_hot(family):
         sliced = fx.set_arch(arch)(input_ids=ids).logits
         fx.set_arch(None)
         mi, hi = sp.indices(arch)
-        mlp_masks = [nested_mask(torch.nn.functional.one_hot(torch.tensor([i]), len(sp.mlp_choices)).double(), sp.mlp_choices, sp.intermediate_size) for i in mi]
-        head_masks = [nested_mask(torch.nn.functional.one_hot(torch.tensor([i]), len(sp.head_choices)).double(), sp.head_choices, sp.heads_per_group, sp.num_key_value_heads) for i in hi]
+        mlp_masks = [
+            nested_mask(
+                torch.nn.functional.one_hot(torch.tensor([i]), len(sp.mlp_choices)).double(),
+                sp.mlp_choices,
+                sp.intermediate_size,
+            )
+            for i in mi
+        ]
+        head_masks = [
+            nested_mask(
+                torch.nn.functional.one_hot(torch.tensor([i]), len(sp.head_choices)).double(),
+                sp.head_choices,
+                sp.heads_per_group,
+                sp.num_key_value_heads,
+            )
+            for i in hi
+        ]
         fx.set_masks(mlp_masks, head_masks)
         masked = fx(input_ids=ids).logits
         fx.set_masks(None, None)

@@ -12,7 +12,14 @@ from flextron.config import ElasticConfig
 from flextron.model.space import ArchConfig, sample_arch
 from flextron.model.elastic import convert
 from flextron.errors import ModelError, OutputExistsError, UnsupportedModelError
-from flextron.model.export import export_subnetwork, load_elastic, load_hf_model, save_elastic, save_subnetwork, subnetwork_arch
+from flextron.model.export import (
+    export_subnetwork,
+    load_elastic,
+    load_hf_model,
+    save_elastic,
+    save_subnetwork,
+    subnetwork_arch,
+)
 from flextron.model.hf_modeling import FlextronForCausalLM
 
 from conftest import make_tiny
@@ -117,8 +124,16 @@ def test_default_arch_is_the_active_one():
 def test_homogeneous_config_rejected_by_transformers_falls_back():
     # hidden 30 with 2 KV groups: 4 query heads (2 per group) fail hidden_size % heads in LlamaConfig
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=97, hidden_size=30, intermediate_size=32, num_hidden_layers=2, num_attention_heads=6,
-                      num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    cfg = LlamaConfig(
+        vocab_size=97,
+        hidden_size=30,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+    )
     cfg._attn_implementation = "sdpa"
     fx = convert(AutoModelForCausalLM.from_config(cfg).double().eval(), CFG)
     arch = fx.space.homogeneous(16, 2)
@@ -142,7 +157,9 @@ def test_cached_decoding(family, tmp_path):
     arch = _hetero_arch(fx.space, torch.Generator().manual_seed(2))
     hetero = export_subnetwork(fx, arch)
     homo = export_subnetwork(fx, _homo_arch(fx.space))
-    reloaded = AutoModelForCausalLM.from_pretrained(save_subnetwork(hetero, tmp_path / "h"), trust_remote_code=True, dtype=torch.float64)
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        save_subnetwork(hetero, tmp_path / "h"), trust_remote_code=True, dtype=torch.float64
+    )
     fx.set_arch(arch)
     for model in (hetero, homo, reloaded, fx):
         _check_cache(model, ids)

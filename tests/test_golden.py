@@ -53,8 +53,11 @@ def test_golden_run(tmp_path, monkeypatch):
 
     assert len(seen) == 1
     imp = seen[0]
-    got = {"importance": _tensor_digest([(f"mlp.{i}", t) for i, t in enumerate(imp.mlp)]
-                                        + [(f"heads.{i}", t) for i, t in enumerate(imp.heads)])}
+    got = {
+        "importance": _tensor_digest(
+            [(f"mlp.{i}", t) for i, t in enumerate(imp.mlp)] + [(f"heads.{i}", t) for i, t in enumerate(imp.heads)]
+        )
+    }
 
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     losses = [r["lm_loss"] for r in rows if r.get("stage") == "elastic"]

@@ -27,7 +27,9 @@ def ctx():
     server of Python 3.11 does not get the test directory on its path, so the worker module
     itself is imported by each child, which is quick once its dependencies are loaded.)"""
     c = multiprocessing.get_context("forkserver")
-    c.set_forkserver_preload(["flextron.train.loop", "flextron.train.routers", "flextron.model.elastic", "flextron.cost.measure"])
+    c.set_forkserver_preload(
+        ["flextron.train.loop", "flextron.train.routers", "flextron.model.elastic", "flextron.cost.measure"]
+    )
     return c
 
 
@@ -124,13 +126,17 @@ def test_killed_run_resumes_to_the_same_weights(tmp_path, ctx, stage):
     _wait_training(run, p, rng.randint(1, 3))
     assert _kill(p, signal.SIGINT) == 130
     interrupted_at = _complete_checkpoints(run, stage)
-    assert interrupted_at == _steps_logged(run) > done  # saved at the step it stopped, not at the last multiple of every
+    assert (
+        interrupted_at == _steps_logged(run) > done
+    )  # saved at the step it stopped, not at the last multiple of every
     assert interrupted_at < steps, "nothing left to resume; give the stage more steps"
     assert not [d for d in root.iterdir() if d.name.startswith(".")]  # leftovers cleaned
 
     # 4) the resumed run finishes where the uninterrupted one did, running only the missing steps
     res = _finish(ctx, run, stage)
-    assert res["summary"]["resumed_from"] == interrupted_at and res["summary"]["steps_run_now"] == steps - interrupted_at
+    assert (
+        res["summary"]["resumed_from"] == interrupted_at and res["summary"]["steps_run_now"] == steps - interrupted_at
+    )
     if stage == "routers":  # counted independently of the summary: router steps, and no warm-up measurement redone
         assert res["router_steps"] == steps - interrupted_at and res["forwards_before_first_router_step"] == 0
         same = lambda s: {k: v for k, v in s.items() if k not in ("wall_s", "resumed_from", "steps_run_now")}  # noqa: E731

@@ -113,7 +113,9 @@ def test_measure_latency_table_roundtrip(tmp_path):
     assert math.isfinite(val["mape_fraction"]) and val["n"] == 3
     assert table.workload["fit"]["configs"] == len(fx.space.homogeneous_configs()) - 1 + LAT.fit_configs
     # the block timings' shape is scaled by two least-squares factors fitted on whole sub-models
-    assert set(table.workload["fit"]["scale"]) == {"mlp", "attn"} and all(v > 0 for v in table.workload["fit"]["scale"].values())
+    assert set(table.workload["fit"]["scale"]) == {"mlp", "attn"} and all(
+        v > 0 for v in table.workload["fit"]["scale"].values()
+    )
     assert all(c["measured_s"] > 0 for c in val["configs"])
     table.validation = val
 

@@ -42,18 +42,18 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "flextron"
 
 # The layers, lowest first. A module may import from its own layer and the ones above it in this list.
 LAYERS = [
-    ("base",     ("flextron.errors", "flextron.version", "flextron.files")),
-    ("config",   ("flextron.config",)),
-    ("data",     ("flextron.data",)),
-    ("model",    ("flextron.model",)),
-    ("cost",     ("flextron.cost",)),
-    ("routing",  ("flextron.routing",)),
-    ("train",    ("flextron.train",)),
-    ("eval",     ("flextron.eval",)),
-    ("report",   ("flextron.report",)),
+    ("base", ("flextron.errors", "flextron.version", "flextron.files")),
+    ("config", ("flextron.config",)),
+    ("data", ("flextron.data",)),
+    ("model", ("flextron.model",)),
+    ("cost", ("flextron.cost",)),
+    ("routing", ("flextron.routing",)),
+    ("train", ("flextron.train",)),
+    ("eval", ("flextron.eval",)),
+    ("report", ("flextron.report",)),
     ("pipeline", ("flextron.pipeline",)),
-    ("cli",      ("flextron.cli", "flextron.lm_eval", "flextron.__main__")),
-    ("api",      ("flextron",)),   # the package's own __init__ (lazy public names) only
+    ("cli", ("flextron.cli", "flextron.lm_eval", "flextron.__main__")),
+    ("api", ("flextron",)),  # the package's own __init__ (lazy public names) only
 ]
 
 BENCHMARK_MODULES = ("benchmarks", "flextron.bench", "flextron.baselines")
@@ -81,6 +81,7 @@ class Violation:
 
 
 # --------------------------------------------------------------------------- names and layers
+
 
 def _within(name: str, prefix: str) -> bool:
     return name == prefix or name.startswith(prefix + ".")
@@ -128,6 +129,7 @@ def _is_private(name: str) -> bool:
 
 # --------------------------------------------------------------------------- reading one module
 
+
 class _ModuleScan(ast.NodeVisitor):
     """Edges, bindings of names to flextron modules, and raw findings of one module's source."""
 
@@ -135,11 +137,11 @@ class _ModuleScan(ast.NodeVisitor):
         self.module, self.modules = module, modules
         self.package = _package_of(module, packages)
         self.edges: list[Edge] = []
-        self.benchmark: list[tuple[int, str]] = []       # (line, imported name)
-        self.private: list[tuple[int, str]] = []         # (line, "owner._name")
-        self.bound: dict[str, str] = {}                  # local name -> flextron module it names
+        self.benchmark: list[tuple[int, str]] = []  # (line, imported name)
+        self.private: list[tuple[int, str]] = []  # (line, "owner._name")
+        self.bound: dict[str, str] = {}  # local name -> flextron module it names
         self.attributes: list[ast.Attribute] = []
-        self._depth = 0                                  # > 0 inside a function
+        self._depth = 0  # > 0 inside a function
 
     # -- scopes
     def _function(self, node: ast.AST) -> None:
@@ -207,8 +209,9 @@ class _ModuleScan(ast.NodeVisitor):
         target = first.value
         if not target.startswith("."):
             return target
-        package_arg = node.args[1] if len(node.args) > 1 else next(
-            (k.value for k in node.keywords if k.arg == "package"), None)
+        package_arg = (
+            node.args[1] if len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "package"), None)
+        )
         if isinstance(package_arg, ast.Constant) and isinstance(package_arg.value, str):
             package = package_arg.value
         elif isinstance(package_arg, ast.Name) and package_arg.id == "__name__":
@@ -228,8 +231,7 @@ class _ModuleScan(ast.NodeVisitor):
 
     def visit_Assign(self, node: ast.Assign) -> None:
         # m = importlib.import_module("flextron.x")  binds m like ``import flextron.x as m``
-        if (len(node.targets) == 1 and isinstance(node.targets[0], ast.Name)
-                and isinstance(node.value, ast.Call)):
+        if len(node.targets) == 1 and isinstance(node.targets[0], ast.Name) and isinstance(node.value, ast.Call):
             target = self._import_module_target(node.value)
             if target is not None:
                 self.bound[node.targets[0].id] = target
@@ -262,6 +264,7 @@ def scan(module: str, source: str, modules: set[str], packages: set[str]) -> _Mo
 
 
 # --------------------------------------------------------------------------- the rules
+
 
 def find_cycles(edges: list[Edge]) -> list[list[str]]:
     """One cycle path (first node repeated at the end) per strongly connected group of modules."""
@@ -330,8 +333,9 @@ def collect(sources: dict[str, str], packages: set[str] | None = None) -> dict[s
     return {name: scan(name, text, modules, packages) for name, text in sorted(sources.items())}
 
 
-def check(sources: dict[str, str], packages: set[str] | None = None,
-          scans: dict[str, _ModuleScan] | None = None) -> list[Violation]:
+def check(
+    sources: dict[str, str], packages: set[str] | None = None, scans: dict[str, _ModuleScan] | None = None
+) -> list[Violation]:
     """All violations of the layer rules in the synthetic or real package ``sources``
     (``scans``: the result of ``collect(sources, packages)`` when already at hand)."""
     scans = collect(sources, packages) if scans is None else scans
@@ -344,15 +348,22 @@ def check(sources: dict[str, str], packages: set[str] | None = None,
     for e in edges:
         benchmark = any(_within(e.imported, b) for b in BENCHMARK_MODULES)  # reported as benchmark code
         if e.imported not in sources and layer_of(e.imported) is None and not benchmark:
-            found.append(Violation(LAYER, e.importer, f"{e.importer}:{e.line} imports {e.imported}, "
-                                                      f"which belongs to no layer"))
+            found.append(
+                Violation(LAYER, e.importer, f"{e.importer}:{e.line} imports {e.imported}, which belongs to no layer")
+            )
 
     for e in edges:
         low, high = layer_of(e.importer), layer_of(e.imported)
         if low is not None and high is not None and high > low:
             where = " (inside a function)" if e.in_function else ""
-            found.append(Violation(BACKWARD, e.importer, f"{e.importer}:{e.line} -> {e.imported}{where}: "
-                                   f"layer {LAYERS[low][0]!r} imports the later layer {LAYERS[high][0]!r}"))
+            found.append(
+                Violation(
+                    BACKWARD,
+                    e.importer,
+                    f"{e.importer}:{e.line} -> {e.imported}{where}: "
+                    f"layer {LAYERS[low][0]!r} imports the later layer {LAYERS[high][0]!r}",
+                )
+            )
 
     for cycle in find_cycles(edges):
         found.append(Violation(CYCLE, cycle[0], " -> ".join(cycle)))
@@ -398,6 +409,7 @@ def read_tree(root: Path = SRC) -> tuple[dict[str, str], set[str]]:
 
 # --------------------------------------------------------------------------- the real tree
 
+
 def test_real_tree_follows_the_layers():
     sources, packages = read_tree()
     scans = collect(sources, packages)
@@ -405,8 +417,7 @@ def test_real_tree_follows_the_layers():
     deferred = {(e.importer, e.imported) for s in scans.values() for e in s.edges if e.in_function}
     violations = check(sources, packages, scans)
     undocumented = missing_docstrings(sources)
-    print(f"\nflextron import layers: {len(sources)} modules, {len(edges)} edges "
-          f"({len(deferred)} inside functions)")
+    print(f"\nflextron import layers: {len(sources)} modules, {len(edges)} edges ({len(deferred)} inside functions)")
     print("layer order (lowest first): " + " < ".join(name for name, _ in LAYERS))
     print(f"{len(violations)} violations")
     problems = [report(violations)] if violations else []
@@ -417,6 +428,7 @@ def test_real_tree_follows_the_layers():
 
 
 # --------------------------------------------------------------------------- synthetic packages
+
 
 def rules(sources: dict[str, str]) -> list[tuple[str, str]]:
     return [(v.rule, v.module) for v in check(sources)]
@@ -445,8 +457,10 @@ def test_clean_synthetic_package_has_no_violations():
 
 
 def test_backward_edge_is_reported():
-    sources = {"flextron.model.space": "from flextron.pipeline.runner import x\n",
-               "flextron.pipeline.runner": "from flextron.config import RunConfig\n"}  # downward: fine
+    sources = {
+        "flextron.model.space": "from flextron.pipeline.runner import x\n",
+        "flextron.pipeline.runner": "from flextron.config import RunConfig\n",
+    }  # downward: fine
     found = check(sources)
     assert [(v.rule, v.module) for v in found] == [(BACKWARD, "flextron.model.space")]
     assert "flextron.model.space:1 -> flextron.pipeline.runner" in found[0].message
@@ -464,63 +478,86 @@ def test_function_level_import_is_seen():
 
 
 def test_cycle_is_reported_with_its_path():
-    sources = {"flextron.eval.a": "from flextron.eval.b import x\n",
-               "flextron.eval.b": "def f():\n    import flextron.eval.c\n",
-               "flextron.eval.c": "import flextron.eval.a\nimport flextron.eval.c\n"}
+    sources = {
+        "flextron.eval.a": "from flextron.eval.b import x\n",
+        "flextron.eval.b": "def f():\n    import flextron.eval.c\n",
+        "flextron.eval.c": "import flextron.eval.a\nimport flextron.eval.c\n",
+    }
     found = check(sources)
     assert [(v.rule, str(v)) for v in found] == [
-        (CYCLE, "flextron.eval.a -> flextron.eval.b -> flextron.eval.c -> flextron.eval.a")]
+        (CYCLE, "flextron.eval.a -> flextron.eval.b -> flextron.eval.c -> flextron.eval.a")
+    ]
 
 
 def test_package_and_its_submodule_importing_each_other_is_a_cycle():
-    sources = {"flextron.model": "from .space import ArchConfig\n",
-               "flextron.model.space": "from flextron.model import helper\n"}
+    sources = {
+        "flextron.model": "from .space import ArchConfig\n",
+        "flextron.model.space": "from flextron.model import helper\n",
+    }
     assert [str(v) for v in check(sources)] == ["flextron.model -> flextron.model.space -> flextron.model"]
 
 
 def test_private_name_from_another_module_is_reported():
-    sources = {"flextron.routing.router": "from flextron.model.space import _helper, __version__\n",
-               "flextron.model.space": "_helper = 1\n"}
+    sources = {
+        "flextron.routing.router": "from flextron.model.space import _helper, __version__\n",
+        "flextron.model.space": "_helper = 1\n",
+    }
     assert [str(v) for v in check(sources)] == [
-        "flextron.routing.router:1 uses the private name flextron.model.space._helper"]
+        "flextron.routing.router:1 uses the private name flextron.model.space._helper"
+    ]
 
 
 def test_private_attribute_through_an_import_alias_is_reported():
-    sources = {"flextron.train.loop": "import flextron.model.space as sp\nfrom ..model import space\n"
-                                      "def f():\n    return sp._cache, space._cache, sp.__doc__, sp.public\n",
-               "flextron.model": "",
-               "flextron.model.space": "_cache = {}\n"}
+    sources = {
+        "flextron.train.loop": "import flextron.model.space as sp\nfrom ..model import space\n"
+        "def f():\n    return sp._cache, space._cache, sp.__doc__, sp.public\n",
+        "flextron.model": "",
+        "flextron.model.space": "_cache = {}\n",
+    }
     assert [str(v) for v in check(sources)] == [
         "flextron.train.loop:4 uses the private name flextron.model.space._cache",
-        "flextron.train.loop:4 uses the private name flextron.model.space._cache"]
+        "flextron.train.loop:4 uses the private name flextron.model.space._cache",
+    ]
 
 
 def test_benchmark_code_is_reported():
-    sources = {"flextron.eval.speed": "import benchmarks.speed\n",
-               "flextron.eval.memory": "from benchmarks import memory\n",
-               "flextron.report": "def f():\n    from flextron import baselines\n    import flextron.bench\n"}
-    assert sorted(rules(sources)) == [(BENCHMARK, "flextron.eval.memory"), (BENCHMARK, "flextron.eval.speed"),
-                                      (BENCHMARK, "flextron.report"), (BENCHMARK, "flextron.report")]
+    sources = {
+        "flextron.eval.speed": "import benchmarks.speed\n",
+        "flextron.eval.memory": "from benchmarks import memory\n",
+        "flextron.report": "def f():\n    from flextron import baselines\n    import flextron.bench\n",
+    }
+    assert sorted(rules(sources)) == [
+        (BENCHMARK, "flextron.eval.memory"),
+        (BENCHMARK, "flextron.eval.speed"),
+        (BENCHMARK, "flextron.report"),
+        (BENCHMARK, "flextron.report"),
+    ]
     # names that merely start like them are not benchmark code
     assert check({"flextron.cli": "import benchmark_tools\nfrom flextron.cli.benchmarks import x\n"}) == []
 
 
 def test_stray_top_level_module_belongs_to_no_layer():
     assert [str(v) for v in check({"flextron.foo": "x = 1\n"})] == [
-        "module flextron.foo belongs to no layer; add it to LAYERS or move it"]
+        "module flextron.foo belongs to no layer; add it to LAYERS or move it"
+    ]
     # prefixes match whole dotted parts: flextron.configs is not flextron.config
     assert layer_of("flextron.configs") is None and layer_of("flextron.lm_eval_model") is None
     assert [LAYERS[layer_of(m)][0] for m in ("flextron", "flextron.lm_eval", "flextron.model.space.x")] == [
-        "api", "cli", "model"]
+        "api",
+        "cli",
+        "model",
+    ]
 
 
 def test_relative_imports_of_level_one_and_two():
-    sources = {"flextron.routing": "from . import policy\nfrom .policy import Router\n",
-               "flextron.routing.policy": "from ..model.space import ArchConfig\nfrom .. import errors\n"
-                                          "from . import weights\n",
-               "flextron.routing.weights": "",
-               "flextron.model.space": "",
-               "flextron.errors": ""}
+    sources = {
+        "flextron.routing": "from . import policy\nfrom .policy import Router\n",
+        "flextron.routing.policy": "from ..model.space import ArchConfig\nfrom .. import errors\n"
+        "from . import weights\n",
+        "flextron.routing.weights": "",
+        "flextron.model.space": "",
+        "flextron.errors": "",
+    }
     assert edges_of(sources) == {
         ("flextron.routing", "flextron.routing.policy"),
         ("flextron.routing.policy", "flextron.model.space"),
@@ -530,23 +567,29 @@ def test_relative_imports_of_level_one_and_two():
     assert check(sources) == []
     # the same level-2 import from a lower layer is a backward edge
     assert rules({"flextron.data.shards": "from ..routing.policy import Router\n"}) == [
-        (BACKWARD, "flextron.data.shards")]
+        (BACKWARD, "flextron.data.shards")
+    ]
 
 
 def test_importlib_import_module_is_an_edge():
-    sources = {"flextron": "import importlib\nimportlib.import_module('.pipeline', __name__)\n",
-               "flextron.model.space": "from importlib import import_module\n"
-                                       "def f():\n    return import_module('.cost.table', package='flextron')\n",
-               "flextron.model.load": "import importlib\nm = importlib.import_module('flextron.train.loop')\n"
-                                      "importlib.import_module('.io', __name__)\nm._private\n"}
+    sources = {
+        "flextron": "import importlib\nimportlib.import_module('.pipeline', __name__)\n",
+        "flextron.model.space": "from importlib import import_module\n"
+        "def f():\n    return import_module('.cost.table', package='flextron')\n",
+        "flextron.model.load": "import importlib\nm = importlib.import_module('flextron.train.loop')\n"
+        "importlib.import_module('.io', __name__)\nm._private\n",
+    }
     assert edges_of(sources) == {
         ("flextron", "flextron.pipeline"),
         ("flextron.model.space", "flextron.cost.table"),
         ("flextron.model.load", "flextron.train.loop"),
         ("flextron.model.load", "flextron.model.load.io"),
     }
-    assert sorted(rules(sources)) == [(BACKWARD, "flextron.model.load"), (BACKWARD, "flextron.model.space"),
-                                      (PRIVATE, "flextron.model.load")]
+    assert sorted(rules(sources)) == [
+        (BACKWARD, "flextron.model.load"),
+        (BACKWARD, "flextron.model.space"),
+        (PRIVATE, "flextron.model.load"),
+    ]
 
 
 def test_missing_module_docstring_is_found():

@@ -102,8 +102,12 @@ def _close(a, b, tol: float = 1e-5) -> bool:
 
 def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for rel in ("elastic/model.safetensors", "final/model.safetensors", "final_routers/router.safetensors",
-                "final_routers/surrogate.safetensors"):
+    for rel in (
+        "elastic/model.safetensors",
+        "final/model.safetensors",
+        "final_routers/router.safetensors",
+        "final_routers/surrogate.safetensors",
+    ):
         out.update({f"{rel}:{k}": v for k, v in load_file(run_dir / rel).items()})
     return out
 
@@ -122,11 +126,15 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path)
     stages = json.loads((two / "stages.json").read_text())
     assert {k: stages[k] for k in before} == before  # the finished stages were not run again
     resumed = stages["joint"]["summary"]
-    assert 2 <= resumed["resumed_from"] < JOINT_STEPS and resumed["steps_run_now"] == JOINT_STEPS - resumed["resumed_from"]
+    assert (
+        2 <= resumed["resumed_from"] < JOINT_STEPS and resumed["steps_run_now"] == JOINT_STEPS - resumed["resumed_from"]
+    )
     ref = json.loads((one / "stages.json").read_text())
     for stage in ("elastic", "routers", "joint"):
         assert ref[stage]["summary"]["processes"] == 1 and stages[stage]["summary"]["processes"] == 2
-    assert _close(ref["routers"]["summary"]["warm_start"], stages["routers"]["summary"]["warm_start"])  # same starts, measured losses within 1e-5
+    assert _close(
+        ref["routers"]["summary"]["warm_start"], stages["routers"]["summary"]["warm_start"]
+    )  # same starts, measured losses within 1e-5
     assert ref["routers"]["summary"]["llm_evaluations"] == stages["routers"]["summary"]["llm_evaluations"]
 
     # the same weights (float32: reduction order differs) and the same routed configurations
@@ -146,4 +154,6 @@ def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path)
     two_cfg.write_text(two_cfg.read_text().replace("seed: 0", "seed: 1"))
     r = subprocess.run(_cmd(two_cfg, 2), capture_output=True, text=True, env=ENV, timeout=TIMEOUT_S)
     assert r.returncode != 0
-    assert "error: run directory" in r.stderr and "error: the main process stopped with OutputExistsError" in r.stderr, r.stderr[-3000:]
+    assert (
+        "error: run directory" in r.stderr and "error: the main process stopped with OutputExistsError" in r.stderr
+    ), r.stderr[-3000:]

@@ -29,8 +29,17 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     for key in ("original_perplexity", "original_ood_perplexity", "rows", "ablation", "provenance"):
         assert key in res
     row = {r["target"]: r for r in res["rows"]}
-    for k in ("target", "latency_s", "predicted_latency_s", "full_latency_s", "perplexity", "untrained_perplexity",
-              "ood_perplexity", "params", "config"):
+    for k in (
+        "target",
+        "latency_s",
+        "predicted_latency_s",
+        "full_latency_s",
+        "perplexity",
+        "untrained_perplexity",
+        "ood_perplexity",
+        "params",
+        "config",
+    ):
         assert k in row[0.6]
     # target 1.0 is the full model: same parameters, and perplexity equal to the original before any training
     assert row[1.0]["params"] == row[1.0]["full_params"]
@@ -64,8 +73,10 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     from flextron.cost.table import CostTable
 
     table = CostTable.load(run_dir / "latency_table.json")
-    smallest = ArchConfig(mlp=(min(res["search_space"]["mlp_choices"]),) * res["search_space"]["num_layers"],
-                          heads=(min(res["search_space"]["head_choices"]),) * res["search_space"]["num_layers"])
+    smallest = ArchConfig(
+        mlp=(min(res["search_space"]["mlp_choices"]),) * res["search_space"]["num_layers"],
+        heads=(min(res["search_space"]["head_choices"]),) * res["search_space"]["num_layers"],
+    )
     for t, v in start.items():  # the warm start lies within its target (the budget fit only grows it)
         arch = ArchConfig.from_dict(v["config"])
         assert table.fraction(arch) <= float(t) + 1e-9 or arch == smallest
@@ -91,7 +102,9 @@ def test_run_dir_of_an_older_config_resumes(tiny_run, capsys):
     _, cfg, run_dir = tiny_run
     saved = run_dir / "config.yaml"
     text = saved.read_text()
-    older = "".join(line for line in text.splitlines(keepends=True) if "checkpoint_every: 25" not in line)  # routers' default
+    older = "".join(
+        line for line in text.splitlines(keepends=True) if "checkpoint_every: 25" not in line
+    )  # routers' default
     assert older != text
     saved.write_text(older)
     try:

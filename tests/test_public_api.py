@@ -66,5 +66,9 @@ def test_repository_tracks_no_large_or_generated_files():
     assert files, "git lists no tracked files"
     big = [f for f in files if (root / f).is_file() and (root / f).stat().st_size > 1_000_000]
     assert not big, f"tracked files over 1 MB: {big}"
-    generated = [f for f in files if f.startswith(("runs/", "bench/", ".venv/")) or f.endswith((".safetensors", ".bin", ".pt", ".gguf"))]
+    generated = [
+        f
+        for f in files
+        if f.startswith(("runs/", "bench/", ".venv/")) or f.endswith((".safetensors", ".bin", ".pt", ".gguf"))
+    ]
     assert not generated, f"generated outputs are tracked: {generated}"

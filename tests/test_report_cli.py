@@ -19,52 +19,115 @@ L = 4  # layers of the synthetic model
 def _results() -> dict:
     def row(target, mlp, heads, ppl, lat, untrained):
         return {
-            "target": target, "mode": "static", "config": {"mlp": mlp, "heads": heads},
-            "params": int(100e6 * target), "full_params": 100_000_000,
-            "predicted_latency_s": 0.1 * target, "latency_s": lat, "full_latency_s": 0.1,
-            "perplexity": ppl, "perplexity_ci": [ppl - 0.5, ppl + 0.5], "untrained_perplexity": untrained,
-            "ood_perplexity": ppl * 2, "untrained_ood_perplexity": untrained * 2,
-            "homogeneous": {"config": {"mlp": [768] * L, "heads": [2] * L}, "predicted_latency_s": 0.1 * target,
-                            "perplexity": ppl + 3.0},
-            "decode_tokens_per_s": 40.0 / target, "full_decode_tokens_per_s": 40.0,
-            "tasks": {"piqa": {"acc": 0.5 + 0.1 * target, "acc_norm": 0.55 + 0.1 * target, "n": 50},
-                      "lambada": {"acc": 0.2 * target, "perplexity": 90.0 / target, "n": 50}},
+            "target": target,
+            "mode": "static",
+            "config": {"mlp": mlp, "heads": heads},
+            "params": int(100e6 * target),
+            "full_params": 100_000_000,
+            "predicted_latency_s": 0.1 * target,
+            "latency_s": lat,
+            "full_latency_s": 0.1,
+            "perplexity": ppl,
+            "perplexity_ci": [ppl - 0.5, ppl + 0.5],
+            "untrained_perplexity": untrained,
+            "ood_perplexity": ppl * 2,
+            "untrained_ood_perplexity": untrained * 2,
+            "homogeneous": {
+                "config": {"mlp": [768] * L, "heads": [2] * L},
+                "predicted_latency_s": 0.1 * target,
+                "perplexity": ppl + 3.0,
+            },
+            "decode_tokens_per_s": 40.0 / target,
+            "full_decode_tokens_per_s": 40.0,
+            "tasks": {
+                "piqa": {"acc": 0.5 + 0.1 * target, "acc_norm": 0.55 + 0.1 * target, "n": 50},
+                "lambada": {"acc": 0.2 * target, "perplexity": 90.0 / target, "n": 50},
+            },
             "tasks_protocol": {"limit": 50, "num_fewshot": 0, "seed": 0},
         }
 
     return {
-        "run": "synthetic", "model_source": "smollm2",
-        "original_perplexity": 15.25, "original_ood_perplexity": 40.5,
+        "run": "synthetic",
+        "model_source": "smollm2",
+        "original_perplexity": 15.25,
+        "original_ood_perplexity": 40.5,
         "rows": [
             row(0.6, [512, 768, 1024, 1536], [1, 2, 3, 3], 21.37, 0.0612, 35.5),
             row(1.0, [1536] * L, [3] * L, 15.31, 0.1003, 15.25),
         ],
         "ablation": {"mlp_fraction": 0.5, "perplexity": {"importance": 19.87, "none": 44.12, "random": 52.01}},
-        "latency_table": {"mape": 0.0423, "full_s": 0.1, "device": "cpu (2 threads)",
-                          "workload": {"batch_size": 1, "seq_len": 256}},
-        "search_space": {"mlp_choices": [384, 512, 768, 1024, 1536], "head_choices": [1, 2, 3],
-                         "intermediate_size": 1536, "heads_per_group": 3, "num_layers": L},
-        "training": {"elastic": {"steps": 20, "final_lm_loss": 2.5}, "routers": {
-            "steps": 10, "gate_passed": True,
-            "warm_start": {"0.6": {"homogeneous": [768, 2], "homogeneous_delta": 0.812, "allocated_fraction": 0.597,
-                                   "allocated_delta": 0.604, "chosen": "allocated", "config": {"mlp": [768] * L, "heads": [2] * L}},
-                           "1": {"homogeneous": [1536, 3], "homogeneous_delta": 0.0, "allocated_fraction": 1.0,
-                                 "allocated_delta": 0.0, "chosen": "homogeneous", "config": {"mlp": [1536] * L, "heads": [3] * L}}},
-            "validation": {"targets": {"0.6": {"routed_loss": 3.1234, "warm_start_loss": 3.2345, "kept": "router"}}}},
-                     "joint": {}},
-        "provenance": {"commit": "abc1234", "versions": {"torch": "2.13.0"}, "seed": 0,
-                       "stages": {"elastic": {"wall_s": 123.4, "tokens": 40960}, "routers": {"wall_s": 7.5, "tokens": 2048}},
-                       "total_wall_s": 130.9},
-        "exported_check": {"target": 0.6, "path": "runs/x/exported/target_0.6", "params": 60_000_000,
-                           "latency_s": 0.0605, "full_latency_s": 0.1, "speedup": 1.653},
+        "latency_table": {
+            "mape": 0.0423,
+            "full_s": 0.1,
+            "device": "cpu (2 threads)",
+            "workload": {"batch_size": 1, "seq_len": 256},
+        },
+        "search_space": {
+            "mlp_choices": [384, 512, 768, 1024, 1536],
+            "head_choices": [1, 2, 3],
+            "intermediate_size": 1536,
+            "heads_per_group": 3,
+            "num_layers": L,
+        },
+        "training": {
+            "elastic": {"steps": 20, "final_lm_loss": 2.5},
+            "routers": {
+                "steps": 10,
+                "gate_passed": True,
+                "warm_start": {
+                    "0.6": {
+                        "homogeneous": [768, 2],
+                        "homogeneous_delta": 0.812,
+                        "allocated_fraction": 0.597,
+                        "allocated_delta": 0.604,
+                        "chosen": "allocated",
+                        "config": {"mlp": [768] * L, "heads": [2] * L},
+                    },
+                    "1": {
+                        "homogeneous": [1536, 3],
+                        "homogeneous_delta": 0.0,
+                        "allocated_fraction": 1.0,
+                        "allocated_delta": 0.0,
+                        "chosen": "homogeneous",
+                        "config": {"mlp": [1536] * L, "heads": [3] * L},
+                    },
+                },
+                "validation": {
+                    "targets": {"0.6": {"routed_loss": 3.1234, "warm_start_loss": 3.2345, "kept": "router"}}
+                },
+            },
+            "joint": {},
+        },
+        "provenance": {
+            "commit": "abc1234",
+            "versions": {"torch": "2.13.0"},
+            "seed": 0,
+            "stages": {"elastic": {"wall_s": 123.4, "tokens": 40960}, "routers": {"wall_s": 7.5, "tokens": 2048}},
+            "total_wall_s": 130.9,
+        },
+        "exported_check": {
+            "target": 0.6,
+            "path": "runs/x/exported/target_0.6",
+            "params": 60_000_000,
+            "latency_s": 0.0605,
+            "full_latency_s": 0.1,
+            "speedup": 1.653,
+        },
     }
 
 
 def _write_metrics(run_dir: Path) -> None:
     recs = []
     for step in range(1, 13):
-        recs.append({"stage": "elastic", "step": step, "budget": None if step % 3 == 0 else 0.5 + 0.04 * step,
-                     "lm_loss": 3.0 - 0.1 * step, "kd_loss": 1.0 - 0.05 * step})
+        recs.append(
+            {
+                "stage": "elastic",
+                "step": step,
+                "budget": None if step % 3 == 0 else 0.5 + 0.04 * step,
+                "lm_loss": 3.0 - 0.1 * step,
+                "kd_loss": 1.0 - 0.05 * step,
+            }
+        )
     for step in range(1, 5):
         recs.append({"stage": "joint", "step": step, "lm_loss": 2.0 - 0.1 * step})
     lines = [json.dumps(r) for r in recs] + ["", '{"stage": "elastic", "step": 99, "lm_l']  # blank + torn last line
@@ -158,11 +221,15 @@ def test_cli_unknown_config_key(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("bad", ["1.5", "0", "abc"])
-@pytest.mark.parametrize("cmd", [
-    lambda t: ["export", "runs/x", "--target", t, "--out", "out"],
-    lambda t: ["generate", "runs/x", "--target", t, "hello"],
-    lambda t: ["eval", "runs/x", "--targets", f"0.6,{t}"],
-], ids=["export", "generate", "eval"])
+@pytest.mark.parametrize(
+    "cmd",
+    [
+        lambda t: ["export", "runs/x", "--target", t, "--out", "out"],
+        lambda t: ["generate", "runs/x", "--target", t, "hello"],
+        lambda t: ["eval", "runs/x", "--targets", f"0.6,{t}"],
+    ],
+    ids=["export", "generate", "eval"],
+)
 def test_cli_bad_target(capsys, cmd, bad):
     code, _, err = _run_main(capsys, cmd(bad))
     _assert_one_line_error(code, err, repr(bad))
@@ -194,21 +261,47 @@ def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
     from flextron.pipeline import runner as pipeline
 
     calls = []
-    monkeypatch.setattr(pipeline, "run", lambda cfg, overwrite=False: calls.append(("run", cfg.name, overwrite)) or tmp_path / cfg.name)
-    monkeypatch.setattr(deploy, "export_target", lambda run, t, out, overwrite=False: calls.append(("export", t, overwrite)) or out)
-    monkeypatch.setattr(pipeline, "evaluate_run", lambda run, targets=None, **kw: calls.append(("eval", targets, kw)) or {"rows": [{"target": 0.6, "perplexity": 20.0, "latency_s": 0.05, "tasks": {"piqa": {"acc": 0.61, "n": 7}}}]})
-    monkeypatch.setattr(deploy, "generate_text", lambda run, t, prompt, max_new_tokens=64: calls.append(("gen", t, max_new_tokens)) or " there was")
+    monkeypatch.setattr(
+        pipeline, "run", lambda cfg, overwrite=False: calls.append(("run", cfg.name, overwrite)) or tmp_path / cfg.name
+    )
+    monkeypatch.setattr(
+        deploy, "export_target", lambda run, t, out, overwrite=False: calls.append(("export", t, overwrite)) or out
+    )
+    monkeypatch.setattr(
+        pipeline,
+        "evaluate_run",
+        lambda run, targets=None, **kw: (
+            calls.append(("eval", targets, kw))
+            or {
+                "rows": [
+                    {"target": 0.6, "perplexity": 20.0, "latency_s": 0.05, "tasks": {"piqa": {"acc": 0.61, "n": 7}}}
+                ]
+            }
+        ),
+    )
+    monkeypatch.setattr(
+        deploy,
+        "generate_text",
+        lambda run, t, prompt, max_new_tokens=64: calls.append(("gen", t, max_new_tokens)) or " there was",
+    )
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: demo\n")
     code, out, _ = _run_main(capsys, ["run", str(cfg), "--overwrite", "-q"])
     assert code == 0 and str(tmp_path / "demo" / "report.md") in out
-    code, out, _ = _run_main(capsys, ["eval", "runs/x", "--targets", "0.6,1", "--tasks", "piqa,mmlu", "--limit", "7", "--num-fewshot", "0"])
+    code, out, _ = _run_main(
+        capsys, ["eval", "runs/x", "--targets", "0.6,1", "--tasks", "piqa,mmlu", "--limit", "7", "--num-fewshot", "0"]
+    )
     assert "piqa: acc 0.61 (7 items)" in out
     assert code == 0 and "20.00" in out
     assert _run_main(capsys, ["export", "runs/x", "--target", "0.6", "--out", str(tmp_path / "o")])[0] == 0
     code, out, _ = _run_main(capsys, ["generate", "runs/x", "--target", "0.5", "--max-new-tokens", "8", "Once"])
     assert code == 0 and out.strip() == "Once there was"
-    assert calls == [("run", "demo", True), ("eval", [0.6, 1.0], {"tasks": ["piqa", "mmlu"], "limit": 7, "num_fewshot": 0}), ("export", 0.6, False), ("gen", 0.5, 8)]
+    assert calls == [
+        ("run", "demo", True),
+        ("eval", [0.6, 1.0], {"tasks": ["piqa", "mmlu"], "limit": 7, "num_fewshot": 0}),
+        ("export", 0.6, False),
+        ("gen", 0.5, 8),
+    ]
 
 
 def test_cli_reports_flextron_errors(capsys, monkeypatch):

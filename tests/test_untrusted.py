@@ -41,8 +41,13 @@ from flextron.routing.surrogate import Surrogate
 from flextron.train.routers import train_routers
 
 CASES: Counter = Counter()  # cases tried per fuzz test, printed by conftest's terminal summary
-FUZZ = settings(max_examples=100, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=100,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 1.0), mlp_divisor=8)
 SRC = Path(__file__).parents[1] / "src" / "flextron"
 
@@ -62,7 +67,9 @@ def _checkpoint(root: Path) -> Path:
     return save_checkpoint(root, 2, {"model": fx}, opt, {"stage": "elastic", "settings": {"global_batch": 4}})
 
 
-ROUTER_CFG = RouterConfig(targets=(0.6, 1.0), steps=1, warmup_samples=2, heldout_configs=2, batch_size=2, seq_len=8, surrogate_updates=2)
+ROUTER_CFG = RouterConfig(
+    targets=(0.6, 1.0), steps=1, warmup_samples=2, heldout_configs=2, batch_size=2, seq_len=8, surrogate_updates=2
+)
 ROUTER_BLOCKS = torch.randint(0, 97, (4, 8), generator=torch.Generator().manual_seed(0))
 
 
@@ -102,7 +109,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     run = cfg.run_dir
     run.mkdir(parents=True)
     (run / "config.yaml").write_text(dump_config(cfg))
-    (run / "stages.json").write_text(json.dumps({s: {"wall_s": 0, "tokens": 0, "summary": {}} for s in pipeline.STAGES[:-1]}))
+    (run / "stages.json").write_text(
+        json.dumps({s: {"wall_s": 0, "tokens": 0, "summary": {}} for s in pipeline.STAGES[:-1]})
+    )
     save_elastic(fx, run / "final", tokenizer=tok)
     CostTable.from_parameters(fx.space).save(run / "latency_table.json")
     save_routers(run / "final_routers", *new_router(cfg, fx))
@@ -124,7 +133,9 @@ def _cli(argv: list[str]) -> tuple[int, str]:
 
 
 def _assert_cli_error(code: int, err: str, *needles: str) -> None:
-    lines = [line for line in err.splitlines() if line.strip() and not re.match(r"^\d{4}-\d\d-\d\d ", line)]  # log lines aside
+    lines = [
+        line for line in err.splitlines() if line.strip() and not re.match(r"^\d{4}-\d\d-\d\d ", line)
+    ]  # log lines aside
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err
     assert "Traceback" not in err
     for n in needles:
@@ -225,9 +236,17 @@ def test_run_files_refuse_altered_weights_routers_and_shapes(files, tmp_path):
     _assert_cli_error(code, err, "router.safetensors is corrupt or altered")
     cfg = load_config(run / "config.yaml")
     fx = load_elastic(run / "final")
-    other = StaticRouter((0.5, 0.6, 0.8, 1.0), fx.space.num_layers, len(fx.space.mlp_choices), len(fx.space.head_choices), cfg.routers.hidden)
+    other = StaticRouter(
+        (0.5, 0.6, 0.8, 1.0),
+        fx.space.num_layers,
+        len(fx.space.mlp_choices),
+        len(fx.space.head_choices),
+        cfg.routers.hidden,
+    )
     save_routers(run / "final_routers", other, new_router(cfg, fx)[1])
-    with pytest.raises(ModelError, match=r"tensor net\.0\.weight has shape \(\d+, 4\) but the model expects \(\d+, 3\)"):
+    with pytest.raises(
+        ModelError, match=r"tensor net\.0\.weight has shape \(\d+, 4\) but the model expects \(\d+, 3\)"
+    ):
         load_run(run)
 
 
@@ -236,8 +255,13 @@ def test_run_files_refuse_altered_weights_routers_and_shapes(files, tmp_path):
 
 _VALID_YAML = dump_config(RunConfig())
 _SCALARS = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8), st.lists(st.integers(-3, 200), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.lists(st.integers(-3, 200), max_size=3),
+    st.dictionaries(st.text(max_size=4), st.integers(), max_size=2),
 )
 
 
@@ -276,10 +300,32 @@ def test_fuzz_yaml_through_the_cli(tmp_path_factory, text):
 
 
 @FUZZ
-@given(st.dictionaries(st.sampled_from(["name", "seed", "threads", "model", "train", "elastic", "routers", "joint", "eval", "typo"]),
-                       st.one_of(_SCALARS, st.dictionaries(st.sampled_from(["steps", "lr", "targets", "batch_size", "grad_accum",
-                                                                             "mixed_precision", "mlp_fractions", "kd_alpha", "x"]),
-                                                           _SCALARS, max_size=3)), max_size=4))
+@given(
+    st.dictionaries(
+        st.sampled_from(["name", "seed", "threads", "model", "train", "elastic", "routers", "joint", "eval", "typo"]),
+        st.one_of(
+            _SCALARS,
+            st.dictionaries(
+                st.sampled_from(
+                    [
+                        "steps",
+                        "lr",
+                        "targets",
+                        "batch_size",
+                        "grad_accum",
+                        "mixed_precision",
+                        "mlp_fractions",
+                        "kd_alpha",
+                        "x",
+                    ]
+                ),
+                _SCALARS,
+                max_size=3,
+            ),
+        ),
+        max_size=4,
+    )
+)
 def test_fuzz_wrong_types_and_values(data):
     """Any mapping either builds a config whose fields have their declared types, or raises a
     ConfigError that names a field."""
@@ -297,15 +343,24 @@ _MODEL = make_tiny("llama_gqa_tied", dtype=torch.float32)  # intermediate 64, 3 
 
 
 @FUZZ
-@given(st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=4), st.integers(-2, 80),
-       st.one_of(st.none(), st.lists(st.integers(-1, 6), max_size=4)))
+@given(
+    st.lists(st.floats(allow_nan=True, allow_infinity=True, width=32), max_size=4),
+    st.integers(-2, 80),
+    st.one_of(st.none(), st.lists(st.integers(-1, 6), max_size=4)),
+)
 def test_fuzz_candidate_lists(fractions, divisor, heads):
     """Impossible candidates (non-divisible widths, more heads than exist, zero neurons) raise a
     ConfigError; possible ones give a search space that really fits the model."""
     CASES["candidate lists"] += 1
     try:
-        space = convert(_MODEL, ElasticConfig(mlp_fractions=tuple(fractions), mlp_divisor=divisor,
-                                              heads_per_group=None if heads is None else tuple(heads))).space
+        space = convert(
+            _MODEL,
+            ElasticConfig(
+                mlp_fractions=tuple(fractions),
+                mlp_divisor=divisor,
+                heads_per_group=None if heads is None else tuple(heads),
+            ),
+        ).space
     except ConfigError as e:
         assert "elastic." in str(e)
         return
@@ -316,7 +371,9 @@ def test_fuzz_candidate_lists(fractions, divisor, heads):
 
 _FX = convert(make_tiny("llama_gqa_tied", dtype=torch.float32), CFG)
 _TABLE = CostTable.from_parameters(_FX.space)
-_ROUTER = TargetRouter(StaticRouter((0.6, 1.0), 3, len(_FX.space.mlp_choices), len(_FX.space.head_choices), 8), _TABLE, _FX.space)
+_ROUTER = TargetRouter(
+    StaticRouter((0.6, 1.0), 3, len(_FX.space.mlp_choices), len(_FX.space.head_choices), 8), _TABLE, _FX.space
+)
 
 
 @settings(FUZZ, max_examples=200)
@@ -340,9 +397,17 @@ def test_fuzz_targets(target):
 
 
 @settings(FUZZ, max_examples=100)
-@given(st.recursive(_SCALARS, lambda inner: st.dictionaries(st.sampled_from(["unit", "mlp", "attn", "const", "num_layers", "full",
-                                                                                 "device", "validation", "8", "x"]), inner, max_size=6),
-                    max_leaves=12))
+@given(
+    st.recursive(
+        _SCALARS,
+        lambda inner: st.dictionaries(
+            st.sampled_from(["unit", "mlp", "attn", "const", "num_layers", "full", "device", "validation", "8", "x"]),
+            inner,
+            max_size=6,
+        ),
+        max_leaves=12,
+    )
+)
 def test_fuzz_cost_table_json(tmp_path_factory, obj):
     """A cost table JSON of any shape loads as a valid table or raises a ConfigError naming the file."""
     CASES["cost table JSON"] += 1
@@ -362,7 +427,11 @@ def test_fuzz_cost_table_json(tmp_path_factory, obj):
 @st.composite
 def damage(draw):
     """(kind, position fraction, byte): truncate, flip one byte, or append bytes."""
-    return draw(st.sampled_from(["truncate", "flip", "append"])), draw(st.floats(0, 1, exclude_max=True)), draw(st.integers(1, 255))
+    return (
+        draw(st.sampled_from(["truncate", "flip", "append"])),
+        draw(st.floats(0, 1, exclude_max=True)),
+        draw(st.integers(1, 255)),
+    )
 
 
 def _damage(path: Path, kind: str, where: float, byte: int) -> None:
@@ -388,8 +457,18 @@ def test_fuzz_damaged_checkpoint(files, tmp_path_factory, name, dmg):
 
 
 @settings(FUZZ, max_examples=40)
-@given(st.sampled_from(["router.safetensors", "surrogate.safetensors", "router_optimizer.safetensors",
-                        "surrogate_optimizer.safetensors", "state.safetensors"]), damage())
+@given(
+    st.sampled_from(
+        [
+            "router.safetensors",
+            "surrogate.safetensors",
+            "router_optimizer.safetensors",
+            "surrogate_optimizer.safetensors",
+            "state.safetensors",
+        ]
+    ),
+    damage(),
+)
 def test_fuzz_damaged_router_checkpoint(files, tmp_path_factory, name, dmg):
     """Resuming router training from a damaged checkpoint is refused, naming the damaged file."""
     CASES["damaged router checkpoint"] += 1
@@ -400,7 +479,12 @@ def test_fuzz_damaged_router_checkpoint(files, tmp_path_factory, name, dmg):
 
 
 @settings(FUZZ, max_examples=60)
-@given(st.sampled_from(["final/model.safetensors", "final_routers/router.safetensors", "final_routers/surrogate.safetensors"]), damage())
+@given(
+    st.sampled_from(
+        ["final/model.safetensors", "final_routers/router.safetensors", "final_routers/surrogate.safetensors"]
+    ),
+    damage(),
+)
 def test_fuzz_damaged_run_through_the_cli(files, tmp_path_factory, name, dmg):
     """``flextron export`` on a run with a damaged weight file: one ``error:`` line naming it, exit 2."""
     CASES["damaged run files through the CLI"] += 1
@@ -410,4 +494,3 @@ def test_fuzz_damaged_run_through_the_cli(files, tmp_path_factory, name, dmg):
     code, err = _cli(["export", str(run), "--target", "0.8", "--out", str(base / "fuzz_out")])
     _assert_cli_error(code, err, Path(name).name, "corrupt or altered")
     assert not (base / "fuzz_out").exists()
-

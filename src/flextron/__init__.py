@@ -67,8 +67,12 @@ def __getattr__(name: str):
         return value
     if name in _DEPRECATED:
         where = _DEPRECATED[name]
-        warnings.warn(f"flextron.{name} is deprecated and will be removed in the next release; "
-                      f"import it from {where} (from {where} import {name})", DeprecationWarning, stacklevel=2)
+        warnings.warn(
+            f"flextron.{name} is deprecated and will be removed in the next release; "
+            f"import it from {where} (from {where} import {name})",
+            DeprecationWarning,
+            stacklevel=2,
+        )
         return getattr(importlib.import_module(where), name)
     raise AttributeError(f"module 'flextron' has no attribute {name!r}")
 

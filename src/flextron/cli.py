@@ -40,7 +40,9 @@ def parse_target(text: str) -> float:
     try:
         t = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"target {text!r} is not a number; give a fraction in (0, 1] such as 0.6") from None
+        raise argparse.ArgumentTypeError(
+            f"target {text!r} is not a number; give a fraction in (0, 1] such as 0.6"
+        ) from None
     if not (0 < t <= 1):  # also rejects nan
         raise argparse.ArgumentTypeError(f"target {text!r} is out of range; give a fraction in (0, 1] such as 0.6")
     return t
@@ -119,18 +121,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
         from flextron.pipeline.dynamic import evaluate_dynamic_run
 
         if not args.dynamic_only:
-            pipeline.evaluate_run(run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot)
+            pipeline.evaluate_run(
+                run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot
+            )
         targets = [t for t in args.targets if t < 1.0] if args.targets else None
-        res = evaluate_dynamic_run(run_dir, args.dynamic_dir, targets=targets, blocks_per_domain=args.blocks_per_domain,
-                                   timed_blocks=args.timed_blocks)
+        res = evaluate_dynamic_run(
+            run_dir,
+            args.dynamic_dir,
+            targets=targets,
+            blocks_per_domain=args.blocks_per_domain,
+            timed_blocks=args.timed_blocks,
+        )
         for r in res["dynamic"]:
             v = r["vs_static_predicted"]
-            print(f"target {r['target']:g} (dynamic): average predicted latency {r['predicted_fraction']:.3f} of full "
-                  f"({100 * r['predicted_latency_error']:+.1f}%), perplexity {r['perplexity']:.2f}"
-                  + (f", static at equal latency {v['static_ppl']:.2f} ({v['verdict']})" if "static_ppl" in v else ""))
+            print(
+                f"target {r['target']:g} (dynamic): average predicted latency {r['predicted_fraction']:.3f} of full "
+                f"({100 * r['predicted_latency_error']:+.1f}%), perplexity {r['perplexity']:.2f}"
+                + (f", static at equal latency {v['static_ppl']:.2f} ({v['verdict']})" if "static_ppl" in v else "")
+            )
         print(f"report: {run_dir / 'dynamic_report.md'}")
         return 0
-    results = pipeline.evaluate_run(run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot)
+    results = pipeline.evaluate_run(
+        run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot
+    )
     for row in results.get("rows", []) if isinstance(results, dict) else []:
         ppl, lat = row.get("perplexity"), row.get("latency_s")
         print(
@@ -151,7 +164,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.dynamic:
         from flextron.eval.deploy_dynamic import generate_dynamic
 
-        text = generate_dynamic(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens, dyn_dir=args.dynamic_dir)
+        text = generate_dynamic(
+            Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens, dyn_dir=args.dynamic_dir
+        )
     else:
         text = generate_text(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens)
     print(args.prompt + text)  # the prompt, then its continuation
@@ -162,18 +177,32 @@ def cmd_dynamic(args: argparse.Namespace) -> int:
     from flextron.config import config_from_overrides
     from flextron.pipeline.dynamic import train_dynamic_run
 
-    cfg = config_from_overrides(targets=tuple(args.targets) if args.targets else None, steps=args.steps,
-                                latency_weight=args.latency_weight, surrogate=False if args.direct else None,
-                                fallback_steps=args.fallback_steps, route_every=args.route_every,
-                                per_token=True if args.per_token else None, joint_steps=args.joint_steps)
+    cfg = config_from_overrides(
+        targets=tuple(args.targets) if args.targets else None,
+        steps=args.steps,
+        latency_weight=args.latency_weight,
+        surrogate=False if args.direct else None,
+        fallback_steps=args.fallback_steps,
+        route_every=args.route_every,
+        per_token=True if args.per_token else None,
+        joint_steps=args.joint_steps,
+    )
     out = Path(args.out) if args.out else Path(args.run) / "dynamic"
     summary = train_dynamic_run(Path(args.run), out, cfg, train_blocks=args.train_blocks)
     timing = summary.get("timing", {})
     for t, c in summary["calibration"].items():
-        tm = (f"; one block timed {timing[t]['timed_fraction']:.3f} against a predicted {timing[t]['predicted_fraction']:.3f} "
-              f"(router overhead {100 * timing[t]['overhead_fraction']:+.1f}%)") if t in timing else ""
-        print(f"target {t}: average predicted latency {c['mean_fraction']:.3f} of full, budget {c['budget']:.3f} "
-              f"({100 * c['error']:+.1f}%) on the calibration blocks{tm}")
+        tm = (
+            (
+                f"; one block timed {timing[t]['timed_fraction']:.3f} against a predicted {timing[t]['predicted_fraction']:.3f} "
+                f"(router overhead {100 * timing[t]['overhead_fraction']:+.1f}%)"
+            )
+            if t in timing
+            else ""
+        )
+        print(
+            f"target {t}: average predicted latency {c['mean_fraction']:.3f} of full, budget {c['budget']:.3f} "
+            f"({100 * c['error']:+.1f}%) on the calibration blocks{tm}"
+        )
     print(f"dynamic router: {out / 'router'}")
     return 0
 
@@ -186,17 +215,26 @@ def build_parser() -> argparse.ArgumentParser:
     # overwriting a value given before it).
     common = _Parser(add_help=False)
     common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="more logging (-vv: debug)")
-    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors")
+    common.add_argument(
+        "-q", "--quiet", action="store_true", default=argparse.SUPPRESS, help="only warnings and errors"
+    )
 
-    p = _Parser(prog="flextron", parents=[common],
-                description="Turn a pretrained Hugging Face decoder into a many-in-one elastic model (Flextron).")
+    p = _Parser(
+        prog="flextron",
+        parents=[common],
+        description="Turn a pretrained Hugging Face decoder into a many-in-one elastic model (Flextron).",
+    )
     p.add_argument("--version", action="version", version=f"flextron {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
 
-    r = sub.add_parser("run", parents=[common], help="run every stage (resumable); writes OUT_DIR/NAME/",
-                       description="Run the whole conversion described by a YAML config. A finished stage is "
-                                   "skipped; an interrupted one resumes from its last checkpoint.")
+    r = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run every stage (resumable); writes OUT_DIR/NAME/",
+        description="Run the whole conversion described by a YAML config. A finished stage is "
+        "skipped; an interrupted one resumes from its last checkpoint.",
+    )
     r.add_argument("config", metavar="CONFIG", help="YAML run config, e.g. configs/smollm2.yaml")
     r.add_argument("--overwrite", action="store_true", help="start over even if the run directory holds another run")
     r.set_defaults(func=cmd_run)
@@ -210,52 +248,114 @@ def build_parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", parents=[common], help="re-evaluate a run; rewrites results.json and report.md")
     v.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
-    v.add_argument("--targets", type=parse_targets, default=None,
-                   help="comma-separated targets in (0, 1] (default: the config's eval.targets), e.g. 0.6,0.7,0.85,1.0")
-    v.add_argument("--tasks", type=parse_tasks, default=None,
-                   help="downstream tasks scored with lm-eval at every target, from arc_easy,lambada,piqa,winogrande,mmlu,hellaswag "
-                        "(default: the config's eval.tasks at eval.task_targets)")
-    v.add_argument("--limit", type=_positive_int, default=None, metavar="N",
-                   help="items per task: a fixed seeded subset, the same in every run (default: eval.task_limit; all)")
-    v.add_argument("--num-fewshot", type=_nonnegative_int, default=None, metavar="K",
-                   help="few-shot examples for every task (default: each task's protocol: MMLU 5, HellaSwag 10, others 0)")
-    v.add_argument("--dynamic", action="store_true", help="also evaluate the dynamic router (RUN/dynamic): per-domain compute, "
-                   "dynamic vs static at equal latency; adds mode=dynamic rows and writes dynamic_report.md")
-    v.add_argument("--dynamic-only", action="store_true", help="like --dynamic, without re-running the static evaluation")
+    v.add_argument(
+        "--targets",
+        type=parse_targets,
+        default=None,
+        help="comma-separated targets in (0, 1] (default: the config's eval.targets), e.g. 0.6,0.7,0.85,1.0",
+    )
+    v.add_argument(
+        "--tasks",
+        type=parse_tasks,
+        default=None,
+        help="downstream tasks scored with lm-eval at every target, from arc_easy,lambada,piqa,winogrande,mmlu,hellaswag "
+        "(default: the config's eval.tasks at eval.task_targets)",
+    )
+    v.add_argument(
+        "--limit",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="items per task: a fixed seeded subset, the same in every run (default: eval.task_limit; all)",
+    )
+    v.add_argument(
+        "--num-fewshot",
+        type=_nonnegative_int,
+        default=None,
+        metavar="K",
+        help="few-shot examples for every task (default: each task's protocol: MMLU 5, HellaSwag 10, others 0)",
+    )
+    v.add_argument(
+        "--dynamic",
+        action="store_true",
+        help="also evaluate the dynamic router (RUN/dynamic): per-domain compute, "
+        "dynamic vs static at equal latency; adds mode=dynamic rows and writes dynamic_report.md",
+    )
+    v.add_argument(
+        "--dynamic-only", action="store_true", help="like --dynamic, without re-running the static evaluation"
+    )
     v.add_argument("--dynamic-dir", default=None, metavar="DIR", help="dynamic router directory (default RUN/dynamic)")
-    v.add_argument("--blocks-per-domain", type=_positive_int, default=8, metavar="N", help="held-out blocks per domain (default 8)")
-    v.add_argument("--timed-blocks", type=_nonnegative_int, default=2, metavar="N",
-                   help="blocks per domain timed for every static and dynamic point (default 2; 0 = predicted latency only)")
+    v.add_argument(
+        "--blocks-per-domain", type=_positive_int, default=8, metavar="N", help="held-out blocks per domain (default 8)"
+    )
+    v.add_argument(
+        "--timed-blocks",
+        type=_nonnegative_int,
+        default=2,
+        metavar="N",
+        help="blocks per domain timed for every static and dynamic point (default 2; 0 = predicted latency only)",
+    )
     v.set_defaults(func=cmd_eval)
 
     g = sub.add_parser("generate", parents=[common], help="generate text with the sub-network of one target")
     g.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     g.add_argument("--target", type=parse_target, required=True, help="latency target in (0, 1], e.g. 0.5")
-    g.add_argument("--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate (default 64)")
-    g.add_argument("--dynamic", action="store_true", help="let the prompt choose its sub-network (dynamic router, RUN/dynamic)")
+    g.add_argument(
+        "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate (default 64)"
+    )
+    g.add_argument(
+        "--dynamic", action="store_true", help="let the prompt choose its sub-network (dynamic router, RUN/dynamic)"
+    )
     g.add_argument("--dynamic-dir", default=None, metavar="DIR", help="dynamic router directory (default RUN/dynamic)")
     g.add_argument("prompt", metavar="PROMPT", help="text to continue")
     g.set_defaults(func=cmd_generate)
 
-    d = sub.add_parser("dynamic", parents=[common], help="train input-adaptive (dynamic) routers on a finished run",
-                       description="Train dynamic routers (warm start from the run's static router, surrogate training with a "
-                                   "direct LM-loss fallback when its gate never opens, latency price calibrated so the average "
-                                   "predicted latency meets each target) on Wikipedia, Shakespeare and Python source; writes OUT "
-                                   "(default RUN/dynamic).")
+    d = sub.add_parser(
+        "dynamic",
+        parents=[common],
+        help="train input-adaptive (dynamic) routers on a finished run",
+        description="Train dynamic routers (warm start from the run's static router, surrogate training with a "
+        "direct LM-loss fallback when its gate never opens, latency price calibrated so the average "
+        "predicted latency meets each target) on Wikipedia, Shakespeare and Python source; writes OUT "
+        "(default RUN/dynamic).",
+    )
     d.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     d.add_argument("--out", default=None, metavar="DIR", help="output directory (default RUN/dynamic)")
     d.add_argument("--targets", type=parse_targets, default=None, help="targets served (default 0.6,0.7,0.85,1.0)")
-    d.add_argument("--steps", type=_nonnegative_int, default=None, metavar="N", help="router training steps (default 30)")
-    d.add_argument("--train-blocks", type=_positive_int, default=16, metavar="N", help="training blocks per domain (default 16)")
-    d.add_argument("--latency-weight", type=float, default=None, metavar="λ", help="weight of the latency loss (default 10)")
-    d.add_argument("--direct", action="store_true", help="ablation: train through the LM loss (soft masks), no surrogate")
-    d.add_argument("--fallback-steps", type=_nonnegative_int, default=None, metavar="N",
-                   help="direct LM-loss steps after the surrogate path if its gate never opened (default 20; 0 = none)")
+    d.add_argument(
+        "--steps", type=_nonnegative_int, default=None, metavar="N", help="router training steps (default 30)"
+    )
+    d.add_argument(
+        "--train-blocks", type=_positive_int, default=16, metavar="N", help="training blocks per domain (default 16)"
+    )
+    d.add_argument(
+        "--latency-weight", type=float, default=None, metavar="λ", help="weight of the latency loss (default 10)"
+    )
+    d.add_argument(
+        "--direct", action="store_true", help="ablation: train through the LM loss (soft masks), no surrogate"
+    )
+    d.add_argument(
+        "--fallback-steps",
+        type=_nonnegative_int,
+        default=None,
+        metavar="N",
+        help="direct LM-loss steps after the surrogate path if its gate never opened (default 20; 0 = none)",
+    )
     d.add_argument("--per-token", action="store_true", help="per-token MLP routing (grouped by width)")
-    d.add_argument("--route-every", type=_positive_int, default=None, metavar="K",
-                   help="layers that share one read of the hidden state (default 3; 1 = every layer reads its own input)")
-    d.add_argument("--joint-steps", type=_nonnegative_int, default=None, metavar="N",
-                   help="joint fine-tuning steps of model and router afterwards (default 0; the model is saved to OUT/model)")
+    d.add_argument(
+        "--route-every",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="layers that share one read of the hidden state (default 3; 1 = every layer reads its own input)",
+    )
+    d.add_argument(
+        "--joint-steps",
+        type=_nonnegative_int,
+        default=None,
+        metavar="N",
+        help="joint fine-tuning steps of model and router afterwards (default 0; the model is saved to OUT/model)",
+    )
     d.set_defaults(func=cmd_dynamic)
     return p
 

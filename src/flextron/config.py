@@ -54,7 +54,12 @@ class ElasticConfig:
             _check(0 < f <= 1, "elastic.mlp_fractions", f, "each fraction must lie in (0, 1]")
         _check(self.mlp_divisor >= 1, "elastic.mlp_divisor", self.mlp_divisor, "must be a positive integer")
         if self.heads_per_group is not None:
-            _check(len(self.heads_per_group) > 0, "elastic.heads_per_group", self.heads_per_group, "give at least one head count or null")
+            _check(
+                len(self.heads_per_group) > 0,
+                "elastic.heads_per_group",
+                self.heads_per_group,
+                "give at least one head count or null",
+            )
             for a in self.heads_per_group:
                 _check(a >= 1, "elastic.heads_per_group", a, "each head count must be >= 1")
         _check(self.ordering in ORDERINGS, "elastic.ordering", self.ordering, f"one of {ORDERINGS}")
@@ -136,7 +141,12 @@ class TrainConfig:
         _check(0 <= self.kd_alpha <= 1, "train.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
         _check(self.sampling in ("budget", "homogeneous"), "train.sampling", self.sampling, "'budget' or 'homogeneous'")
         _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
-        _check(self.mixed_precision in MIXED_PRECISION, "train.mixed_precision", self.mixed_precision, f"one of {MIXED_PRECISION}")
+        _check(
+            self.mixed_precision in MIXED_PRECISION,
+            "train.mixed_precision",
+            self.mixed_precision,
+            f"one of {MIXED_PRECISION}",
+        )
 
 
 @dataclass(frozen=True)
@@ -211,12 +221,30 @@ class RouterConfig:
     checkpoint_every: int = 25
 
     def __post_init__(self) -> None:
-        _check(self.sensitivity_mlp_levels >= 0, "routers.sensitivity_mlp_levels", self.sensitivity_mlp_levels, "must be >= 0 (0: no allocation)")
+        _check(
+            self.sensitivity_mlp_levels >= 0,
+            "routers.sensitivity_mlp_levels",
+            self.sensitivity_mlp_levels,
+            "must be >= 0 (0: no allocation)",
+        )
         _check(len(self.targets) >= 1, "routers.targets", self.targets, "give at least one target")
         for t in self.targets:
             _check(0 < t <= 1, "routers.targets", t, "each target must lie in (0, 1]")
-        _check(tuple(sorted(self.targets)) == tuple(self.targets), "routers.targets", self.targets, "must be sorted ascending")
-        for k in ("hidden", "surrogate_hidden", "batch_size", "seq_len", "surrogate_updates", "heldout_configs", "checkpoint_every"):
+        _check(
+            tuple(sorted(self.targets)) == tuple(self.targets),
+            "routers.targets",
+            self.targets,
+            "must be sorted ascending",
+        )
+        for k in (
+            "hidden",
+            "surrogate_hidden",
+            "batch_size",
+            "seq_len",
+            "surrogate_updates",
+            "heldout_configs",
+            "checkpoint_every",
+        ):
             _check(getattr(self, k) >= 1, f"routers.{k}", getattr(self, k), "must be >= 1")
         _check(self.steps >= 0, "routers.steps", self.steps, "must be >= 0")
         _check(self.warmup_samples >= 2, "routers.warmup_samples", self.warmup_samples, "must be >= 2")
@@ -249,7 +277,12 @@ class JointConfig:
         _check(0 <= self.p_full < 1, "joint.p_full", self.p_full, "must lie in [0, 1)")
         for k in ("batch_size", "grad_accum", "seq_len", "checkpoint_every"):
             _check(getattr(self, k) >= 1, f"joint.{k}", getattr(self, k), "must be >= 1")
-        _check(self.mixed_precision in MIXED_PRECISION, "joint.mixed_precision", self.mixed_precision, f"one of {MIXED_PRECISION}")
+        _check(
+            self.mixed_precision in MIXED_PRECISION,
+            "joint.mixed_precision",
+            self.mixed_precision,
+            f"one of {MIXED_PRECISION}",
+        )
         _check(self.steps >= 0, "joint.steps", self.steps, "must be >= 0")
         for k in ("model_lr", "router_lr"):
             _check(getattr(self, k) > 0, f"joint.{k}", getattr(self, k), "must be > 0")
@@ -281,13 +314,23 @@ class EvalConfig:
         for k in ("seq_len", "heldout_blocks", "ood_blocks", "batch_size"):
             _check(getattr(self, k) >= 1, f"eval.{k}", getattr(self, k), "must be >= 1")
         _check(self.latency_repeats >= 5, "eval.latency_repeats", self.latency_repeats, "must be >= 5")
-        _check(0 < self.ablation_mlp_fraction <= 1, "eval.ablation_mlp_fraction", self.ablation_mlp_fraction, "must lie in (0, 1]")
+        _check(
+            0 < self.ablation_mlp_fraction <= 1,
+            "eval.ablation_mlp_fraction",
+            self.ablation_mlp_fraction,
+            "must lie in (0, 1]",
+        )
         for name in self.tasks:
             _check(name in TASKS, "eval.tasks", name, f"each task must be one of {', '.join(TASKS)}")
         _check(self.task_limit >= 0, "eval.task_limit", self.task_limit, "must be >= 0 (0 = every item)")
         for t in self.task_targets:
             _check(t in self.targets, "eval.task_targets", t, f"each must be one of eval.targets {list(self.targets)}")
-        _check(self.task_num_fewshot >= -1, "eval.task_num_fewshot", self.task_num_fewshot, "must be >= 0, or -1 for each task's protocol")
+        _check(
+            self.task_num_fewshot >= -1,
+            "eval.task_num_fewshot",
+            self.task_num_fewshot,
+            "must be >= 0, or -1 for each task's protocol",
+        )
         _check(self.task_batch_size >= 1, "eval.task_batch_size", self.task_batch_size, "must be >= 1")
 
 
@@ -456,23 +499,44 @@ class DynamicConfig:
     timing_repeats: int = 5
 
     def __post_init__(self) -> None:
-        _check(len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets), "dynamic.targets", self.targets,
-               "fractions in (0, 1]")
+        _check(
+            len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets),
+            "dynamic.targets",
+            self.targets,
+            "fractions in (0, 1]",
+        )
         _check(any(t < 1 for t in self.targets), "dynamic.targets", self.targets, "at least one target below 1.0")
-        for k in ("hidden", "route_every", "batch_size", "surrogate_hidden", "surrogate_updates", "heldout_steps", "calibrate_blocks",
-                  "calibrate_iters"):
+        for k in (
+            "hidden",
+            "route_every",
+            "batch_size",
+            "surrogate_hidden",
+            "surrogate_updates",
+            "heldout_steps",
+            "calibrate_blocks",
+            "calibrate_iters",
+        ):
             _check(getattr(self, k) >= 1, f"dynamic.{k}", getattr(self, k), "must be >= 1")
         for k in ("steps", "warmup_steps", "joint_steps", "fallback_steps", "timing_repeats"):
             _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
-        _check(self.batch_size >= 2, "dynamic.batch_size", self.batch_size, "must be >= 2 (the constraint is on a batch average)")
+        _check(
+            self.batch_size >= 2,
+            "dynamic.batch_size",
+            self.batch_size,
+            "must be >= 2 (the constraint is on a batch average)",
+        )
         _check(self.tau_start >= self.tau_end > 0, "dynamic.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
         for k in ("router_lr", "surrogate_lr", "model_lr"):
             _check(getattr(self, k) > 0, f"dynamic.{k}", getattr(self, k), "must be > 0")
         for k in ("latency_weight", "dual_lr", "anchor_scale"):
             _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
         _check(0 <= self.latency_tol < 1, "dynamic.latency_tol", self.latency_tol, "must lie in [0, 1)")
-        _check(not (self.per_token and (not self.surrogate or self.joint_steps)), "dynamic.per_token", self.per_token,
-               "per-token routing trains through the surrogate only (no masked form): set surrogate=true, joint_steps=0")
+        _check(
+            not (self.per_token and (not self.surrogate or self.joint_steps)),
+            "dynamic.per_token",
+            self.per_token,
+            "per-token routing trains through the surrogate only (no masked form): set surrogate=true, joint_steps=0",
+        )
 
 
 def config_from_overrides(**overrides) -> DynamicConfig:

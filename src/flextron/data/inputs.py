@@ -9,12 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from flextron.config import RunConfig
-from flextron.data.corpora import (
-    Corpora,
-    build_corpora,
-    load_text_files,
-    tokenize_blocks,
-)
+from flextron.data.corpora import Corpora, build_corpora, load_text_files, tokenize_blocks
 
 # --------------------------------------------------------------------------- inputs
 
@@ -47,9 +42,13 @@ def make_inputs(cfg: RunConfig, tokenizer, processes: int = 1) -> Inputs:
     n_train = t.steps * t.batch_size * processes * t.grad_accum
     return Inputs(
         tokenizer=tokenizer,
-        calibration=tokenize_blocks(tokenizer, corp.train, cfg.calibration.seq_len, cfg.calibration.num_sequences, seed=cfg.seed + 1),
+        calibration=tokenize_blocks(
+            tokenizer, corp.train, cfg.calibration.seq_len, cfg.calibration.num_sequences, seed=cfg.seed + 1
+        ),
         train=tokenize_blocks(tokenizer, corp.train, t.seq_len, min(n_train, 4096), seed=cfg.seed + 2),
-        router=tokenize_blocks(tokenizer, corp.train, cfg.routers.seq_len, 4 * cfg.routers.batch_size, seed=cfg.seed + 3),
+        router=tokenize_blocks(
+            tokenizer, corp.train, cfg.routers.seq_len, 4 * cfg.routers.batch_size, seed=cfg.seed + 3
+        ),
         heldout=tokenize_blocks(tokenizer, corp.heldout, cfg.eval.seq_len, cfg.eval.heldout_blocks),
         ood=tokenize_blocks(tokenizer, corp.ood_heldout, cfg.eval.seq_len, cfg.eval.ood_blocks),
     )

@@ -63,7 +63,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise ModelError(f"{run_dir} is not a flextron run directory (no config.yaml); run `flextron run CONFIG` first")
     cfg = load_config(run_dir / "config.yaml")
     if "joint" not in finished_stages(run_dir):
-        raise ModelError(f"run {run_dir} has not finished training (stage 'joint' missing); rerun `flextron run` to resume it")
+        raise ModelError(
+            f"run {run_dir} has not finished training (stage 'joint' missing); rerun `flextron run` to resume it"
+        )
     fx = load_elastic(run_dir / "final")
     table = CostTable.load(run_dir / "latency_table.json")
     router, sm = load_routers(run_dir / "final_routers", cfg, fx)
@@ -74,7 +76,9 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return LoadedRun(cfg, run_dir, fx, table, tok)
 
 
-def export_target(run_dir: str | Path, target: float, out_dir: str | Path, *, overwrite: bool = False, _run: LoadedRun | None = None) -> Path:
+def export_target(
+    run_dir: str | Path, target: float, out_dir: str | Path, *, overwrite: bool = False, _run: LoadedRun | None = None
+) -> Path:
     """Export the sub-model for ``target`` as a checkpoint ``AutoModelForCausalLM`` loads
     (homogeneous: a plain config; per-layer: with ``trust_remote_code=True``).
 
@@ -83,12 +87,19 @@ def export_target(run_dir: str | Path, target: float, out_dir: str | Path, *, ov
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise OutputExistsError(f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another path")
+        raise OutputExistsError(
+            f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another path"
+        )
     run = _run or load_run(run_dir)
     arch = run.fx.set_target(target)
     sub = export_subnetwork(run.fx, arch)
-    meta = {"target": target, "config": arch.to_dict(), "params": run.fx.space.num_parameters(arch),
-            "predicted_latency_s": run.table.predict(arch), "predicted_fraction": run.table.fraction(arch)}
+    meta = {
+        "target": target,
+        "config": arch.to_dict(),
+        "params": run.fx.space.num_parameters(arch),
+        "predicted_latency_s": run.table.predict(arch),
+        "predicted_fraction": run.table.fraction(arch),
+    }
     run.fx.set_arch(None)
     return save_subnetwork(sub, out_dir, tokenizer=run.tokenizer, metadata=meta, overwrite=overwrite)
 
@@ -101,4 +112,4 @@ def generate_text(run_dir: str | Path, target: float, prompt: str, *, max_new_to
     if enc["input_ids"].shape[1] == 0:
         raise ConfigError("the prompt is empty; give some text to continue")
     out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return run.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return run.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -31,7 +31,9 @@ def load_dynamic_run(run_dir: str | Path, dyn_dir: str | Path | None = None):
     return run, router, meta
 
 
-def generate_dynamic(run_dir: str | Path, target: float, prompt: str, *, max_new_tokens: int = 64, dyn_dir: str | Path | None = None) -> str:
+def generate_dynamic(
+    run_dir: str | Path, target: float, prompt: str, *, max_new_tokens: int = 64, dyn_dir: str | Path | None = None
+) -> str:
     """Greedy generation where the prompt chooses its sub-network (``flextron generate --dynamic``);
     the choice is made at prefill and kept for every decode step (the KV cache stays valid)."""
     run, router, meta = load_dynamic_run(run_dir, dyn_dir)
@@ -43,4 +45,4 @@ def generate_dynamic(run_dir: str | Path, target: float, prompt: str, *, max_new
     else:
         with DynamicRouting(run.fx, router, target, per_token=bool(meta.get("per_token"))):
             out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return run.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return run.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

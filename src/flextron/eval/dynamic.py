@@ -73,13 +73,21 @@ def shuffled_control(fx, routed: dict, blocks: torch.Tensor, *, batch_size: int,
     fx.set_arch(None)
     diff = [d - s for d, s in zip(routed["nll"], nll)]
     ci = bootstrap_ci(diff, seed=seed)
-    return {"nll": nll, "perplexity": math.exp(sum(nll) / len(nll)), "delta_nll": sum(diff) / len(diff), "delta_nll_ci": list(ci),
-            "ppl_ratio": math.exp(sum(diff) / len(diff)), "ppl_ratio_ci": [math.exp(ci[0]), math.exp(ci[1])],
-            "verdict": "input adaptivity helps" if ci[1] < 0 else "input adaptivity hurts" if ci[0] > 0 else "tie",
-            "distinct_configs": len(set(archs))}
+    return {
+        "nll": nll,
+        "perplexity": math.exp(sum(nll) / len(nll)),
+        "delta_nll": sum(diff) / len(diff),
+        "delta_nll_ci": list(ci),
+        "ppl_ratio": math.exp(sum(diff) / len(diff)),
+        "ppl_ratio_ci": [math.exp(ci[0]), math.exp(ci[1])],
+        "verdict": "input adaptivity helps" if ci[1] < 0 else "input adaptivity hurts" if ci[0] > 0 else "tie",
+        "distinct_configs": len(set(archs)),
+    }
 
 
-def compare_at_equal_latency(static: list[tuple[float, list[float]]], latency: float, nll: list[float], *, seed: int = 0) -> dict:
+def compare_at_equal_latency(
+    static: list[tuple[float, list[float]]], latency: float, nll: list[float], *, seed: int = 0
+) -> dict:
     """Dynamic against static at equal latency: ``static`` is a list of ``(latency, per-block NLL)``
     points of the static curve (same blocks, same order as ``nll``), ``latency`` the dynamic point's.
     The static NLL at ``latency`` is interpolated linearly between the two static points that
@@ -93,8 +101,11 @@ def compare_at_equal_latency(static: list[tuple[float, list[float]]], latency: f
     lo = max((p for p in pts if p[0] <= latency), default=None, key=lambda p: p[0])
     hi = min((p for p in pts if p[0] >= latency), default=None, key=lambda p: p[0])
     if lo is None or hi is None:
-        return {"latency": latency, "verdict": "outside the static curve",
-                "static_range": [pts[0][0], pts[-1][0]] if pts else None}
+        return {
+            "latency": latency,
+            "verdict": "outside the static curve",
+            "static_range": [pts[0][0], pts[-1][0]] if pts else None,
+        }
     w = 0.0 if hi[0] == lo[0] else (latency - lo[0]) / (hi[0] - lo[0])
     interp = [(1 - w) * a + w * b for a, b in zip(lo[1], hi[1])]
     diff = [d - s for d, s in zip(nll, interp)]
@@ -102,9 +113,15 @@ def compare_at_equal_latency(static: list[tuple[float, list[float]]], latency: f
     ci = bootstrap_ci(diff, seed=seed)
     verdict = "dynamic better" if ci[1] < 0 else "static better" if ci[0] > 0 else "tie"
     return {
-        "latency": latency, "dynamic_ppl": math.exp(sum(nll) / len(nll)), "static_ppl": math.exp(sum(interp) / len(interp)),
-        "delta_nll": mean, "delta_nll_ci": list(ci), "ppl_ratio": math.exp(mean), "ppl_ratio_ci": [math.exp(ci[0]), math.exp(ci[1])],
-        "verdict": verdict, "between": [lo[0], hi[0]],
+        "latency": latency,
+        "dynamic_ppl": math.exp(sum(nll) / len(nll)),
+        "static_ppl": math.exp(sum(interp) / len(interp)),
+        "delta_nll": mean,
+        "delta_nll_ci": list(ci),
+        "ppl_ratio": math.exp(mean),
+        "ppl_ratio_ci": [math.exp(ci[0]), math.exp(ci[1])],
+        "verdict": verdict,
+        "between": [lo[0], hi[0]],
     }
 
 
@@ -128,6 +145,7 @@ def _timed(fx, cases: dict[str, tuple], blocks: torch.Tensor, repeats: int, prog
                 fx.set_arch(None)
                 with DynamicRouting(fx, router, t, per_token=per_token):
                     run()
+
             return go
 
         fns = {k: static_fn(c[1]) if c[0] == "static" else dynamic_fn(*c[1:]) for k, c in cases.items()}
@@ -138,13 +156,24 @@ def _timed(fx, cases: dict[str, tuple], blocks: torch.Tensor, repeats: int, prog
         for k in fns:
             seconds[k].append(res[k]["median_s"])
     fx.set_arch(None)
-    return {k: {"fraction": sum(v) / len(v), "median_s": sum(seconds[k]) / len(seconds[k])} for k, v in ratios.items()} | {
-        "full": {"fraction": 1.0, "median_s": sum(seconds["full"]) / len(seconds["full"])}}
+    return {
+        k: {"fraction": sum(v) / len(v), "median_s": sum(seconds[k]) / len(seconds[k])} for k, v in ratios.items()
+    } | {"full": {"fraction": 1.0, "median_s": sum(seconds["full"]) / len(seconds["full"])}}
 
 
-def evaluate_dynamic(run, router: DynamicRouter, held: dict[str, torch.Tensor], *, targets: list[float] | None = None,
-                     static_targets: list[float] | None = None, timed_blocks: int = 2, repeats: int = 3, per_token: bool = False,
-                     batch_size: int = 4, progress: bool = True) -> dict:
+def evaluate_dynamic(
+    run,
+    router: DynamicRouter,
+    held: dict[str, torch.Tensor],
+    *,
+    targets: list[float] | None = None,
+    static_targets: list[float] | None = None,
+    timed_blocks: int = 2,
+    repeats: int = 3,
+    per_token: bool = False,
+    batch_size: int = 4,
+    progress: bool = True,
+) -> dict:
     """Static against dynamic routing on held-out blocks of several domains (module docstring).
 
     ``run``: a :class:`~flextron.pipeline.LoadedRun` (its static router attached); ``held``:
@@ -161,8 +190,14 @@ def evaluate_dynamic(run, router: DynamicRouter, held: dict[str, torch.Tensor], 
     for t in targets:
         router.check_target(t)
     floor = run.fx.router.floor
-    static_targets = sorted({round(t, 4) for t in (static_targets or [*router.trained_targets, *run.fx.router.router.targets.tolist()])
-                             if t >= floor} | {1.0})
+    static_targets = sorted(
+        {
+            round(t, 4)
+            for t in (static_targets or [*router.trained_targets, *run.fx.router.router.targets.tolist()])
+            if t >= floor
+        }
+        | {1.0}
+    )
     names = list(held)
     blocks = torch.cat([held[d] for d in names])  # (N, T), domain-major
     owner = [d for d in names for _ in range(held[d].shape[0])]
@@ -172,8 +207,14 @@ def evaluate_dynamic(run, router: DynamicRouter, held: dict[str, torch.Tensor], 
     static = []
     for s in tqdm(static_targets, desc="dynamic: static curve", disable=not progress, leave=False):
         arch = fx.set_target(s)
-        static.append({"target": s, "config": arch.to_dict(), "predicted_fraction": table.fraction(arch),
-                       "nll": perplexity(fx, blocks, batch_size=batch_size, progress=False)["nll_per_block"]})
+        static.append(
+            {
+                "target": s,
+                "config": arch.to_dict(),
+                "predicted_fraction": table.fraction(arch),
+                "nll": perplexity(fx, blocks, batch_size=batch_size, progress=False)["nll_per_block"],
+            }
+        )
     fx.set_arch(None)
     dyn = {}
     for t in tqdm(targets, desc="dynamic: routed", disable=not progress, leave=False):
@@ -200,42 +241,82 @@ def evaluate_dynamic(run, router: DynamicRouter, held: dict[str, torch.Tensor], 
         per_domain = {}
         for d, ix in sel.items():
             st = choice_statistics(r["mlp"][ix], r["heads"][ix], router.n_mlp, router.n_heads)
-            width = (r["mlp"][ix] * torch.tensor(sp.mlp_choices, dtype=torch.float32)).sum(-1).mean(0) / sp.intermediate_size  # (L,)
-            heads = (r["heads"][ix] * torch.tensor(sp.head_choices, dtype=torch.float32)).sum(-1).mean(0) / sp.heads_per_group
-            per_domain[d] = {"mean_fraction": domain_mean(r["fraction"], d), "perplexity": math.exp(domain_mean(r["nll"], d)),
-                             "full_perplexity": math.exp(domain_mean(full, d)), "mlp_width_per_layer": width.tolist(),
-                             "heads_per_layer": heads.tolist(), "mlp_share": st["mlp_share"], "head_share": st["head_share"],
-                             "entropy_nats": st["entropy_nats"],
-                             # this domain's blocks only: its own average latency against the static curve on the same blocks
-                             "vs_static_predicted": compare_at_equal_latency(
-                                 [(p, [nll[i] for i in ix]) for p, nll in static_pred], per_domain_fraction(r, ix),
-                                 [r["nll"][i] for i in ix])}
+            width = (r["mlp"][ix] * torch.tensor(sp.mlp_choices, dtype=torch.float32)).sum(-1).mean(
+                0
+            ) / sp.intermediate_size  # (L,)
+            heads = (r["heads"][ix] * torch.tensor(sp.head_choices, dtype=torch.float32)).sum(-1).mean(
+                0
+            ) / sp.heads_per_group
+            per_domain[d] = {
+                "mean_fraction": domain_mean(r["fraction"], d),
+                "perplexity": math.exp(domain_mean(r["nll"], d)),
+                "full_perplexity": math.exp(domain_mean(full, d)),
+                "mlp_width_per_layer": width.tolist(),
+                "heads_per_layer": heads.tolist(),
+                "mlp_share": st["mlp_share"],
+                "head_share": st["head_share"],
+                "entropy_nats": st["entropy_nats"],
+                # this domain's blocks only: its own average latency against the static curve on the same blocks
+                "vs_static_predicted": compare_at_equal_latency(
+                    [(p, [nll[i] for i in ix]) for p, nll in static_pred],
+                    per_domain_fraction(r, ix),
+                    [r["nll"][i] for i in ix],
+                ),
+            }
         stats = choice_statistics(r["mlp"], r["heads"], router.n_mlp, router.n_heads)
-        row = {"target": t, "mode": "dynamic", "predicted_fraction": mean(r["fraction"]),
-               "predicted_latency_error": mean(r["fraction"]) / t - 1,
-               "predicted_fraction_range": [min(r["fraction"]), max(r["fraction"])],
-               "perplexity": math.exp(mean(r["nll"])), "perplexity_ci": list(bootstrap_ci(r["nll"], transform=math.exp)),
-               "collapse": {k: stats[k] for k in ("entropy_nats", "input_independent_layers", "collapsed")},
-               "per_domain": per_domain, "vs_static_predicted": compare_at_equal_latency(static_pred, mean(r["fraction"]), r["nll"])}
+        row = {
+            "target": t,
+            "mode": "dynamic",
+            "predicted_fraction": mean(r["fraction"]),
+            "predicted_latency_error": mean(r["fraction"]) / t - 1,
+            "predicted_fraction_range": [min(r["fraction"]), max(r["fraction"])],
+            "perplexity": math.exp(mean(r["nll"])),
+            "perplexity_ci": list(bootstrap_ci(r["nll"], transform=math.exp)),
+            "collapse": {k: stats[k] for k in ("entropy_nats", "input_independent_layers", "collapsed")},
+            "per_domain": per_domain,
+            "vs_static_predicted": compare_at_equal_latency(static_pred, mean(r["fraction"]), r["nll"]),
+        }
         if not per_token:
-            row["vs_shuffled"] = {k: v for k, v in shuffled_control(fx, r, blocks, batch_size=batch_size).items() if k != "nll"}
+            row["vs_shuffled"] = {
+                k: v for k, v in shuffled_control(fx, r, blocks, batch_size=batch_size).items() if k != "nll"
+            }
         if timed:
             tf = timed[f"dynamic {t:g}"]["fraction"]
-            row |= {"timed_fraction": tf, "latency_s": timed[f"dynamic {t:g}"]["median_s"], "full_latency_s": timed["full"]["median_s"],
-                    "vs_static_timed": compare_at_equal_latency(static_timed, tf, r["nll"])}
+            row |= {
+                "timed_fraction": tf,
+                "latency_s": timed[f"dynamic {t:g}"]["median_s"],
+                "full_latency_s": timed["full"]["median_s"],
+                "vs_static_timed": compare_at_equal_latency(static_timed, tf, r["nll"]),
+            }
         rows.append(row)
-    same = [bool(torch.equal(dyn[a]["mlp"], dyn[b]["mlp"]) and torch.equal(dyn[a]["heads"], dyn[b]["heads"]))
-            for a, b in zip(targets, targets[1:])]
+    same = [
+        bool(torch.equal(dyn[a]["mlp"], dyn[b]["mlp"]) and torch.equal(dyn[a]["heads"], dyn[b]["heads"]))
+        for a, b in zip(targets, targets[1:])
+    ]
     return {
-        "domains": {d: {"blocks": held[d].shape[0], "seq_len": held[d].shape[1], "full_perplexity": math.exp(domain_mean(full, d))}
-                    for d in names},
+        "domains": {
+            d: {
+                "blocks": held[d].shape[0],
+                "seq_len": held[d].shape[1],
+                "full_perplexity": math.exp(domain_mean(full, d)),
+            }
+            for d in names
+        },
         "full_perplexity": math.exp(mean(full)),
-        "static": [{k: v for k, v in s.items() if k != "nll"} | {"perplexity": math.exp(mean(s["nll"])),
-                   "timed_fraction": timed.get(f"static {s['target']:g}", {}).get("fraction")} for s in static],
+        "static": [
+            {k: v for k, v in s.items() if k != "nll"}
+            | {
+                "perplexity": math.exp(mean(s["nll"])),
+                "timed_fraction": timed.get(f"static {s['target']:g}", {}).get("fraction"),
+            }
+            for s in static
+        ],
         "dynamic": rows,
         "targets_collapsed": bool(same) and all(same),
         "timing": {"blocks_per_domain": timed_blocks, "repeats": repeats, "threads": torch.get_num_threads()},
-        "per_token": per_token, "python": platform.python_version(), "wall_s": round(time.time() - t0, 1),
+        "per_token": per_token,
+        "python": platform.python_version(),
+        "wall_s": round(time.time() - t0, 1),
     }
 
 
@@ -250,10 +331,20 @@ def append_dynamic_rows(run_dir: str | Path, results: dict) -> Path:
     main = json.loads(path.read_text()) if path.exists() else {"rows": []}
     rows = [r for r in main.get("rows", []) if r.get("mode", "static") != "dynamic"]
     for r in results["dynamic"]:
-        rows.append({"target": r["target"], "mode": "dynamic", "config": None, "predicted_latency_s": None,
-                     "predicted_fraction": r["predicted_fraction"], "latency_s": r.get("latency_s"),
-                     "full_latency_s": r.get("full_latency_s"), "latency_ratio": r.get("timed_fraction"),
-                     "perplexity": r["perplexity"], "perplexity_ci": r["perplexity_ci"],
-                     "per_domain_fraction": {d: v["mean_fraction"] for d, v in r["per_domain"].items()}})
+        rows.append(
+            {
+                "target": r["target"],
+                "mode": "dynamic",
+                "config": None,
+                "predicted_latency_s": None,
+                "predicted_fraction": r["predicted_fraction"],
+                "latency_s": r.get("latency_s"),
+                "full_latency_s": r.get("full_latency_s"),
+                "latency_ratio": r.get("timed_fraction"),
+                "perplexity": r["perplexity"],
+                "perplexity_ci": r["perplexity_ci"],
+                "per_domain_fraction": {d: v["mean_fraction"] for d, v in r["per_domain"].items()},
+            }
+        )
     main["rows"] = rows
     return atomic_write_json(path, main)

@@ -146,9 +146,17 @@ def evaluate_tasks(
     t0 = time.perf_counter()
     # one call for all tasks: lm-eval's per-call fixed cost (environment report, ~3 s) is paid once
     res = lm_eval.simple_evaluate(
-        model=lm, tasks=objects, task_manager=tm, samples=samples, num_fewshot=num_fewshot,
-        log_samples=log_samples, bootstrap_iters=0, random_seed=seed,
-        numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
+        model=lm,
+        tasks=objects,
+        task_manager=tm,
+        samples=samples,
+        num_fewshot=num_fewshot,
+        log_samples=log_samples,
+        bootstrap_iters=0,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
     )
     wall = time.perf_counter() - t0
     summary, raw = {}, {}

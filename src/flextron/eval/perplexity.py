@@ -33,8 +33,11 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8, p
         DataError: ``blocks`` is empty or shorter than 2 tokens; ConfigError: ``batch_size < 1``.
     """
     nll = block_nll(model, blocks, batch_size=batch_size, progress=progress)
-    return {**nll, "perplexity": math.exp(nll["nll"]),
-            "ci95": list(bootstrap_ci(nll["nll_per_block"], transform=math.exp))}
+    return {
+        **nll,
+        "perplexity": math.exp(nll["nll"]),
+        "ci95": list(bootstrap_ci(nll["nll_per_block"], transform=math.exp)),
+    }
 
 
 def decode_tokens_per_s(
@@ -64,8 +67,16 @@ def decode_tokens_per_s(
         def run():
             with torch.inference_mode():
                 out = model.generate(
-                    input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=k, min_new_tokens=k,
-                    pad_token_id=pad, use_cache=True, temperature=None, top_p=None, top_k=None,
+                    input_ids=ids,
+                    attention_mask=mask,
+                    do_sample=False,
+                    max_new_tokens=k,
+                    min_new_tokens=k,
+                    pad_token_id=pad,
+                    use_cache=True,
+                    temperature=None,
+                    top_p=None,
+                    top_k=None,
                 )
             assert out.shape[1] == prompt_len + k, (out.shape, prompt_len, k)
             return out
@@ -86,6 +97,7 @@ def decode_tokens_per_s(
             return (new_tokens - 1) / dt
         logger.warning("decode timing: %d tokens not slower than 1 token (noise); including prefill", new_tokens)
     return new_tokens / t_n
+
 
 def perplexity_of(model, blocks, cfg: RunConfig) -> dict:
     return perplexity(model, blocks, batch_size=cfg.eval.batch_size, progress=False)

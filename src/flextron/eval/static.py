@@ -23,13 +23,7 @@ from flextron.cost.table import CostTable
 from flextron.cost.timing import paired_ratio, prefill_fn, time_models
 from flextron.data.inputs import make_inputs
 from flextron.errors import ConfigError
-from flextron.eval.deploy import (
-    LoadedRun,
-    export_target,
-    finished_stages,
-    load_run,
-    set_threads,
-)
+from flextron.eval.deploy import LoadedRun, export_target, finished_stages, load_run, set_threads
 from flextron.eval.perplexity import decode_tokens_per_s, perplexity_of
 from flextron.eval.stats import bootstrap_ci
 from flextron.files import atomic_write_json
@@ -48,10 +42,15 @@ def _homogeneous_rivals(fx: ElasticModel, table: CostTable, predicted: float) ->
     """For every head count, the homogeneous configuration whose predicted latency is nearest to
     ``predicted`` (seconds): the baselines a routed configuration is compared with."""
     sp = fx.space
-    return [min((sp.homogeneous(m, a) for m in sp.mlp_choices), key=lambda c: abs(table.predict(c) - predicted)) for a in sp.head_choices]
+    return [
+        min((sp.homogeneous(m, a) for m in sp.mlp_choices), key=lambda c: abs(table.predict(c) - predicted))
+        for a in sp.head_choices
+    ]
 
 
-def _homogeneous_baseline(fx: ElasticModel, table: CostTable, predicted: float, ppl_of: Callable[[ArchConfig], float]) -> dict:
+def _homogeneous_baseline(
+    fx: ElasticModel, table: CostTable, predicted: float, ppl_of: Callable[[ArchConfig], float]
+) -> dict:
     """The homogeneous baseline of a routed configuration of predicted latency ``predicted`` (s).
 
     ``nearest``: for every head count the homogeneous configuration of nearest predicted latency
@@ -61,11 +60,16 @@ def _homogeneous_baseline(fx: ElasticModel, table: CostTable, predicted: float, 
     is measured too); equal to ``nearest`` when ``predicted`` lies outside their range.
     """
     sp = fx.space
-    rivals = [{"config": h.to_dict(), "predicted_latency_s": table.predict(h), "perplexity": ppl_of(h)}
-              for h in _homogeneous_rivals(fx, table, predicted)]
+    rivals = [
+        {"config": h.to_dict(), "predicted_latency_s": table.predict(h), "perplexity": ppl_of(h)}
+        for h in _homogeneous_rivals(fx, table, predicted)
+    ]
     best = min(rivals, key=lambda r: r["perplexity"])
     heads = best["config"]["heads"][0]
-    line = sorted(((table.predict(sp.homogeneous(m, heads)), sp.homogeneous(m, heads)) for m in sp.mlp_choices), key=lambda x: x[0])
+    line = sorted(
+        ((table.predict(sp.homogeneous(m, heads)), sp.homogeneous(m, heads)) for m in sp.mlp_choices),
+        key=lambda x: x[0],
+    )
     lo = max((x for x in line if x[0] <= predicted), default=None, key=lambda x: x[0])
     hi = min((x for x in line if x[0] >= predicted), default=None, key=lambda x: x[0])
     interp = {"perplexity": best["perplexity"], "between": [best["config"]]}
@@ -73,9 +77,12 @@ def _homogeneous_baseline(fx: ElasticModel, table: CostTable, predicted: float, 
         known = {ArchConfig.from_dict(r["config"]): r["perplexity"] for r in rivals}
         p_lo, p_hi = (known[c] if c in known else ppl_of(c) for c in (lo[1], hi[1]))
         w = (predicted - lo[0]) / (hi[0] - lo[0])
-        interp = {"perplexity": math.exp((1 - w) * math.log(p_lo) + w * math.log(p_hi)),
-                  "between": [lo[1].to_dict(), hi[1].to_dict()], "between_perplexity": [p_lo, p_hi],
-                  "between_predicted_latency_s": [lo[0], hi[0]]}
+        interp = {
+            "perplexity": math.exp((1 - w) * math.log(p_lo) + w * math.log(p_hi)),
+            "between": [lo[1].to_dict(), hi[1].to_dict()],
+            "between_perplexity": [p_lo, p_hi],
+            "between_predicted_latency_s": [lo[0], hi[0]],
+        }
     return {**best, "candidates": rivals, "interpolated": interp}
 
 
@@ -118,14 +125,21 @@ def evaluate_targets(
     del original
     untrained = load_elastic(run.run_dir / "ranked")
     full_export = export_subnetwork(fx, fx.space.full())
-    ids = torch.randint(0, fx.config.vocab_size, (cfg.latency.batch_size, cfg.latency.seq_len), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0,
+        fx.config.vocab_size,
+        (cfg.latency.batch_size, cfg.latency.seq_len),
+        generator=torch.Generator().manual_seed(0),
+    )
     full_decode = decode_tokens_per_s(full_export)
     rows = []
     for t in targets:
         arch = fx.set_target(t)
         sub = export_subnetwork(fx, arch)
         timing = time_models(
-            {"sub": prefill_fn(sub, ids), "full": prefill_fn(full_export, ids)}, repeats=cfg.eval.latency_repeats, warmup=2
+            {"sub": prefill_fn(sub, ids), "full": prefill_fn(full_export, ids)},
+            repeats=cfg.eval.latency_repeats,
+            warmup=2,
         )
         ppl = perplexity_of(fx, inp.heldout, cfg)
         ood = perplexity_of(fx, inp.ood, cfg)["perplexity"]
@@ -134,7 +148,9 @@ def evaluate_targets(
         u_ood = perplexity_of(untrained, inp.ood, cfg)["perplexity"]
         homo = None
         if t < 1.0:
-            homo = _homogeneous_baseline(fx, table, table.predict(arch), lambda h: perplexity_of(fx.set_arch(h), inp.heldout, cfg)["perplexity"])
+            homo = _homogeneous_baseline(
+                fx, table, table.predict(arch), lambda h: perplexity_of(fx.set_arch(h), inp.heldout, cfg)["perplexity"]
+            )
         row = {
             "target": t,
             "mode": "static",
@@ -158,7 +174,14 @@ def evaluate_targets(
         if task_plan is not None and t in task_plan["targets"]:
             row.update(_downstream(run, arch, t, task_plan))
         rows.append(row)
-        log.info("target %.2f: latency %.1f ms (%.2f of full), ppl %.2f (untrained %.2f)", t, row["latency_s"] * 1e3, row["latency_ratio"], row["perplexity"], u_ppl)
+        log.info(
+            "target %.2f: latency %.1f ms (%.2f of full), ppl %.2f (untrained %.2f)",
+            t,
+            row["latency_s"] * 1e3,
+            row["latency_ratio"],
+            row["perplexity"],
+            u_ppl,
+        )
         fx.set_arch(None)
     results = _results(run, rows, orig_ppl, orig_ood, time.time() - t0)
     results["exported_check"] = _exported_check(run, min(targets), ids)
@@ -192,9 +215,17 @@ def _downstream(run: LoadedRun, arch: ArchConfig, target: float, plan: dict) -> 
     from flextron.eval.lm_eval_model import FlextronLM, evaluate_tasks
 
     t0 = time.time()
-    lm = FlextronLM(fx=run.fx, tokenizer=run.tokenizer, arch=arch, target=target,
-                    device=next(run.fx.parameters()).device, batch_size=run.cfg.eval.task_batch_size)
-    summary, _ = evaluate_tasks(lm, plan["tasks"], limit=plan["limit"], seed=run.cfg.seed, num_fewshot=plan["num_fewshot"])
+    lm = FlextronLM(
+        fx=run.fx,
+        tokenizer=run.tokenizer,
+        arch=arch,
+        target=target,
+        device=next(run.fx.parameters()).device,
+        batch_size=run.cfg.eval.task_batch_size,
+    )
+    summary, _ = evaluate_tasks(
+        lm, plan["tasks"], limit=plan["limit"], seed=run.cfg.seed, num_fewshot=plan["num_fewshot"]
+    )
     del lm
     return {
         "tasks": {name: res for name, res in summary.items() if not name.startswith("_")},
@@ -212,7 +243,9 @@ def _exported_check(run: LoadedRun, target: float, ids: torch.Tensor) -> dict:
     export_target(run.run_dir, target, out, overwrite=True, _run=run)
     sub = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     full = export_subnetwork(run.fx, run.fx.space.full())
-    timing = time_models({"sub": prefill_fn(sub, ids), "full": prefill_fn(full, ids)}, repeats=run.cfg.eval.latency_repeats, warmup=2)
+    timing = time_models(
+        {"sub": prefill_fn(sub, ids), "full": prefill_fn(full, ids)}, repeats=run.cfg.eval.latency_repeats, warmup=2
+    )
     return {
         "target": target,
         "path": str(out),
@@ -226,7 +259,12 @@ def _exported_check(run: LoadedRun, target: float, ids: torch.Tensor) -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=5
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -250,18 +288,28 @@ def _results(run: LoadedRun, rows: list, orig_ppl: float, orig_ood: float, eval_
         "latency_table": {
             # fraction (not per cent): error of the predicted fraction of full latency, timed on exported sub-models
             "mape": None if val.get("mape_fraction") is None else val["mape_fraction"] / 100,
-            "validated_configs": val.get("n"), "full_s": run.table.full, "device": run.table.device,
+            "validated_configs": val.get("n"),
+            "full_s": run.table.full,
+            "device": run.table.device,
             "workload": run.table.workload,
         },
         "search_space": {
-            "mlp_choices": list(sp.mlp_choices), "head_choices": list(sp.head_choices), "intermediate_size": sp.intermediate_size,
-            "heads_per_group": sp.heads_per_group, "num_layers": sp.num_layers,
+            "mlp_choices": list(sp.mlp_choices),
+            "head_choices": list(sp.head_choices),
+            "intermediate_size": sp.intermediate_size,
+            "heads_per_group": sp.heads_per_group,
+            "num_layers": sp.num_layers,
         },
         "training": {k: st[k]["summary"] for k in ("elastic", "routers", "joint") if k in st},
         "provenance": {
             "commit": git_commit(),
-            "versions": {"flextron": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                         "accelerate": accelerate.__version__, "python": platform.python_version()},
+            "versions": {
+                "flextron": __version__,
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+                "accelerate": accelerate.__version__,
+                "python": platform.python_version(),
+            },
             "seed": run.cfg.seed,
             "threads": torch.get_num_threads(),
             "stages": stages,

@@ -59,13 +59,20 @@ def paired_comparison(nll_a: Sequence[float], nll_b: Sequence[float], *, n: int 
         DataError: the two lists differ in length or are empty.
     """
     if len(nll_a) != len(nll_b) or not nll_a:
-        raise DataError(f"paired comparison needs per-block NLLs of equal, non-zero length, got {len(nll_a)} and {len(nll_b)}")
+        raise DataError(
+            f"paired comparison needs per-block NLLs of equal, non-zero length, got {len(nll_a)} and {len(nll_b)}"
+        )
     diff = [float(a) - float(b) for a, b in zip(nll_a, nll_b)]
     lo, hi = bootstrap_ci(diff, n=n, seed=seed)
     delta = sum(diff) / len(diff)
     verdict = "tie" if lo <= 0 <= hi else ("better" if hi < 0 else "worse")
-    return {"delta_nll": delta, "ci95": [lo, hi], "ppl_ratio": math.exp(delta),
-            "ppl_ratio_ci95": [math.exp(lo), math.exp(hi)], "verdict": verdict}
+    return {
+        "delta_nll": delta,
+        "ci95": [lo, hi],
+        "ppl_ratio": math.exp(delta),
+        "ppl_ratio_ci95": [math.exp(lo), math.exp(hi)],
+        "verdict": verdict,
+    }
 
 
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:

@@ -43,17 +43,62 @@ log = logging.getLogger(__name__)
 TASK_DIR = Path(__file__).with_name("lm_tasks")
 #: The 57 MMLU subjects (one lm-eval task ``mmlu_<subject>`` each, grouped as ``mmlu``).
 MMLU_SUBJECTS: tuple[str, ...] = (
-    "abstract_algebra", "anatomy", "astronomy", "business_ethics", "clinical_knowledge", "college_biology",
-    "college_chemistry", "college_computer_science", "college_mathematics", "college_medicine", "college_physics",
-    "computer_security", "conceptual_physics", "econometrics", "electrical_engineering", "elementary_mathematics",
-    "formal_logic", "global_facts", "high_school_biology", "high_school_chemistry", "high_school_computer_science",
-    "high_school_european_history", "high_school_geography", "high_school_government_and_politics",
-    "high_school_macroeconomics", "high_school_mathematics", "high_school_microeconomics", "high_school_physics",
-    "high_school_psychology", "high_school_statistics", "high_school_us_history", "high_school_world_history",
-    "human_aging", "human_sexuality", "international_law", "jurisprudence", "logical_fallacies", "machine_learning",
-    "management", "marketing", "medical_genetics", "miscellaneous", "moral_disputes", "moral_scenarios", "nutrition",
-    "philosophy", "prehistory", "professional_accounting", "professional_law", "professional_medicine",
-    "professional_psychology", "public_relations", "security_studies", "sociology", "us_foreign_policy", "virology",
+    "abstract_algebra",
+    "anatomy",
+    "astronomy",
+    "business_ethics",
+    "clinical_knowledge",
+    "college_biology",
+    "college_chemistry",
+    "college_computer_science",
+    "college_mathematics",
+    "college_medicine",
+    "college_physics",
+    "computer_security",
+    "conceptual_physics",
+    "econometrics",
+    "electrical_engineering",
+    "elementary_mathematics",
+    "formal_logic",
+    "global_facts",
+    "high_school_biology",
+    "high_school_chemistry",
+    "high_school_computer_science",
+    "high_school_european_history",
+    "high_school_geography",
+    "high_school_government_and_politics",
+    "high_school_macroeconomics",
+    "high_school_mathematics",
+    "high_school_microeconomics",
+    "high_school_physics",
+    "high_school_psychology",
+    "high_school_statistics",
+    "high_school_us_history",
+    "high_school_world_history",
+    "human_aging",
+    "human_sexuality",
+    "international_law",
+    "jurisprudence",
+    "logical_fallacies",
+    "machine_learning",
+    "management",
+    "marketing",
+    "medical_genetics",
+    "miscellaneous",
+    "moral_disputes",
+    "moral_scenarios",
+    "nutrition",
+    "philosophy",
+    "prehistory",
+    "professional_accounting",
+    "professional_law",
+    "professional_medicine",
+    "professional_psychology",
+    "public_relations",
+    "security_studies",
+    "sociology",
+    "us_foreign_policy",
+    "virology",
     "world_religions",
 )
 
@@ -182,7 +227,9 @@ def _docs_by_id(rel: str, root: Path, keys: Sequence[str]) -> list[tuple[dict, l
             if missing or not {"context", "continuation"} <= set(req):
                 raise KeyError(", ".join(missing) or "request.context/continuation")
         except (KeyError, TypeError, ValueError) as e:
-            raise TaskFileError(f"task file {path} record {i} is malformed (missing or bad field {e}); {_fix(root)}") from None
+            raise TaskFileError(
+                f"task file {path} record {i} is malformed (missing or bad field {e}); {_fix(root)}"
+            ) from None
         if doc_id >= _UNCOND_OFFSET:
             continue
         by_id.setdefault(doc_id, (doc, []))[1].append(r)
@@ -195,7 +242,9 @@ def _docs_by_id(rel: str, root: Path, keys: Sequence[str]) -> list[tuple[dict, l
 def _dataset_dict(**splits):
     import datasets
 
-    return datasets.DatasetDict({k: v if isinstance(v, datasets.Dataset) else datasets.Dataset.from_list(v) for k, v in splits.items()})
+    return datasets.DatasetDict(
+        {k: v if isinstance(v, datasets.Dataset) else datasets.Dataset.from_list(v) for k, v in splits.items()}
+    )
 
 
 def arc_easy_docs(root: Path | None = None) -> list[dict]:
@@ -212,17 +261,30 @@ def arc_easy_docs(root: Path | None = None) -> list[dict]:
     for doc, reqs in _docs_by_id(ARC_EASY_REQUESTS, root, ("id", "query", "choices", "gold")):
         q, choices, gold = doc["query"], list(doc["choices"]), doc["gold"]
         head, tail = "Question: ", "\nAnswer:"
-        ok = (isinstance(q, str) and q.startswith(head) and q.endswith(tail) and isinstance(gold, int)
-              and 0 <= gold < len(choices) and all(isinstance(c, str) for c in choices))
+        ok = (
+            isinstance(q, str)
+            and q.startswith(head)
+            and q.endswith(tail)
+            and isinstance(gold, int)
+            and 0 <= gold < len(choices)
+            and all(isinstance(c, str) for c in choices)
+        )
         # the request strings of the file must be what the rebuilt document gives
         ok = ok and all(
-            r["request"]["context"].endswith(q) and r["request"]["continuation"] == " " + choices[r["idx"]] for r in reqs
+            r["request"]["context"].endswith(q) and r["request"]["continuation"] == " " + choices[r["idx"]]
+            for r in reqs
         )
         if not ok:
             raise TaskFileError(f"task file {path}: document {doc.get('id')!r} is malformed; {_fix(root)}")
         labels = [chr(ord("A") + i) for i in range(len(choices))]
-        docs.append({"id": doc["id"], "question": q[len(head): -len(tail)],
-                     "choices": {"text": choices, "label": labels}, "answerKey": labels[gold]})
+        docs.append(
+            {
+                "id": doc["id"],
+                "question": q[len(head) : -len(tail)],
+                "choices": {"text": choices, "label": labels},
+                "answerKey": labels[gold],
+            }
+        )
     return docs
 
 
@@ -242,8 +304,12 @@ def lambada_docs(root: Path | None = None) -> list[dict]:
         ok = isinstance(q, str) and isinstance(answers, list) and len(answers) == 1 and isinstance(answers[0], str)
         text = f"{q} {answers[0]}" if ok else ""
         words = text.split(" ")
-        ok = ok and " ".join(words[:-1]) == q and words[-1] == answers[0] and all(
-            r["request"]["context"] == q and r["request"]["continuation"] == " " + answers[0] for r in reqs)
+        ok = (
+            ok
+            and " ".join(words[:-1]) == q
+            and words[-1] == answers[0]
+            and all(r["request"]["context"] == q and r["request"]["continuation"] == " " + answers[0] for r in reqs)
+        )
         if not ok:
             raise TaskFileError(f"task file {path}: passage {doc.get('id')!r} is malformed; {_fix(root)}")
         docs.append({"text": text})
@@ -389,12 +455,21 @@ def write_mmlu_yaml(out: Path = TASK_DIR / "mmlu") -> None:
     import yaml
 
     for s in MMLU_SUBJECTS:
-        cfg = {"include": "_default_template_yaml", "task": f"mmlu_{s}", "task_alias": s.replace("_", " "),
-               "dataset_name": s, "dataset_kwargs": {"subject": s},
-               "description": f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n"}
+        cfg = {
+            "include": "_default_template_yaml",
+            "task": f"mmlu_{s}",
+            "task_alias": s.replace("_", " "),
+            "dataset_name": s,
+            "dataset_kwargs": {"subject": s},
+            "description": f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
+        }
         (out / f"mmlu_{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, width=1000))
-    group = {"group": "mmlu", "task": [f"mmlu_{s}" for s in MMLU_SUBJECTS],
-             "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}], "metadata": {"version": 2}}
+    group = {
+        "group": "mmlu",
+        "task": [f"mmlu_{s}" for s in MMLU_SUBJECTS],
+        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+        "metadata": {"version": 2},
+    }
     (out / "mmlu.yaml").write_text(yaml.safe_dump(group, sort_keys=False))
 
 

@@ -24,12 +24,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 from flextron.config import ElasticConfig, from_dict
 from flextron.errors import TargetError
 from flextron.model.families import FamilyAdapter, Geometry, adapter_for
-from flextron.model.ranking import (
-    Importance,
-    apply_permutation,
-    compute_importance,
-    make_permutation,
-)
+from flextron.model.ranking import Importance, apply_permutation, compute_importance, make_permutation
 from flextron.model.space import ArchConfig, SearchSpace
 
 
@@ -93,7 +88,9 @@ class ElasticAttention(nn.Module):
     ``mask`` of shape ``(B or 1, num_attention_heads)`` scales each head's output before ``o_proj``.
     """
 
-    def __init__(self, projections: dict[str, nn.Linear], norms: dict[str, nn.Module], geo: Geometry, layer_idx: int) -> None:
+    def __init__(
+        self, projections: dict[str, nn.Linear], norms: dict[str, nn.Module], geo: Geometry, layer_idx: int
+    ) -> None:
         super().__init__()
         self.q_proj, self.k_proj, self.v_proj, self.o_proj = (projections[k] for k in "qkvo")
         for name, mod in norms.items():
@@ -152,7 +149,9 @@ class ElasticAttention(nn.Module):
             gqa = {}
         else:
             gqa = {"enable_gqa": a > 1}
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask, is_causal=is_causal, scale=self.scaling, **gqa)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, is_causal=is_causal, scale=self.scaling, **gqa
+        )
         out = out.transpose(1, 2)  # (B, T, G·a, hd)
         if self.mask is not None:
             out = out * self.mask[:, None, :, None].to(out.dtype)
@@ -170,7 +169,9 @@ class ElasticModel(nn.Module):
     by the router stage) used by :meth:`set_target`.
     """
 
-    def __init__(self, model: nn.Module, adapter: FamilyAdapter, space: SearchSpace, elastic_config: ElasticConfig) -> None:
+    def __init__(
+        self, model: nn.Module, adapter: FamilyAdapter, space: SearchSpace, elastic_config: ElasticConfig
+    ) -> None:
         super().__init__()
         self.model = model
         self.adapter = adapter
@@ -258,7 +259,9 @@ class ElasticModel(nn.Module):
 
         return {
             "flextron_version": __version__,
-            "elastic_config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.elastic_config).items()},
+            "elastic_config": {
+                k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.elastic_config).items()
+            },
             "search_space": self.space.to_dict(),
             "ranking": self.ranking,
         }
@@ -283,7 +286,9 @@ def convert(model: nn.Module, elastic_config: ElasticConfig | None = None) -> El
     for i, layer in enumerate(adapter.layers(model)):
         attn = adapter.attention(layer)
         if not isinstance(attn, ElasticAttention):
-            adapter.set_attention(layer, ElasticAttention(adapter.attention_projections(attn), adapter.qk_norms(attn), geo, i))
+            adapter.set_attention(
+                layer, ElasticAttention(adapter.attention_projections(attn), adapter.qk_norms(attn), geo, i)
+            )
         mlp = adapter.mlp(layer)
         if not isinstance(mlp, ElasticMLP):
             p = adapter.mlp_projections(mlp)

@@ -145,7 +145,9 @@ def subnetwork_arch(model: nn.Module) -> ArchConfig:
     c = model.config
     kv = int(c.num_key_value_heads)
     if getattr(c, "model_type", None) == "flextron_elastic":
-        return ArchConfig(mlp=tuple(c.intermediate_sizes), heads=tuple(h // kv for h in c.num_attention_heads_per_layer))
+        return ArchConfig(
+            mlp=tuple(c.intermediate_sizes), heads=tuple(h // kv for h in c.num_attention_heads_per_layer)
+        )
     L = int(c.num_hidden_layers)
     return ArchConfig(mlp=(int(c.intermediate_size),) * L, heads=(int(c.num_attention_heads) // kv,) * L)
 
@@ -200,7 +202,9 @@ def save_subnetwork(model, out_dir, *, tokenizer=None, metadata: dict | None = N
     return _atomic_write(out_dir, overwrite, write)
 
 
-def save_elastic(fx: ElasticModel, out_dir, *, tokenizer=None, extra: dict | None = None, overwrite: bool = False) -> Path:
+def save_elastic(
+    fx: ElasticModel, out_dir, *, tokenizer=None, extra: dict | None = None, overwrite: bool = False
+) -> Path:
     """Save the whole (permuted) elastic model: a plain HF checkpoint (safetensors, HF keys) plus
     ``flextron.json`` (``fx.metadata()``, with ``extra`` merged in at the top level, and the
     sha256 of every weight file under ``weights_sha256``, checked by :func:`load_elastic`).
@@ -242,7 +246,12 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, fix: str, **kwargs):
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             # mismatches are reported by us below (one line) instead of transformers' table + raise
-            path, dtype=dtype, use_safetensors=True, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
+            path,
+            dtype=dtype,
+            use_safetensors=True,
+            output_loading_info=True,
+            ignore_mismatched_sizes=True,
+            **kwargs,
         )
     except FlextronError:
         raise
@@ -251,6 +260,7 @@ def _load_causal_lm(path: Path, dtype: torch.dtype, fix: str, **kwargs):
         raise ModelError(f"cannot load {path / weights[0]} ({type(e).__name__}: {first}); {fix}") from None
     bad = {k: v for k, v in info.items() if k in ("missing_keys", "unexpected_keys", "mismatched_keys") and v}
     if bad:
+
         def show(item) -> str:  # mismatched entries are (key, checkpoint shape, config shape)
             if isinstance(item, tuple) and len(item) == 3:
                 return f"{item[0]} {tuple(item[1])} in the file vs {tuple(item[2])} from the config"
@@ -295,7 +305,11 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
     recorded = meta.get("search_space")
     if isinstance(recorded, dict):
         now = fx.space.to_dict()
-        diff = [f"{k}: {recorded.get(k)!r} recorded vs {v!r} from the weights" for k, v in now.items() if recorded.get(k) != v]
+        diff = [
+            f"{k}: {recorded.get(k)!r} recorded vs {v!r} from the weights"
+            for k, v in now.items()
+            if recorded.get(k) != v
+        ]
         if diff:
             raise ModelError(f"{meta_file} does not match the model in {path} ({'; '.join(diff[:3])}); {fix}")
     fx.ranking = dict(meta.get("ranking", fx.ranking))
@@ -341,14 +355,18 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
             raise
         except Exception as e:
             first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise ModelError(f"cannot load GGUF file {path} ({type(e).__name__}: {first}); check that it is a complete GGUF model") from None
+            raise ModelError(
+                f"cannot load GGUF file {path} ({type(e).__name__}: {first}); check that it is a complete GGUF model"
+            ) from None
     if path.is_file():
         raise ModelError(f"{path} is a file but not a .gguf model; give a Hugging Face directory or a .gguf file")
     _require_hf_dir(path, "model path")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
-        raise ModelError(f"cannot read {path / 'config.json'} ({type(e).__name__}: {e}); fix or replace the file") from None
+        raise ModelError(
+            f"cannot read {path / 'config.json'} ({type(e).__name__}: {e}); fix or replace the file"
+        ) from None
     adapter_for(config)  # UnsupportedModelError before loading any weights
     model = _load_causal_lm(path, dtype, "re-download or re-convert the model")
     # transformers 5 builds an *empty* tokenizer (vocab_size 1) from a directory without tokenizer
@@ -358,8 +376,11 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as e:
-            raise ModelError(f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); fix or remove its tokenizer files") from None
+            raise ModelError(
+                f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); fix or remove its tokenizer files"
+            ) from None
     return model, tokenizer
+
 
 def model_source(cfg: RunConfig) -> Path:
     if cfg.model.source == "smollm2":

@@ -63,11 +63,7 @@ class _Accumulator:
 
 @torch.no_grad()
 def compute_importance(
-    model: torch.nn.Module,
-    adapter: FamilyAdapter,
-    batches: Iterable[torch.Tensor | dict],
-    *,
-    progress: bool = True,
+    model: torch.nn.Module, adapter: FamilyAdapter, batches: Iterable[torch.Tensor | dict], *, progress: bool = True
 ) -> Importance:
     """Run calibration batches through ``model`` and score every MLP neuron and query head.
 
@@ -102,7 +98,9 @@ def compute_importance(
 
     for layer, ma, ha in zip(layers, mlp_acc, head_acc):
         hooks.append(adapter.mlp_projections(adapter.mlp(layer))["down"].register_forward_pre_hook(mlp_hook(ma)))
-        hooks.append(adapter.attention_projections(adapter.attention(layer))["o"].register_forward_pre_hook(head_hook(ha)))
+        hooks.append(
+            adapter.attention_projections(adapter.attention(layer))["o"].register_forward_pre_hook(head_hook(ha))
+        )
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

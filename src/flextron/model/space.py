@@ -65,7 +65,7 @@ def archs_from_json(obj):
         return obj
     if len(obj) != 1 or next(iter(obj)) not in ("arch", "dict", "list", "tuple"):
         raise ConfigError(f"not an encoded value: {str(obj)[:80]}")
-    (kind, val), = obj.items()
+    ((kind, val),) = obj.items()
     if kind == "arch":
         return ArchConfig.from_dict(val)
     try:
@@ -158,7 +158,8 @@ class SearchSpace:
 
     def from_indices(self, mlp_idx: Sequence[int], head_idx: Sequence[int]) -> ArchConfig:
         return ArchConfig(
-            mlp=tuple(self.mlp_choices[int(i)] for i in mlp_idx), heads=tuple(self.head_choices[int(i)] for i in head_idx)
+            mlp=tuple(self.mlp_choices[int(i)] for i in mlp_idx),
+            heads=tuple(self.head_choices[int(i)] for i in head_idx),
         )
 
     def indices(self, arch: ArchConfig) -> tuple[list[int], list[int]]:
@@ -181,7 +182,9 @@ class SearchSpace:
         d, hd, G, D = self.hidden_size, self.head_dim, self.num_key_value_heads, self.intermediate_size
         per_neuron = 3 * d + (2 if self.mlp_bias else 0)  # gate row, up row, down column
         per_head = hd * (2 * d + (1 if self.q_bias else 0))  # q rows, o columns
-        removed = sum((D - m) * per_neuron + (self.num_attention_heads - G * a) * per_head for m, a in zip(arch.mlp, arch.heads))
+        removed = sum(
+            (D - m) * per_neuron + (self.num_attention_heads - G * a) * per_head for m, a in zip(arch.mlp, arch.heads)
+        )
         return self.total_params - removed
 
     def to_dict(self) -> dict:

@@ -20,8 +20,15 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- run-level entry points
 
 
-def train_dynamic_run(run_dir: str | Path, out_dir: str | Path | None = None, cfg: DynamicConfig | None = None, *,
-                      train_blocks: int = 16, seq_len: int | None = None, progress: bool = True) -> dict:
+def train_dynamic_run(
+    run_dir: str | Path,
+    out_dir: str | Path | None = None,
+    cfg: DynamicConfig | None = None,
+    *,
+    train_blocks: int = 16,
+    seq_len: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Train a dynamic router on a finished run (``flextron dynamic RUN``): ``train_blocks``
     blocks per domain (default sequence length: the run's ``eval.seq_len``), written to
     ``out_dir`` (default ``RUN/dynamic``). The run directory itself is not modified otherwise.
@@ -38,13 +45,30 @@ def train_dynamic_run(run_dir: str | Path, out_dir: str | Path | None = None, cf
     out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "dynamic"
     seq = seq_len or run.cfg.eval.seq_len
     pool, _ = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, train_blocks, 1, seed=run.cfg.seed)
-    _, summary = train_dynamic(run.fx, run.fx.router, run.table, pool, cfg, out_dir, seed=run.cfg.seed, tokenizer=run.tokenizer,
-                               progress=progress)
+    _, summary = train_dynamic(
+        run.fx,
+        run.fx.router,
+        run.table,
+        pool,
+        cfg,
+        out_dir,
+        seed=run.cfg.seed,
+        tokenizer=run.tokenizer,
+        progress=progress,
+    )
     return summary
 
 
-def evaluate_dynamic_run(run_dir: str | Path, dyn_dir: str | Path | None = None, *, targets: list[float] | None = None,
-                         blocks_per_domain: int = 8, timed_blocks: int = 2, repeats: int = 3, progress: bool = True) -> dict:
+def evaluate_dynamic_run(
+    run_dir: str | Path,
+    dyn_dir: str | Path | None = None,
+    *,
+    targets: list[float] | None = None,
+    blocks_per_domain: int = 8,
+    timed_blocks: int = 2,
+    repeats: int = 3,
+    progress: bool = True,
+) -> dict:
     """``flextron eval RUN --dynamic``: :func:`evaluate_dynamic` on ``blocks_per_domain`` held-out
     blocks of every domain (sequence length ``eval.seq_len``), then :func:`append_dynamic_rows`
     and the dynamic report (``RUN/dynamic_report.md`` + PNGs). Returns the results.
@@ -60,9 +84,20 @@ def evaluate_dynamic_run(run_dir: str | Path, dyn_dir: str | Path | None = None,
         for t in targets:
             router.check_target(t)
     set_threads(run.cfg)
-    _, held = domain_blocks(run.tokenizer, domain_documents(run.cfg), run.cfg.eval.seq_len, 1, blocks_per_domain, seed=run.cfg.seed)
-    res = evaluate_dynamic(run, router, held, targets=targets, timed_blocks=timed_blocks, repeats=repeats,
-                           per_token=bool(meta.get("per_token")), batch_size=run.cfg.eval.batch_size, progress=progress)
+    _, held = domain_blocks(
+        run.tokenizer, domain_documents(run.cfg), run.cfg.eval.seq_len, 1, blocks_per_domain, seed=run.cfg.seed
+    )
+    res = evaluate_dynamic(
+        run,
+        router,
+        held,
+        targets=targets,
+        timed_blocks=timed_blocks,
+        repeats=repeats,
+        per_token=bool(meta.get("per_token")),
+        batch_size=run.cfg.eval.batch_size,
+        progress=progress,
+    )
     res["router_summary"] = meta.get("summary")
     append_dynamic_rows(run.run_dir, res)
     dyn_dir = Path(dyn_dir) if dyn_dir is not None else run.run_dir / "dynamic"

@@ -24,13 +24,7 @@ from flextron.eval.deploy import finished_stages, set_threads
 from flextron.eval.static import evaluate_targets
 from flextron.files import atomic_write_json, atomic_write_text
 from flextron.model.export import load_original
-from flextron.pipeline.stages import (
-    stage_elastic,
-    stage_joint,
-    stage_latency,
-    stage_rank,
-    stage_routers,
-)
+from flextron.pipeline.stages import stage_elastic, stage_joint, stage_latency, stage_rank, stage_routers
 from flextron.report.static import write_report
 from flextron.train.distributed import on_main, process_state
 
@@ -107,8 +101,14 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
     model, tok = load_original(cfg)  # fails early on a bad model path or unsupported family
     del model
     inp = make_inputs(cfg, tok, state.num_processes)
-    log.info("inputs: calibration %s, train %s, held-out %s, ood %s (%.1f s)", tuple(inp.calibration.shape),
-             tuple(inp.train.shape), tuple(inp.heldout.shape), tuple(inp.ood.shape), time.time() - t0)
+    log.info(
+        "inputs: calibration %s, train %s, held-out %s, ood %s (%.1f s)",
+        tuple(inp.calibration.shape),
+        tuple(inp.train.shape),
+        tuple(inp.heldout.shape),
+        tuple(inp.ood.shape),
+        time.time() - t0,
+    )
     steps = {  # name: (stage, runs on every process)
         "rank": (lambda: stage_rank(cfg, run_dir, inp), False),
         "latency": (lambda: stage_latency(cfg, run_dir), False),

@@ -16,11 +16,7 @@ from flextron.data.inputs import Inputs
 from flextron.eval.perplexity import perplexity_of
 from flextron.model.elastic import convert
 from flextron.model.export import load_elastic, load_original, save_elastic
-from flextron.model.ranking import (
-    apply_permutation,
-    compute_importance,
-    make_permutation,
-)
+from flextron.model.ranking import apply_permutation, compute_importance, make_permutation
 from flextron.routing.store import load_routers, new_router, save_routers
 from flextron.train.distributed import make_accelerator
 from flextron.train.elastic import train_elastic
@@ -73,7 +69,12 @@ def stage_latency(cfg: RunConfig, run_dir: Path) -> dict:
             table.validation = validate_latency_table(fx, table, cfg.latency, cfg.latency.validate_configs, cfg.seed)
     table.save(run_dir / "latency_table.json")
     val = table.validation or {}
-    return {"unit": table.unit, "full_s": table.full, "mape_fraction_pct": val.get("mape_fraction"), "adjusted": len(table.adjusted)}
+    return {
+        "unit": table.unit,
+        "full_s": table.full,
+        "mape_fraction_pct": val.get("mape_fraction"),
+        "adjusted": len(table.adjusted),
+    }
 
 
 def _teacher(run_dir: Path, alpha: float):
@@ -89,8 +90,15 @@ def stage_elastic(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     table = CostTable.load(run_dir / "latency_table.json")
     acc = make_accelerator(cfg.train.grad_accum)
     summary = train_elastic(
-        fx, _teacher(run_dir, cfg.train.kd_alpha), inp.train, cfg.train, table, run_dir,
-        seed=cfg.seed, accelerator=acc, min_fraction=min(cfg.routers.targets),
+        fx,
+        _teacher(run_dir, cfg.train.kd_alpha),
+        inp.train,
+        cfg.train,
+        table,
+        run_dir,
+        seed=cfg.seed,
+        accelerator=acc,
+        min_fraction=min(cfg.routers.targets),
     )
     if acc.is_main_process:
         save_elastic(fx, run_dir / "elastic", tokenizer=inp.tokenizer, overwrite=True)
@@ -114,7 +122,16 @@ def stage_joint(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     router, sm = load_routers(run_dir / "routers", cfg, fx)
     acc = make_accelerator(cfg.joint.grad_accum)
     summary = train_joint(
-        fx, _teacher(run_dir, cfg.joint.kd_alpha), router, table, inp.train, cfg.joint, cfg.routers, run_dir, seed=cfg.seed, accelerator=acc
+        fx,
+        _teacher(run_dir, cfg.joint.kd_alpha),
+        router,
+        table,
+        inp.train,
+        cfg.joint,
+        cfg.routers,
+        run_dir,
+        seed=cfg.seed,
+        accelerator=acc,
     )
     if acc.is_main_process:
         save_elastic(fx, run_dir / "final", tokenizer=inp.tokenizer, overwrite=True)

@@ -14,14 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flextron.report.format import (
-    fmt,
-    md_table,
-    new_figure,
-    read_metrics,
-    save_figure,
-    write_atomically,
-)
+from flextron.report.format import fmt, md_table, new_figure, read_metrics, save_figure, write_atomically
 
 STAGES = ("dynamic_routers", "dynamic_direct", "dynamic_joint")
 
@@ -43,9 +36,19 @@ def plot_latency_perplexity(res: dict, path: Path) -> bool:
             if x is None:
                 continue
             lo, hi = r["perplexity_ci"]
-            ax.errorbar([x], [r["perplexity"]], yerr=[[r["perplexity"] - lo], [hi - r["perplexity"]]], marker="s", color="C3",
-                        capsize=3, ls="none", label="dynamic router" if r is res["dynamic"][0] else None)
-            ax.annotate(f"t={r['target']:g}", (x, r["perplexity"]), fontsize=7, xytext=(4, 4), textcoords="offset points")
+            ax.errorbar(
+                [x],
+                [r["perplexity"]],
+                yerr=[[r["perplexity"] - lo], [hi - r["perplexity"]]],
+                marker="s",
+                color="C3",
+                capsize=3,
+                ls="none",
+                label="dynamic router" if r is res["dynamic"][0] else None,
+            )
+            ax.annotate(
+                f"t={r['target']:g}", (x, r["perplexity"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+            )
         ax.set_xlabel(label)
         ax.set_ylabel("perplexity (mixed domains)")
         ax.grid(alpha=0.3)
@@ -65,8 +68,12 @@ def plot_domain_compute(res: dict, path: Path) -> bool:
     width = 0.8 / max(1, len(domains))
     for k, d in enumerate(domains):
         xs = [i + k * width for i in range(len(rows))]
-        ax.bar(xs, [r["per_domain"][d]["mean_fraction"] for r in rows], width,
-               label=f"{d} (full-model ppl {res['domains'][d]['full_perplexity']:.1f})")
+        ax.bar(
+            xs,
+            [r["per_domain"][d]["mean_fraction"] for r in rows],
+            width,
+            label=f"{d} (full-model ppl {res['domains'][d]['full_perplexity']:.1f})",
+        )
     for i, r in enumerate(rows):
         ax.hlines(r["target"], i - width / 2, i + 0.8 - width / 2, colors="k", linestyles="--", lw=1)
     ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))], [f"target {r['target']:g}" for r in rows])
@@ -104,8 +111,13 @@ def plot_training(metrics: list[dict], path: Path) -> bool:
     if not recs:
         return False
     fig = new_figure(figsize=(12, 3.6))
-    for i, (key, label) in enumerate((("latency_error", "batch-average latency error (rel.)"), ("router_loss", "router loss"),
-                                      ("choice_entropy_nats", "choice entropy over inputs (nats)"))):
+    for i, (key, label) in enumerate(
+        (
+            ("latency_error", "batch-average latency error (rel.)"),
+            ("router_loss", "router loss"),
+            ("choice_entropy_nats", "choice entropy over inputs (nats)"),
+        )
+    ):
         ax = fig.add_subplot(1, 3, i + 1)
         for s, v in recs.items():
             ax.plot([m["step"] for m in v], [m.get(key) for m in v], marker=".", label=s)
@@ -133,8 +145,12 @@ def _verdict(v: dict | None) -> list[str]:
     if not v or "delta_nll" not in v:
         return [fmt(v.get("latency") if v else None, 3), "—", "—", (v or {}).get("verdict", "—")]
     lo, hi = v["ppl_ratio_ci"]
-    return [fmt(v["latency"], 3), f"{v['dynamic_ppl']:.2f} / {v['static_ppl']:.2f}",
-            f"{v['ppl_ratio']:.3f} [{lo:.3f}, {hi:.3f}]", v["verdict"]]
+    return [
+        fmt(v["latency"], 3),
+        f"{v['dynamic_ppl']:.2f} / {v['static_ppl']:.2f}",
+        f"{v['ppl_ratio']:.3f} [{lo:.3f}, {hi:.3f}]",
+        v["verdict"],
+    ]
 
 
 def _ratio(v: dict) -> str:
@@ -147,71 +163,181 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
     """The Markdown text of the dynamic report."""
     rows = res["dynamic"]
     domains = list(res["domains"])
-    md = ["# Dynamic (input-adaptive) routing", "",
-          "Held-out blocks per domain: " + ", ".join(f"{d} {v['blocks']}×{v['seq_len']}" for d, v in res["domains"].items()) + "; "
-          "full-model perplexity " + ", ".join(f"{d} {v['full_perplexity']:.2f}" for d, v in res["domains"].items()) + ". "
-          f"Per-token MLP routing: {'yes' if res.get('per_token') else 'no'}. Evaluation took {res.get('wall_s', 0):.0f} s.", ""]
-    md += ["## Latency targets", "",
-           "Average over all held-out blocks of the predicted latency (lookup table) of each block's routed sub-network, "
-           "and the timed prefill latency (batch of one, paired with the full model; mean of per-block ratios).", "",
-           md_table(["target", "avg predicted", "error vs target", "range over blocks", "timed", "perplexity [95% CI]"],
-                  [[fmt(r["target"]), fmt(r["predicted_fraction"], 3), f"{100 * r['predicted_latency_error']:+.1f}%",
-                    f"{r['predicted_fraction_range'][0]:.3f}–{r['predicted_fraction_range'][1]:.3f}", fmt(r.get("timed_fraction"), 3),
-                    f"{r['perplexity']:.2f} [{r['perplexity_ci'][0]:.2f}, {r['perplexity_ci'][1]:.2f}]"] for r in rows]), ""]
-    md += ["## Dynamic against static at equal latency", "",
-           "Static perplexity interpolated (log-perplexity linear in latency, block by block) between the two static points "
-           "that bracket the dynamic point's latency; ratio = dynamic / static perplexity, 95% bootstrap CI over blocks.", ""]
+    md = [
+        "# Dynamic (input-adaptive) routing",
+        "",
+        "Held-out blocks per domain: "
+        + ", ".join(f"{d} {v['blocks']}×{v['seq_len']}" for d, v in res["domains"].items())
+        + "; "
+        "full-model perplexity "
+        + ", ".join(f"{d} {v['full_perplexity']:.2f}" for d, v in res["domains"].items())
+        + ". "
+        f"Per-token MLP routing: {'yes' if res.get('per_token') else 'no'}. Evaluation took {res.get('wall_s', 0):.0f} s.",
+        "",
+    ]
+    md += [
+        "## Latency targets",
+        "",
+        "Average over all held-out blocks of the predicted latency (lookup table) of each block's routed sub-network, "
+        "and the timed prefill latency (batch of one, paired with the full model; mean of per-block ratios).",
+        "",
+        md_table(
+            ["target", "avg predicted", "error vs target", "range over blocks", "timed", "perplexity [95% CI]"],
+            [
+                [
+                    fmt(r["target"]),
+                    fmt(r["predicted_fraction"], 3),
+                    f"{100 * r['predicted_latency_error']:+.1f}%",
+                    f"{r['predicted_fraction_range'][0]:.3f}–{r['predicted_fraction_range'][1]:.3f}",
+                    fmt(r.get("timed_fraction"), 3),
+                    f"{r['perplexity']:.2f} [{r['perplexity_ci'][0]:.2f}, {r['perplexity_ci'][1]:.2f}]",
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+    ]
+    md += [
+        "## Dynamic against static at equal latency",
+        "",
+        "Static perplexity interpolated (log-perplexity linear in latency, block by block) between the two static points "
+        "that bracket the dynamic point's latency; ratio = dynamic / static perplexity, 95% bootstrap CI over blocks.",
+        "",
+    ]
     hdr = ["target", "latency", "ppl dynamic / static", "ratio [95% CI]", "verdict"]
-    md += ["By predicted latency:", "", md_table(hdr, [[fmt(r["target"])] + _verdict(r.get("vs_static_predicted")) for r in rows]), ""]
+    md += [
+        "By predicted latency:",
+        "",
+        md_table(hdr, [[fmt(r["target"])] + _verdict(r.get("vs_static_predicted")) for r in rows]),
+        "",
+    ]
     if any(r.get("vs_static_timed") for r in rows):
-        md += ["By timed latency:", "", md_table(hdr, [[fmt(r["target"])] + _verdict(r.get("vs_static_timed")) for r in rows]), ""]
+        md += [
+            "By timed latency:",
+            "",
+            md_table(hdr, [[fmt(r["target"])] + _verdict(r.get("vs_static_timed")) for r in rows]),
+            "",
+        ]
     if plots.get("dynamic_latency_perplexity.png"):
         md += ["![dynamic vs static](dynamic_latency_perplexity.png)", ""]
     if any("vs_shuffled" in r for r in rows):
-        md += ["## Input adaptivity (shuffled control)", "",
-               "Every block runs at the configuration routed for another block (a random permutation): the same "
-               "configurations and the same average latency, no longer matched to their inputs. Ratio = dynamic / shuffled "
-               "perplexity, 95% bootstrap CI over blocks; below 1 means the input dependence itself helps.", "",
-               md_table(["target", "configurations", "ppl dynamic / shuffled", "ratio [95% CI]", "verdict"],
-                      [[fmt(r["target"]), str(r["vs_shuffled"]["distinct_configs"]),
-                        f"{r['perplexity']:.2f} / {r['vs_shuffled']['perplexity']:.2f}", _ratio(r["vs_shuffled"]),
-                        r["vs_shuffled"]["verdict"]] for r in rows if "vs_shuffled" in r]), ""]
-    md += ["## Compute per domain", "",
-           md_table(["target"] + [f"{d} (full ppl {res['domains'][d]['full_perplexity']:.1f})" for d in domains],
-                  [[fmt(r["target"])] + [f"{r['per_domain'][d]['mean_fraction']:.3f} (ppl {r['per_domain'][d]['perplexity']:.1f})"
-                                          for d in domains] for r in rows]), ""]
+        md += [
+            "## Input adaptivity (shuffled control)",
+            "",
+            "Every block runs at the configuration routed for another block (a random permutation): the same "
+            "configurations and the same average latency, no longer matched to their inputs. Ratio = dynamic / shuffled "
+            "perplexity, 95% bootstrap CI over blocks; below 1 means the input dependence itself helps.",
+            "",
+            md_table(
+                ["target", "configurations", "ppl dynamic / shuffled", "ratio [95% CI]", "verdict"],
+                [
+                    [
+                        fmt(r["target"]),
+                        str(r["vs_shuffled"]["distinct_configs"]),
+                        f"{r['perplexity']:.2f} / {r['vs_shuffled']['perplexity']:.2f}",
+                        _ratio(r["vs_shuffled"]),
+                        r["vs_shuffled"]["verdict"],
+                    ]
+                    for r in rows
+                    if "vs_shuffled" in r
+                ],
+            ),
+            "",
+        ]
+    md += [
+        "## Compute per domain",
+        "",
+        md_table(
+            ["target"] + [f"{d} (full ppl {res['domains'][d]['full_perplexity']:.1f})" for d in domains],
+            [
+                [fmt(r["target"])]
+                + [
+                    f"{r['per_domain'][d]['mean_fraction']:.3f} (ppl {r['per_domain'][d]['perplexity']:.1f})"
+                    for d in domains
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+    ]
     if all("vs_static_predicted" in r["per_domain"][d] for r in rows for d in domains):
-        md += ["Per domain, dynamic / static perplexity at that domain's average predicted latency (95% CI):", "",
-               md_table(["target"] + domains, [[fmt(r["target"])] + [_ratio(r["per_domain"][d]["vs_static_predicted"]) for d in domains]
-                                            for r in rows]), ""]
+        md += [
+            "Per domain, dynamic / static perplexity at that domain's average predicted latency (95% CI):",
+            "",
+            md_table(
+                ["target"] + domains,
+                [
+                    [fmt(r["target"])] + [_ratio(r["per_domain"][d]["vs_static_predicted"]) for d in domains]
+                    for r in rows
+                ],
+            ),
+            "",
+        ]
     hardest = max(domains, key=lambda d: res["domains"][d]["full_perplexity"])
     most = [max(domains, key=lambda d: r["per_domain"][d]["mean_fraction"]) for r in rows]
-    md += [f"The domain with the highest full-model perplexity is **{hardest}**; it received the most compute at "
-           f"{sum(m == hardest for m in most)} of {len(rows)} targets "
-           "(" + ", ".join(f"{r['target']:g}: {m}" for r, m in zip(rows, most)) + ").", ""]
-    for name, cap in (("dynamic_domain_compute.png", "compute per domain"), ("dynamic_domain_widths.png", "MLP width per layer and domain")):
+    md += [
+        f"The domain with the highest full-model perplexity is **{hardest}**; it received the most compute at "
+        f"{sum(m == hardest for m in most)} of {len(rows)} targets "
+        "(" + ", ".join(f"{r['target']:g}: {m}" for r, m in zip(rows, most)) + ").",
+        "",
+    ]
+    for name, cap in (
+        ("dynamic_domain_compute.png", "compute per domain"),
+        ("dynamic_domain_widths.png", "MLP width per layer and domain"),
+    ):
         if plots.get(name):
             md += [f"![{cap}]({name})", ""]
-    md += ["## Collapse", "",
-           "Entropy of the choices over inputs (mean over layers; 0 = every input gets the same sub-network) and the share of "
-           "layers whose MLP width and head count do not depend on the input.", "",
-           md_table(["target", "entropy (nats)", "input-independent layers", "collapsed"],
-                  [[fmt(r["target"]), fmt(r["collapse"]["entropy_nats"], 3), f"{100 * r['collapse']['input_independent_layers']:.0f}%",
-                    "yes" if r["collapse"]["collapsed"] else "no"] for r in rows]), "",
-           f"Identical choices at every target (targets collapsed): {'yes' if res.get('targets_collapsed') else 'no'}.", ""]
+    md += [
+        "## Collapse",
+        "",
+        "Entropy of the choices over inputs (mean over layers; 0 = every input gets the same sub-network) and the share of "
+        "layers whose MLP width and head count do not depend on the input.",
+        "",
+        md_table(
+            ["target", "entropy (nats)", "input-independent layers", "collapsed"],
+            [
+                [
+                    fmt(r["target"]),
+                    fmt(r["collapse"]["entropy_nats"], 3),
+                    f"{100 * r['collapse']['input_independent_layers']:.0f}%",
+                    "yes" if r["collapse"]["collapsed"] else "no",
+                ]
+                for r in rows
+            ],
+        ),
+        "",
+        f"Identical choices at every target (targets collapsed): {'yes' if res.get('targets_collapsed') else 'no'}.",
+        "",
+    ]
     by = _by_stage(metrics)
     if by:
-        md += ["## Router training", "",
-               md_table(["stage", "steps", "final latency error (abs.)", "mean entropy (nats)", "surrogate-gradient steps"],
-                      [[s, str(len(v)), f"{100 * abs(v[-1]['latency_error']):.1f}%",
+        md += [
+            "## Router training",
+            "",
+            md_table(
+                ["stage", "steps", "final latency error (abs.)", "mean entropy (nats)", "surrogate-gradient steps"],
+                [
+                    [
+                        s,
+                        str(len(v)),
+                        f"{100 * abs(v[-1]['latency_error']):.1f}%",
                         fmt(sum(m["choice_entropy_nats"] for m in v) / len(v), 3),
-                        str(v[-1].get("router_steps_with_surrogate_grad", "—"))] for s, v in by.items() if v]), ""]
+                        str(v[-1].get("router_steps_with_surrogate_grad", "—")),
+                    ]
+                    for s, v in by.items()
+                    if v
+                ],
+            ),
+            "",
+        ]
         if plots.get("dynamic_training.png"):
             md += ["![router training](dynamic_training.png)", ""]
     return "\n".join(md).rstrip() + "\n"
 
 
-def write_dynamic_report(out_dir: str | Path, res: dict, metrics_paths: list[str | Path] | str | Path | None = None) -> Path:
+def write_dynamic_report(
+    out_dir: str | Path, res: dict, metrics_paths: list[str | Path] | str | Path | None = None
+) -> Path:
     """Write ``dynamic_report.md`` and its plots into ``out_dir``; ``metrics_paths``: the
     ``metrics.jsonl`` file(s) of the router training (e.g. surrogate path and direct ablation).
     Returns the Markdown path."""
@@ -221,10 +347,12 @@ def write_dynamic_report(out_dir: str | Path, res: dict, metrics_paths: list[str
         metrics_paths = [metrics_paths]
     paths = [Path(p) for p in metrics_paths or []]
     metrics = [m | {"variant": p.parent.name} if len(paths) > 1 else m for p in paths for m in read_metrics(p)]
-    makers = {"dynamic_latency_perplexity.png": lambda p: plot_latency_perplexity(res, p),
-              "dynamic_domain_compute.png": lambda p: plot_domain_compute(res, p),
-              "dynamic_domain_widths.png": lambda p: plot_domain_widths(res, p),
-              "dynamic_training.png": lambda p: plot_training(metrics, p)}
+    makers = {
+        "dynamic_latency_perplexity.png": lambda p: plot_latency_perplexity(res, p),
+        "dynamic_domain_compute.png": lambda p: plot_domain_compute(res, p),
+        "dynamic_domain_widths.png": lambda p: plot_domain_widths(res, p),
+        "dynamic_training.png": lambda p: plot_training(metrics, p),
+    }
     plots = {}
     for name, make in makers.items():
         plots[name] = bool(res["dynamic"]) and make(out_dir / name)

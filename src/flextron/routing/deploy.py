@@ -136,8 +136,10 @@ def allocate_by_sensitivity(
     L, nm, nh = space.num_layers, len(space.mlp_choices), len(space.head_choices)
     mlp_sens, head_sens = np.asarray(mlp_sens, dtype=np.float64), np.asarray(head_sens, dtype=np.float64)
     if mlp_sens.shape != (L, nm) or head_sens.shape != (L, nh):
-        raise ConfigError(f"sensitivities of shape {mlp_sens.shape}/{head_sens.shape} do not match the search space "
-                          f"({L} layers, {nm} MLP and {nh} head candidates)")
+        raise ConfigError(
+            f"sensitivities of shape {mlp_sens.shape}/{head_sens.shape} do not match the search space "
+            f"({L} layers, {nm} MLP and {nh} head candidates)"
+        )
     free = budget - table.const
     if free <= 0:
         return None

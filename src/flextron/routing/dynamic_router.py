@@ -52,8 +52,15 @@ class DynamicRouter(nn.Module):
     """
 
     def __init__(
-        self, targets: Sequence[float], num_layers: int, hidden_size: int, n_mlp: int, n_heads: int,
-        hidden: int = 64, anchor_scale: float = 3.0, route_every: int = 1,
+        self,
+        targets: Sequence[float],
+        num_layers: int,
+        hidden_size: int,
+        n_mlp: int,
+        n_heads: int,
+        hidden: int = 64,
+        anchor_scale: float = 3.0,
+        route_every: int = 1,
     ) -> None:
         super().__init__()
         ts = sorted(float(t) for t in targets)
@@ -80,8 +87,14 @@ class DynamicRouter(nn.Module):
         self.b2 = nn.Parameter(torch.zeros(L, K))
 
     @classmethod
-    def from_static(cls, static: TargetRouter, targets: Sequence[float], hidden: int = 64, anchor_scale: float = 3.0,
-                    route_every: int = 1) -> "DynamicRouter":
+    def from_static(
+        cls,
+        static: TargetRouter,
+        targets: Sequence[float],
+        hidden: int = 64,
+        anchor_scale: float = 3.0,
+        route_every: int = 1,
+    ) -> "DynamicRouter":
         """Warm start from a deployed static router: anchors = its budget-fitted configuration at
         every target, costs from its lookup table, price 0 and Δ = 0 (so the dynamic router starts
         as the static one).
@@ -90,7 +103,16 @@ class DynamicRouter(nn.Module):
             TargetError: a target below the smallest sub-network (from ``static.route``).
         """
         sp, table = static.space, static.table
-        r = cls(targets, sp.num_layers, sp.hidden_size, len(sp.mlp_choices), len(sp.head_choices), hidden, anchor_scale, route_every)
+        r = cls(
+            targets,
+            sp.num_layers,
+            sp.hidden_size,
+            len(sp.mlp_choices),
+            len(sp.head_choices),
+            hidden,
+            anchor_scale,
+            route_every,
+        )
         cm, ch = table.cost_vectors(sp.mlp_choices, sp.head_choices)
         r.cost_mlp.copy_(cm / table.full)
         r.cost_heads.copy_(ch / table.full)
@@ -110,8 +132,10 @@ class DynamicRouter(nn.Module):
         (the price β is calibrated only there)."""
         lo = float(self.targets[0])
         if not (isinstance(target, (int, float)) and math.isfinite(target) and lo - 1e-6 <= target <= 1):
-            raise TargetError(f"dynamic routing target {target!r} is outside the trained range [{lo:g}, 1]; "
-                              f"choose one of the trained targets {self.trained_targets}")
+            raise TargetError(
+                f"dynamic routing target {target!r} is outside the trained range [{lo:g}, 1]; "
+                f"choose one of the trained targets {self.trained_targets}"
+            )
 
     def prepare(self, t: float, fused: bool = False) -> dict[str, tuple[torch.Tensor, ...]]:
         """Everything of the logits that depends on the target only, for all layers at once, as
@@ -123,7 +147,9 @@ class DynamicRouter(nn.Module):
         layers (k_g of them), ``g_w1`` (k_g, d, H), ``g_c1`` (k_g, 1, H), and the output layer with
         both candidate sets padded to ``K_max`` (bias −inf): ``g_w2p`` (k_g, H, 2·K_max), ``g_b2p``
         (k_g, 1, 2·K_max), for :meth:`group_argmax`."""
-        enc = encode_targets(self.targets, torch.tensor([float(t)], device=self.targets.device))[0].to(self.w1.dtype)  # (n_t,)
+        enc = encode_targets(self.targets, torch.tensor([float(t)], device=self.targets.device))[0].to(
+            self.w1.dtype
+        )  # (n_t,)
         d = self.w1.shape[1] - enc.shape[0]
         c1 = torch.einsum("n,lnh->lh", enc, self.w1[:, d:]) + self.b1  # (L, H)
         beta = (enc * self.price.to(enc.dtype)).sum() * self.num_layers
@@ -140,15 +166,21 @@ class DynamicRouter(nn.Module):
             b2p = b2.new_full((L, 2, kx), float("-inf"))
             b2p[:, 0, :km], b2p[:, 1, :kh] = b2[:, :km], b2[:, km:]
             k = self.route_every
-            prep |= {"g_w1": self.w1[:, :d].split(k), "g_c1": c1[:, None].split(k), "g_w2p": w2p.view(L, H, 2 * kx).split(k),
-                     "g_b2p": b2p.view(L, 1, 2 * kx).split(k)}
+            prep |= {
+                "g_w1": self.w1[:, :d].split(k),
+                "g_c1": c1[:, None].split(k),
+                "g_w2p": w2p.view(L, H, 2 * kx).split(k),
+                "g_b2p": b2p.view(L, 1, 2 * kx).split(k),
+            }
         return prep
 
     def prepared(self, t: float) -> dict[str, tuple[torch.Tensor, ...]]:
         """:meth:`prepare` ``(t, fused=True)`` without gradient, cached until a parameter or buffer
         changes (their version counters are the key): deployment routing prepares a target once,
         not once per prefill."""
-        state = tuple((x.data_ptr(), x._version) for x in (*self.parameters(), *self.buffers()))  # moved or changed in place
+        state = tuple(
+            (x.data_ptr(), x._version) for x in (*self.parameters(), *self.buffers())
+        )  # moved or changed in place
         hit = self._prepared.get(float(t))
         if hit is None or hit[0] != state:
             with torch.no_grad():
@@ -169,8 +201,9 @@ class DynamicRouter(nn.Module):
         out = torch.baddbmm(prep["g_b2p"][group], z, prep["g_w2p"][group])  # (k_g, B, 2·K_max)
         return out.view(out.shape[0], out.shape[1], 2, -1).argmax(-1)
 
-    def layer_logits(self, layer: int, h: torch.Tensor, prep: dict[str, tuple[torch.Tensor, ...]], heads: bool = True
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def layer_logits(
+        self, layer: int, h: torch.Tensor, prep: dict[str, tuple[torch.Tensor, ...]], heads: bool = True
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Layer ``layer``'s logits from features ``h`` ``(..., d)`` (pooled ``(B, d)`` or per token
         ``(B, T, d)``) and :meth:`prepare`'s output: MLP ``(..., K_mlp)`` and heads ``(..., K_heads)``
         (``None`` unless ``heads``)."""

@@ -34,7 +34,9 @@ class StaticRouter(nn.Module):
     neighbours for untrained values (METHOD §6 choice). Linear → LeakyReLU → Linear.
     """
 
-    def __init__(self, targets: tuple[float, ...], num_layers: int, n_mlp: int, n_heads: int, hidden: int = 128) -> None:
+    def __init__(
+        self, targets: tuple[float, ...], num_layers: int, n_mlp: int, n_heads: int, hidden: int = 128
+    ) -> None:
         super().__init__()
         self.register_buffer("targets", torch.tensor(sorted(targets), dtype=torch.float32))
         self.num_layers, self.n_mlp, self.n_heads = num_layers, n_mlp, n_heads
@@ -67,7 +69,9 @@ def choices_to_archs(space: SearchSpace, mlp: torch.Tensor, heads: torch.Tensor)
     return [space.from_indices(a, b) for a, b in zip(mi, hi)]
 
 
-def choices_to_masks(space: SearchSpace, mlp: torch.Tensor, heads: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def choices_to_masks(
+    space: SearchSpace, mlp: torch.Tensor, heads: torch.Tensor
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """(B, L, K) choice probabilities → per-layer masks for :meth:`ElasticModel.set_masks`:
     ``(B, intermediate_size)`` and ``(B, num_attention_heads)`` (METHOD §3)."""
     mlp_masks = [nested_mask(mlp[:, l], space.mlp_choices, space.intermediate_size) for l in range(space.num_layers)]

@@ -46,12 +46,28 @@ class DynamicRouting:
         TargetError: ``target`` outside the router's trained range.
     """
 
-    def __init__(self, fx: ElasticModel, router: DynamicRouter, target: float, *, tau: float | None = None,
-                 generator: torch.Generator | None = None, masked: bool = False, per_token: bool = False, grad: bool = False) -> None:
+    def __init__(
+        self,
+        fx: ElasticModel,
+        router: DynamicRouter,
+        target: float,
+        *,
+        tau: float | None = None,
+        generator: torch.Generator | None = None,
+        masked: bool = False,
+        per_token: bool = False,
+        grad: bool = False,
+    ) -> None:
         sp = fx.space
-        if (router.num_layers, router.n_mlp, router.n_heads) != (sp.num_layers, len(sp.mlp_choices), len(sp.head_choices)):
-            raise ConfigError(f"the dynamic router was built for {router.num_layers} layers and {router.n_mlp}/{router.n_heads} "
-                              f"candidates; the model has {sp.num_layers} and {len(sp.mlp_choices)}/{len(sp.head_choices)}")
+        if (router.num_layers, router.n_mlp, router.n_heads) != (
+            sp.num_layers,
+            len(sp.mlp_choices),
+            len(sp.head_choices),
+        ):
+            raise ConfigError(
+                f"the dynamic router was built for {router.num_layers} layers and {router.n_mlp}/{router.n_heads} "
+                f"candidates; the model has {sp.num_layers} and {len(sp.mlp_choices)}/{len(sp.head_choices)}"
+            )
         if per_token and masked:
             raise ConfigError("per-token MLP routing runs grouped by width; it has no masked (differentiable) form")
         router.check_target(target)
@@ -141,7 +157,7 @@ class DynamicRouting:
         """Mean of ``h`` ``(B, T, d)`` over the prompt's non-padding tokens: ``(B, d)``."""
         if self.pad_mask is None:
             return h.mean(1)
-        m = self.pad_mask[:, -h.shape[1]:, None].to(h.dtype)
+        m = self.pad_mask[:, -h.shape[1] :, None].to(h.dtype)
         return (h * m).sum(1) / m.sum(1).clamp_min(1)
 
     def _on_layer(self, l: int, module, args, kwargs):
@@ -153,9 +169,13 @@ class DynamicRouting:
                 if self._prep is None:
                     self._prep = self.router.prepared(self.target)
                 with torch.no_grad():
-                    idx = self.router.group_argmax(l // self.router.route_every, self._pool(h), self._prep)  # (k_g, B, 2)
+                    idx = self.router.group_argmax(
+                        l // self.router.route_every, self._pool(h), self._prep
+                    )  # (k_g, B, 2)
                 self._pairs.extend(idx.unbind(0))
-                self._distincts.extend((sorted({r[0] for r in rows}), sorted({r[1] for r in rows})) for rows in idx.tolist())
+                self._distincts.extend(
+                    (sorted({r[0] for r in rows}), sorted({r[1] for r in rows})) for rows in idx.tolist()
+                )
             for i in range(l, min(l + self.router.route_every, self.sp.num_layers)):  # the group's layers
                 mi, hi = self._distincts[i]
                 self._set_layer(i, mi, hi, *self._fast_indices(i) if len(mi) > 1 or len(hi) > 1 else (None, None), T)
@@ -164,7 +184,9 @@ class DynamicRouting:
             if self._prep is None:
                 self._prep = self.router.prepare(self.target)
             hd = h.detach()
-            if prefill:  # mean over the prompt's non-padding tokens (at the group's first layer); the router normalises it
+            if (
+                prefill
+            ):  # mean over the prompt's non-padding tokens (at the group's first layer); the router normalises it
                 if l % self.router.route_every == 0:
                     self._pooled = self._pool(hd)  # (B, d)
                 mlp_logits, head_logits = self.router.layer_logits(l, self._pooled, self._prep)  # (B, K)
@@ -189,8 +211,15 @@ class DynamicRouting:
         mi, hi = self._index(mlp_c), self._index(head_c)  # (B,) or (B, T); (B,)
         self._set_layer(l, self._distinct(mi), self._distinct(hi), mi, hi, T)
 
-    def _set_layer(self, l: int, mlp_distinct: list[int], head_distinct: list[int], mi: torch.Tensor | None,
-                   hi: torch.Tensor | None, T: int) -> None:
+    def _set_layer(
+        self,
+        l: int,
+        mlp_distinct: list[int],
+        head_distinct: list[int],
+        mi: torch.Tensor | None,
+        hi: torch.Tensor | None,
+        T: int,
+    ) -> None:
         """Run layer ``l`` sliced (all rows agree) or grouped/masked (rows differ) at candidate indices
         ``mi`` (B,) or (B, T) and ``hi`` (B,), whose distinct values are given (the indices are
         read only where rows differ)."""
@@ -216,8 +245,12 @@ class DynamicRouting:
                 attn.heads_per_group = sp.head_choices[distinct[0]]
         else:  # rows disagree: hard masks give each row exactly its sliced output
             attn.heads_per_group = sp.head_choices[-1]
-            attn.mask = nested_mask(F.one_hot(hi, len(sp.head_choices)).to(self._dtype), sp.head_choices, sp.heads_per_group,
-                                    sp.num_key_value_heads)
+            attn.mask = nested_mask(
+                F.one_hot(hi, len(sp.head_choices)).to(self._dtype),
+                sp.head_choices,
+                sp.heads_per_group,
+                sp.num_key_value_heads,
+            )
 
     # -- results -------------------------------------------------------------------------------
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -234,7 +267,11 @@ class DynamicRouting:
         for c in mlp_c:
             c = one_hot(c, len(self.sp.mlp_choices))
             if c.dim() == 3:
-                w = torch.ones(c.shape[:2], dtype=c.dtype, device=c.device) if self.pad_mask is None else self.pad_mask[:, -c.shape[1]:].to(c.dtype)
+                w = (
+                    torch.ones(c.shape[:2], dtype=c.dtype, device=c.device)
+                    if self.pad_mask is None
+                    else self.pad_mask[:, -c.shape[1] :].to(c.dtype)
+                )
                 c = (c * w[..., None]).sum(1) / w.sum(1, keepdim=True).clamp_min(1)
             mlp.append(c)
         return torch.stack(mlp, 1), torch.stack([one_hot(c, len(self.sp.head_choices)) for c in head_c], 1)
@@ -247,8 +284,16 @@ class DynamicRouting:
 
 
 @torch.no_grad()
-def routed_fractions(fx: ElasticModel, router: DynamicRouter, target: float, blocks: torch.Tensor, table, *,
-                     batch_size: int = 8, per_token: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def routed_fractions(
+    fx: ElasticModel,
+    router: DynamicRouter,
+    target: float,
+    blocks: torch.Tensor,
+    table,
+    *,
+    batch_size: int = 8,
+    per_token: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Argmax routing of every block ``(N, T)`` at ``target`` (decoder only, no LM head).
 
     Returns the predicted latency fraction per block ``(N,)`` and the chosen candidate indices,

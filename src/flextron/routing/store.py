@@ -32,15 +32,26 @@ def save_dynamic(out_dir: str | Path, router: DynamicRouter, surrogate: Surrogat
     """Write the router and surrogate (safetensors) and ``dynamic.json`` (shapes, summary,
     sha256 of both files) into ``out_dir`` atomically (other files there are kept)."""
     out_dir = Path(out_dir)
-    meta = {"targets": router.trained_targets, "num_layers": router.num_layers, "n_mlp": router.n_mlp, "n_heads": router.n_heads,
-            "hidden_size": router.hidden_size, "hidden": router.b1.shape[1], "anchor_scale": router.anchor_scale,
-            "route_every": router.route_every, "surrogate_hidden": surrogate.net[0].out_features, "per_token": bool(summary.get("config", {}).get("per_token", False)),
-            "summary": summary}
+    meta = {
+        "targets": router.trained_targets,
+        "num_layers": router.num_layers,
+        "n_mlp": router.n_mlp,
+        "n_heads": router.n_heads,
+        "hidden_size": router.hidden_size,
+        "hidden": router.b1.shape[1],
+        "anchor_scale": router.anchor_scale,
+        "route_every": router.route_every,
+        "surrogate_hidden": surrogate.net[0].out_features,
+        "per_token": bool(summary.get("config", {}).get("per_token", False)),
+        "summary": summary,
+    }
 
     def write(tmp: Path) -> None:
         save_model(router, str(tmp / ROUTER_FILE))
         save_model(surrogate, str(tmp / SURROGATE_FILE))
-        (tmp / MANIFEST).write_text(json.dumps({**meta, "sha256": file_hashes(tmp, [ROUTER_FILE, SURROGATE_FILE])}, indent=2))
+        (tmp / MANIFEST).write_text(
+            json.dumps({**meta, "sha256": file_hashes(tmp, [ROUTER_FILE, SURROGATE_FILE])}, indent=2)
+        )
 
     sub = out_dir / "router"
     atomic_write_dir(sub, write)
@@ -59,14 +70,26 @@ def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dic
     try:
         meta = json.loads((sub / MANIFEST).read_text())
         hashes = meta["sha256"]
-        router = DynamicRouter(meta["targets"], meta["num_layers"], meta["hidden_size"], meta["n_mlp"], meta["n_heads"],
-                               meta["hidden"], meta["anchor_scale"], meta.get("route_every", 1))
+        router = DynamicRouter(
+            meta["targets"],
+            meta["num_layers"],
+            meta["hidden_size"],
+            meta["n_mlp"],
+            meta["n_heads"],
+            meta["hidden"],
+            meta["anchor_scale"],
+            meta.get("route_every", 1),
+        )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"no readable dynamic router in {sub} ({type(e).__name__}: {e}); {fix}") from None
     verify_hashes(sub, hashes, fix)
     sp = fx.space
     if (meta["num_layers"], meta["n_mlp"], meta["n_heads"], meta["hidden_size"]) != (
-            sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), sp.hidden_size):
+        sp.num_layers,
+        len(sp.mlp_choices),
+        len(sp.head_choices),
+        sp.hidden_size,
+    ):
         raise ModelError(f"the dynamic router in {sub} was trained for another model geometry; {fix}")
     try:
         load_model(router, str(sub / ROUTER_FILE))
@@ -78,7 +101,9 @@ def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dic
 def new_router(cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRouter, Surrogate]:
     sp = fx.space
     torch.manual_seed(cfg.seed)
-    router = StaticRouter(cfg.routers.targets, sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), cfg.routers.hidden)
+    router = StaticRouter(
+        cfg.routers.targets, sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), cfg.routers.hidden
+    )
     sm = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), cfg.routers.surrogate_hidden)
     return router, sm
 
@@ -93,7 +118,9 @@ def save_routers(path: Path, router: StaticRouter, sm: Surrogate) -> None:
     def write(tmp: Path) -> None:
         save_model(router, str(tmp / ROUTER_FILES["router"]))
         save_model(sm, str(tmp / ROUTER_FILES["surrogate"]))
-        (tmp / ROUTER_MANIFEST).write_text(json.dumps({"sha256": file_hashes(tmp, list(ROUTER_FILES.values()))}, indent=2))
+        (tmp / ROUTER_MANIFEST).write_text(
+            json.dumps({"sha256": file_hashes(tmp, list(ROUTER_FILES.values()))}, indent=2)
+        )
 
     atomic_write_dir(path, write)
 

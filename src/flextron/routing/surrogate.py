@@ -36,7 +36,9 @@ class Surrogate(nn.Module):
     def __init__(self, num_layers: int, n_mlp: int, n_heads: int, hidden: int = 256, n_features: int = 0) -> None:
         super().__init__()
         self.n_features = n_features
-        self.net = nn.Sequential(nn.Linear(num_layers * (n_mlp + n_heads) + n_features, hidden), nn.LeakyReLU(), nn.Linear(hidden, 1))
+        self.net = nn.Sequential(
+            nn.Linear(num_layers * (n_mlp + n_heads) + n_features, hidden), nn.LeakyReLU(), nn.Linear(hidden, 1)
+        )
 
     def forward(self, mlp: torch.Tensor, heads: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """``mlp`` (B, L, K_mlp), ``heads`` (B, L, K_heads), ``features`` (B, n_features) → predicted Δloss (B,)."""
@@ -82,7 +84,9 @@ class SurrogateFit:
         if features is not None:
             self.features.append(features.detach().float().cpu())
 
-    def set_heldout(self, mlp: torch.Tensor, heads: torch.Tensor, delta: torch.Tensor, features: torch.Tensor | None = None) -> None:
+    def set_heldout(
+        self, mlp: torch.Tensor, heads: torch.Tensor, delta: torch.Tensor, features: torch.Tensor | None = None
+    ) -> None:
         """Held-out configurations ``(N, L, K)`` with their measured Δloss ``(N,)`` (and input
         features ``(N, n_features)``)."""
         self.heldout = (mlp.float(), heads.float(), delta.float())

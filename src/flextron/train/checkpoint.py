@@ -19,13 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from flextron.errors import ModelError
-from flextron.files import (
-    atomic_write_text,
-    check_shapes,
-    file_hashes,
-    remove_path,
-    verify_hashes,
-)
+from flextron.files import atomic_write_text, check_shapes, file_hashes, remove_path, verify_hashes
 
 log = logging.getLogger(__name__)
 
@@ -36,8 +30,14 @@ def _named_optimizers(optimizers) -> dict:
     return {k: getattr(o, "optimizer", o) for k, o in named.items()}
 
 
-def save_checkpoint(ckpt_root: Path, step: int, modules: dict[str, torch.nn.Module], optimizers, extra: dict,
-                    tensors: dict[str, torch.Tensor] | None = None) -> Path:
+def save_checkpoint(
+    ckpt_root: Path,
+    step: int,
+    modules: dict[str, torch.nn.Module],
+    optimizers,
+    extra: dict,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Atomically write ``ckpt_root/step_{step:06d}``: module weights and optimizer tensors as
     safetensors; optimizer hyper-parameters, every file's sha256 and ``extra`` (JSON-ready) in
     ``state.json``. Older checkpoints and leftovers of killed writers are removed only after the
@@ -117,17 +117,27 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers,
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"step={step!r}")
         # checkpoints written before several optimizers were supported hold one, at the top level
-        opt_meta = state.get("optimizers") or {"optimizer": {"param_groups": state["param_groups"], "scalars": state["optimizer_scalars"]}}
+        opt_meta = state.get("optimizers") or {
+            "optimizer": {"param_groups": state["param_groups"], "scalars": state["optimizer_scalars"]}
+        }
         if not isinstance(opt_meta, dict) or set(opt_meta) != set(optimizers):
-            raise ValueError(f"optimizers {sorted(opt_meta) if isinstance(opt_meta, dict) else opt_meta!r}, expected {sorted(optimizers)}")
+            raise ValueError(
+                f"optimizers {sorted(opt_meta) if isinstance(opt_meta, dict) else opt_meta!r}, expected {sorted(optimizers)}"
+            )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {fix}") from None
     verify_hashes(path, hashes, fix)
     if settings is not None:
         recorded = state.get("settings", {})
-        diff = [f"{k}: {recorded.get(k)!r} in the checkpoint vs {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+        diff = [
+            f"{k}: {recorded.get(k)!r} in the checkpoint vs {v!r} now"
+            for k, v in settings.items()
+            if recorded.get(k) != v
+        ]
         if diff:
-            raise ModelError(f"checkpoint {path} was written with other settings ({'; '.join(diff)}); restore them or {fix}")
+            raise ModelError(
+                f"checkpoint {path} was written with other settings ({'; '.join(diff)}); restore them or {fix}"
+            )
     for name, mod in modules.items():
         check_shapes(mod, path / f"{name}.safetensors", fix)
     try:
@@ -137,19 +147,25 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers,
                 raise ValueError(f"{name}: missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]}")
         for name, optimizer in optimizers.items():
             opt_state: dict = {}
-            for key, v in list(load_file(path / f"{name}.safetensors").items()) + list(opt_meta[name]["scalars"].items()):
+            for key, v in list(load_file(path / f"{name}.safetensors").items()) + list(
+                opt_meta[name]["scalars"].items()
+            ):
                 pid, k = key.split(".", 1)
                 opt_state.setdefault(int(pid), {})[k] = v
             params = [p for g in optimizer.param_groups for p in g["params"]]
             for pid, st in opt_state.items():
                 for k, v in st.items():
                     if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[pid].shape):
-                        raise ValueError(f"{name} state {pid}.{k} has shape {tuple(v.shape)}, the parameter {tuple(params[pid].shape)}")
+                        raise ValueError(
+                            f"{name} state {pid}.{k} has shape {tuple(v.shape)}, the parameter {tuple(params[pid].shape)}"
+                        )
             optimizer.load_state_dict({"state": opt_state, "param_groups": opt_meta[name]["param_groups"]})
         if "state.safetensors" in hashes:
             state["tensors"] = load_file(path / "state.safetensors")
     except (OSError, ValueError, RuntimeError, KeyError, TypeError, AttributeError, IndexError, SafetensorError) as e:
-        raise ModelError(f"checkpoint {path} does not match the model or optimizer ({type(e).__name__}: {e}); {fix}") from None
+        raise ModelError(
+            f"checkpoint {path} does not match the model or optimizer ({type(e).__name__}: {e}); {fix}"
+        ) from None
     return state
 
 
@@ -163,7 +179,9 @@ class StageCheckpoints:
     JSON-ready values a resume must match (:func:`load_checkpoint`).
     """
 
-    def __init__(self, root: Path, accelerator, modules: dict[str, torch.nn.Module], optimizers, settings: dict) -> None:
+    def __init__(
+        self, root: Path, accelerator, modules: dict[str, torch.nn.Module], optimizers, settings: dict
+    ) -> None:
         self.root, self.accelerator, self.modules, self.optimizers = Path(root), accelerator, modules, optimizers
         self.settings = json.loads(json.dumps(settings))  # tuples become lists, as they will be read back
 
@@ -171,8 +189,14 @@ class StageCheckpoints:
         """Write the checkpoint of ``step`` (with ``extra`` JSON and ``tensors``) on the main process."""
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
-            save_checkpoint(self.root, step, self.modules, self.optimizers,
-                            {"stage": self.root.name, "settings": self.settings, **(extra or {})}, tensors)
+            save_checkpoint(
+                self.root,
+                step,
+                self.modules,
+                self.optimizers,
+                {"stage": self.root.name, "settings": self.settings, **(extra or {})},
+                tensors,
+            )
         self.accelerator.wait_for_everyone()
 
     def resume(self) -> dict | None:

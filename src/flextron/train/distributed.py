@@ -57,7 +57,9 @@ def split_over_ranks(accelerator, n: int, fn: Callable[[int], float], desc: str,
     shares are summed over ranks, which is exact (each entry is one value plus zeros)."""
     world, rank = accelerator.num_processes, accelerator.process_index
     out = torch.zeros(n, dtype=torch.float64, device=accelerator.device)
-    for i in tqdm(range(rank, n, world), desc=desc, disable=not (progress and accelerator.is_main_process), leave=False):
+    for i in tqdm(
+        range(rank, n, world), desc=desc, disable=not (progress and accelerator.is_main_process), leave=False
+    ):
         out[i] = fn(i)
     return accelerator.reduce(out, "sum").tolist()
 
@@ -88,8 +90,13 @@ def on_main(state, fn: Callable[[], object]):
             result = json.loads(json.dumps(fn()))  # fails here, not half-way through main_says
         except BaseException as e:  # noqa: BLE001 -- re-raised below, after the others are told
             error = e
-    told = main_says(state, {"result": result if error is None else None,
-                             "error": None if error is None else [type(error).__name__, str(error)]})
+    told = main_says(
+        state,
+        {
+            "result": result if error is None else None,
+            "error": None if error is None else [type(error).__name__, str(error)],
+        },
+    )
     if error is not None:
         raise error
     if told["error"] is not None:

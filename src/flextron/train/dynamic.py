@@ -34,7 +34,9 @@ def _tau(cfg: DynamicConfig, step: int, steps: int) -> float:
     return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, steps - 1))
 
 
-def _draw(cfg: DynamicConfig, router: DynamicRouter, pool: torch.Tensor, gen: torch.Generator) -> tuple[int, float, torch.Tensor]:
+def _draw(
+    cfg: DynamicConfig, router: DynamicRouter, pool: torch.Tensor, gen: torch.Generator
+) -> tuple[int, float, torch.Tensor]:
     """One step's target (index into the router's targets, value; never 1.0) and batch indices ``(B,)``."""
     cands = [j for j, t in enumerate(router.trained_targets) if t < 1.0]
     j = cands[int(torch.randint(len(cands), (1,), generator=gen))]
@@ -47,13 +49,29 @@ def _dual_step(router: DynamicRouter, j: int, mean_frac: float, t: float, lr: fl
     router.price[j] += lr * (mean_frac / t - 1)
 
 
-def _record(metrics: MetricsLog, stage: str, step: int, t: float, frac: torch.Tensor, r: DynamicRouting, router: DynamicRouter,
-            **extra) -> dict:
+def _record(
+    metrics: MetricsLog,
+    stage: str,
+    step: int,
+    t: float,
+    frac: torch.Tensor,
+    r: DynamicRouting,
+    router: DynamicRouter,
+    **extra,
+) -> dict:
     m, h = r.stacked()  # (B, L, K) one-hot (per token: shares)
     stats = choice_statistics(m.detach(), h.detach(), router.n_mlp, router.n_heads)
     mean = float(frac.detach().mean())
-    rec = {"stage": stage, "step": step, "target": t, "mean_fraction": mean, "latency_error": mean / t - 1,
-           "choice_entropy_nats": stats["entropy_nats"], "input_independent_layers": stats["input_independent_layers"], **extra}
+    rec = {
+        "stage": stage,
+        "step": step,
+        "target": t,
+        "mean_fraction": mean,
+        "latency_error": mean / t - 1,
+        "choice_entropy_nats": stats["entropy_nats"],
+        "input_independent_layers": stats["input_independent_layers"],
+        **extra,
+    }
     metrics.write(**rec)
     return rec
 
@@ -63,8 +81,18 @@ def _full_nll(fx: ElasticModel, pool: torch.Tensor, batch_size: int) -> torch.Te
     return torch.tensor(block_nll(fx, pool, batch_size=batch_size, progress=False)["nll_per_block"])  # (N,)
 
 
-def train_through_surrogate(fx: ElasticModel, router: DynamicRouter, surrogate: Surrogate, table, pool: torch.Tensor,
-                            cfg: DynamicConfig, metrics: MetricsLog, *, seed: int = 0, progress: bool = True) -> dict:
+def train_through_surrogate(
+    fx: ElasticModel,
+    router: DynamicRouter,
+    surrogate: Surrogate,
+    table,
+    pool: torch.Tensor,
+    cfg: DynamicConfig,
+    metrics: MetricsLog,
+    *,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Stage 2 with the LLM frozen (see the module docstring); ``pool``: token blocks ``(N, T)``
     from every domain. Returns a summary (steps with a surrogate gradient, the surrogate's held-out
     MAE/Spearman, LLM evaluations, wall time)."""
@@ -114,19 +142,52 @@ def train_through_surrogate(fx: ElasticModel, router: DynamicRouter, surrogate: 
             loss.backward()
             opt.step()
         _dual_step(router, j, float(mean.detach()), t, cfg.dual_lr)
-        rec = _record(metrics, "dynamic_routers", step, t, frac, r, router, phase="train", tau=tau, router_loss=float(loss.detach()),
-                      surrogate_term=float(sm_term.detach()), lm_delta=float(delta.mean()), price=float(router.price[j]),
-                      surrogate_spearman=ev["heldout_spearman"], surrogate_relative_error=ev["heldout_relative_error"],
-                      surrogate_gate_open=gate, router_steps_with_surrogate_grad=grad_steps)
+        rec = _record(
+            metrics,
+            "dynamic_routers",
+            step,
+            t,
+            frac,
+            r,
+            router,
+            phase="train",
+            tau=tau,
+            router_loss=float(loss.detach()),
+            surrogate_term=float(sm_term.detach()),
+            lm_delta=float(delta.mean()),
+            price=float(router.price[j]),
+            surrogate_spearman=ev["heldout_spearman"],
+            surrogate_relative_error=ev["heldout_relative_error"],
+            surrogate_gate_open=gate,
+            router_steps_with_surrogate_grad=grad_steps,
+        )
         bar.set_postfix(lat_err=f"{rec['latency_error']:+.3f}", rho=f"{ev['heldout_spearman']:.2f}")
-    return {"steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "heldout_steps": cfg.heldout_steps,
-            "router_steps_with_surrogate_grad": grad_steps, "llm_evaluations": evals,
-            "surrogate_heldout_mae": ev.get("heldout_mae"), "surrogate_spearman": ev.get("heldout_spearman"),
-            "surrogate_relative_error": ev.get("heldout_relative_error"), "wall_s": round(time.time() - t0, 1)}
+    return {
+        "steps": cfg.steps,
+        "warmup_steps": cfg.warmup_steps,
+        "heldout_steps": cfg.heldout_steps,
+        "router_steps_with_surrogate_grad": grad_steps,
+        "llm_evaluations": evals,
+        "surrogate_heldout_mae": ev.get("heldout_mae"),
+        "surrogate_spearman": ev.get("heldout_spearman"),
+        "surrogate_relative_error": ev.get("heldout_relative_error"),
+        "wall_s": round(time.time() - t0, 1),
+    }
 
 
-def train_through_masks(fx: ElasticModel, router: DynamicRouter, table, pool: torch.Tensor, cfg: DynamicConfig,
-                        metrics: MetricsLog, *, steps: int, train_model: bool, seed: int = 0, progress: bool = True) -> dict:
+def train_through_masks(
+    fx: ElasticModel,
+    router: DynamicRouter,
+    table,
+    pool: torch.Tensor,
+    cfg: DynamicConfig,
+    metrics: MetricsLog,
+    *,
+    steps: int,
+    train_model: bool,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
     """Router (and, with ``train_model``, model) training on the LM loss through soft masks
     (METHOD §3 masked form): the direct-gradient ablation of §7 (``train_model=False``) or joint
     fine-tuning of §8 (``train_model=True``, router lr ``cfg.router_lr``, model lr ``cfg.model_lr``),
@@ -160,8 +221,19 @@ def train_through_masks(fx: ElasticModel, router: DynamicRouter, table, pool: to
             torch.nn.utils.clip_grad_norm_(fx.parameters(), 1.0)
         opt.step()
         _dual_step(router, j, float(mean.detach()), t, cfg.dual_lr)
-        _record(metrics, stage, step, t, frac, r, router, tau=tau, router_loss=float(loss.detach()), lm_loss=float(lm.detach()),
-                price=float(router.price[j]))
+        _record(
+            metrics,
+            stage,
+            step,
+            t,
+            frac,
+            r,
+            router,
+            tau=tau,
+            router_loss=float(loss.detach()),
+            lm_loss=float(lm.detach()),
+            price=float(router.price[j]),
+        )
         del logits
     fx.eval()
     for p in fx.parameters():
@@ -169,8 +241,19 @@ def train_through_masks(fx: ElasticModel, router: DynamicRouter, table, pool: to
     return {"steps": steps, "wall_s": round(time.time() - t0, 1)}
 
 
-def train_dynamic(fx: ElasticModel, static: TargetRouter, table, pool: torch.Tensor, cfg: DynamicConfig, out_dir: str | Path, *,
-                  calibration: torch.Tensor | None = None, seed: int = 0, tokenizer=None, progress: bool = True) -> tuple[DynamicRouter, dict]:
+def train_dynamic(
+    fx: ElasticModel,
+    static: TargetRouter,
+    table,
+    pool: torch.Tensor,
+    cfg: DynamicConfig,
+    out_dir: str | Path,
+    *,
+    calibration: torch.Tensor | None = None,
+    seed: int = 0,
+    tokenizer=None,
+    progress: bool = True,
+) -> tuple[DynamicRouter, dict]:
     """The whole dynamic-router stage (module docstring): warm start from ``static``, training
     (surrogate or direct), optional joint fine-tuning, price calibration on ``calibration``
     blocks (default: the first ``cfg.calibrate_blocks`` of ``pool``), then :func:`save_dynamic`
@@ -184,7 +267,9 @@ def train_dynamic(fx: ElasticModel, static: TargetRouter, table, pool: torch.Ten
         DataError: fewer than ``cfg.batch_size`` blocks; TargetError: a target below the model's floor.
     """
     if pool.dim() != 2 or pool.shape[0] < cfg.batch_size:
-        raise DataError(f"dynamic router training needs token blocks (N >= batch_size={cfg.batch_size}, T), got {tuple(pool.shape)}")
+        raise DataError(
+            f"dynamic router training needs token blocks (N >= batch_size={cfg.batch_size}, T), got {tuple(pool.shape)}"
+        )
     for t in cfg.targets:
         static.check_target(t)
     out_dir = Path(out_dir)
@@ -201,36 +286,76 @@ def train_dynamic(fx: ElasticModel, static: TargetRouter, table, pool: torch.Ten
     summary: dict = {"config": asdict(cfg), "seed": seed, "blocks": list(pool.shape)}
     if cfg.surrogate:
         warm = {k: v.clone() for k, v in router.state_dict().items()}
-        summary["routers"] = train_through_surrogate(fx, router, surrogate, table, pool, cfg, metrics, seed=seed, progress=progress)
+        summary["routers"] = train_through_surrogate(
+            fx, router, surrogate, table, pool, cfg, metrics, seed=seed, progress=progress
+        )
         if summary["routers"]["router_steps_with_surrogate_grad"] == 0 and cfg.fallback_steps and not cfg.per_token:
-            log.warning("dynamic routers: the surrogate never passed its gate (held-out Spearman %s); the router restarts from "
-                        "its warm start with %d direct LM-loss steps", summary["routers"]["surrogate_spearman"], cfg.fallback_steps)
+            log.warning(
+                "dynamic routers: the surrogate never passed its gate (held-out Spearman %s); the router restarts from "
+                "its warm start with %d direct LM-loss steps",
+                summary["routers"]["surrogate_spearman"],
+                cfg.fallback_steps,
+            )
             router.load_state_dict(warm)  # the latency-only steps are discarded
-            summary["fallback"] = train_through_masks(fx, router, table, pool, cfg, metrics, steps=cfg.fallback_steps,
-                                                      train_model=False, seed=seed, progress=progress)
+            summary["fallback"] = train_through_masks(
+                fx,
+                router,
+                table,
+                pool,
+                cfg,
+                metrics,
+                steps=cfg.fallback_steps,
+                train_model=False,
+                seed=seed,
+                progress=progress,
+            )
         elif summary["routers"]["router_steps_with_surrogate_grad"] == 0:
-            log.warning("dynamic routers: the surrogate never passed its gate, so the router learned from the latency term only%s",
-                        " (per-token routing has no direct fallback)" if cfg.per_token else "")
+            log.warning(
+                "dynamic routers: the surrogate never passed its gate, so the router learned from the latency term only%s",
+                " (per-token routing has no direct fallback)" if cfg.per_token else "",
+            )
     else:
-        summary["routers"] = train_through_masks(fx, router, table, pool, cfg, metrics, steps=cfg.steps, train_model=False,
-                                                 seed=seed, progress=progress)
+        summary["routers"] = train_through_masks(
+            fx, router, table, pool, cfg, metrics, steps=cfg.steps, train_model=False, seed=seed, progress=progress
+        )
     if cfg.joint_steps:
-        summary["joint"] = train_through_masks(fx, router, table, pool, cfg, metrics, steps=cfg.joint_steps, train_model=True,
-                                               seed=seed, progress=progress)
+        summary["joint"] = train_through_masks(
+            fx, router, table, pool, cfg, metrics, steps=cfg.joint_steps, train_model=True, seed=seed, progress=progress
+        )
         from flextron.model.export import save_elastic
 
         save_elastic(fx, out_dir / MODEL_DIR, tokenizer=tokenizer, overwrite=True)
         summary["model"] = MODEL_DIR
     cal = pool[: cfg.calibrate_blocks] if calibration is None else calibration
     summary["price_before_calibration"] = router.price.tolist()
-    summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size, iters=cfg.calibrate_iters,
-                                             per_token=cfg.per_token, progress=progress)
+    summary["calibration"] = calibrate_price(
+        fx,
+        router,
+        table,
+        cal,
+        batch_size=cfg.batch_size,
+        iters=cfg.calibrate_iters,
+        per_token=cfg.per_token,
+        progress=progress,
+    )
     if cfg.timing_repeats and not cfg.per_token:
-        summary["timing"], budgets = timed_budgets(fx, router, table, cal[:1].to(next(fx.parameters()).device), cfg.timing_repeats,
-                                                   progress=progress)
-        summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size, iters=cfg.calibrate_iters,
-                                                 budgets=budgets, progress=progress)
+        summary["timing"], budgets = timed_budgets(
+            fx, router, table, cal[:1].to(next(fx.parameters()).device), cfg.timing_repeats, progress=progress
+        )
+        summary["calibration"] = calibrate_price(
+            fx,
+            router,
+            table,
+            cal,
+            batch_size=cfg.batch_size,
+            iters=cfg.calibrate_iters,
+            budgets=budgets,
+            progress=progress,
+        )
     summary["wall_s"] = round(time.time() - t0, 1)
     save_dynamic(out_dir, router, surrogate, summary)
-    log.info("dynamic routers: calibrated average latency %s", {k: round(v["mean_fraction"], 4) for k, v in summary["calibration"].items()})
+    log.info(
+        "dynamic routers: calibrated average latency %s",
+        {k: round(v["mean_fraction"], 4) for k, v in summary["calibration"].items()},
+    )
     return router, summary

@@ -12,12 +12,7 @@ from accelerate import Accelerator
 
 from flextron.config import JointConfig, RouterConfig
 from flextron.model.elastic import ElasticModel
-from flextron.routing.router import (
-    StaticRouter,
-    choices_to_masks,
-    gumbel_choice,
-    latency_loss,
-)
+from flextron.routing.router import StaticRouter, choices_to_masks, gumbel_choice, latency_loss
 from flextron.train.distributed import make_accelerator
 from flextron.train.loop import lm_loop, teacher_logits
 from flextron.train.losses import lm_kd_loss
@@ -66,7 +61,9 @@ def train_joint(
         if full:
             full_steps.add(step)
         else:
-            t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the whole step's targets
+            t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(
+                batch.device
+            )  # the whole step's targets
             mlp_logits, head_logits = wrapped["router"](t)
             mlp_c = gumbel_choice(mlp_logits, router_cfg.tau_end, gen)[rows]
             head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)[rows]
@@ -81,7 +78,9 @@ def train_joint(
         frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full
         lat = latency_loss(frac, t, router_cfg.latency_tol).mean()
         return loss + router_cfg.latency_weight * lat, {
-            **rec, "latency_loss": float(lat.detach()), "latency_error": float((frac.detach() / t - 1).abs().mean()),
+            **rec,
+            "latency_loss": float(lat.detach()),
+            "latency_error": float((frac.detach() / t - 1).abs().mean()),
         }
 
     summary = lm_loop(

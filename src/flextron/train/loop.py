@@ -103,7 +103,9 @@ class BudgetSampler:
         least as costly as the one deployed at the floor, the full model excluded (it has its own
         share ``p_full``) unless it is the only one."""
         lowest = self.table.predict(homogeneous_for_target(self.space, self.table, self.floor))
-        pool = [a for a in self.space.homogeneous_configs() if self.table.predict(a) >= lowest and a != self.space.full()]
+        pool = [
+            a for a in self.space.homogeneous_configs() if self.table.predict(a) >= lowest and a != self.space.full()
+        ]
         return sorted(pool, key=self.table.predict) or [self.space.full()]
 
     def for_budget(self, frac: float, gen: torch.Generator) -> ArchConfig:
@@ -137,7 +139,9 @@ class BudgetSampler:
 # --------------------------------------------------------------------------- data slicing
 
 
-def batch_for_step(blocks: torch.Tensor, step: int, global_batch: int, seed: int, rank: int, world: int) -> torch.Tensor:
+def batch_for_step(
+    blocks: torch.Tensor, step: int, global_batch: int, seed: int, rank: int, world: int
+) -> torch.Tensor:
     """This rank's share ``(global_batch / world, T)`` of the global batch of ``step``: blocks are
     visited in a seeded random order per epoch, so the data order survives a resume."""
     n = blocks.shape[0]
@@ -201,26 +205,44 @@ def lm_loop(
         KeyboardInterrupt: after SIGINT/SIGTERM, once the current step is checkpointed.
     """
     if accelerator.gradient_accumulation_steps != grad_accum:
-        raise ConfigError(f"{stage}: the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
-                          f"the config grad_accum={grad_accum}; build it with make_accelerator({grad_accum}, ...)")
+        raise ConfigError(
+            f"{stage}: the accelerator accumulates {accelerator.gradient_accumulation_steps} micro-batches, "
+            f"the config grad_accum={grad_accum}; build it with make_accelerator({grad_accum}, ...)"
+        )
     opt = torch.optim.AdamW(param_groups, betas=(0.9, 0.95))
     base_lrs = [g["lr"] for g in param_groups]
     world, rank = accelerator.num_processes, accelerator.process_index
     n_rows = micro_batch * world * grad_accum
-    settings = {"steps": steps, "global_batch": n_rows, "lrs": base_lrs, "warmup": warmup, "min_lr_ratio": min_lr_ratio,
-                "max_grad_norm": max_grad_norm, "seed": seed, "data_sha256": data_sha256(blocks),
-                "mixed_precision": mixed_precision}
+    settings = {
+        "steps": steps,
+        "global_batch": n_rows,
+        "lrs": base_lrs,
+        "warmup": warmup,
+        "min_lr_ratio": min_lr_ratio,
+        "max_grad_norm": max_grad_norm,
+        "seed": seed,
+        "data_sha256": data_sha256(blocks),
+        "mixed_precision": mixed_precision,
+    }
     ckpt = StageCheckpoints(run_dir / "checkpoints" / stage, accelerator, modules, opt, settings)
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     state = ckpt.resume()
     start = state["step"] if state else 0
     metrics.truncate(stage, start - 1)
-    wrapped = {k: accelerator.prepare(m) if any(p.requires_grad for p in m.parameters()) else m for k, m in modules.items()}
+    wrapped = {
+        k: accelerator.prepare(m) if any(p.requires_grad for p in m.parameters()) else m for k, m in modules.items()
+    }
     opt = accelerator.prepare(opt)
     cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     steps_run = tokens = 0
     t0 = time.time()
-    bar = tqdm(range(start, steps), desc=stage, disable=not (progress and accelerator.is_main_process), initial=start, total=steps)
+    bar = tqdm(
+        range(start, steps),
+        desc=stage,
+        disable=not (progress and accelerator.is_main_process),
+        initial=start,
+        total=steps,
+    )
     with deferred_interrupt() as interrupt:
         for step in bar:
             for g, base in zip(opt.param_groups, base_lrs):
@@ -233,8 +255,12 @@ def lm_loop(
                 # the global RNG (dropout) is a function of (seed, step, rank, micro) too
                 with accelerator.accumulate(*wrapped.values()), torch.random.fork_rng(devices=cuda):
                     torch.manual_seed(step_seed(seed, step, salt=1 + rank * grad_accum + micro))
-                    with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
-                        loss, rec = step_fn(step, batch, step_generator(seed, step), wrapped, slice(first, first + micro_batch), n_rows)
+                    with torch.autocast(
+                        accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"
+                    ):
+                        loss, rec = step_fn(
+                            step, batch, step_generator(seed, step), wrapped, slice(first, first + micro_batch), n_rows
+                        )
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and max_grad_norm > 0:
                         accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
@@ -250,8 +276,14 @@ def lm_loop(
                 ckpt.save(step + 1)
             if stop:
                 raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt.root}")
-    return {"steps": steps, "steps_run_now": steps_run, "resumed_from": start, "tokens": tokens, "processes": world,
-            "wall_s": time.time() - t0}
+    return {
+        "steps": steps,
+        "steps_run_now": steps_run,
+        "resumed_from": start,
+        "tokens": tokens,
+        "processes": world,
+        "wall_s": time.time() - t0,
+    }
 
 
 def teacher_logits(teacher: torch.nn.Module | None, batch: torch.Tensor, alpha: float) -> torch.Tensor | None:

@@ -51,7 +51,9 @@ class _ChunkedLMLoss(torch.autograd.Function):
         ce, kd = ce / n, kd / n
         ctx.grad = grad
         ctx.mark_non_differentiable(ce, kd)
-        loss = ce.clone() if teacher_logits is None else (1 - alpha) * ce + alpha * kd  # a tensor of its own: ce is not differentiable
+        loss = (
+            ce.clone() if teacher_logits is None else (1 - alpha) * ce + alpha * kd
+        )  # a tensor of its own: ce is not differentiable
         return loss, ce, kd
 
     @staticmethod
@@ -64,7 +66,11 @@ class _ChunkedLMLoss(torch.autograd.Function):
 
 
 def lm_kd_loss(
-    logits: torch.Tensor, input_ids: torch.Tensor, teacher_logits: torch.Tensor | None, alpha: float, chunk_tokens: int = 32
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    teacher_logits: torch.Tensor | None,
+    alpha: float,
+    chunk_tokens: int = 32,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Next-token cross-entropy and forward KL to the teacher (METHOD §4), in chunks.
 

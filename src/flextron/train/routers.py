@@ -32,13 +32,7 @@ from flextron.model.elastic import ElasticModel
 from flextron.model.scoring import block_nll
 from flextron.model.space import ArchConfig, SearchSpace, archs_from_json, archs_to_json
 from flextron.routing.deploy import TargetRouter, allocate_by_sensitivity, fit_to_budget
-from flextron.routing.router import (
-    StaticRouter,
-    choices_to_archs,
-    choices_to_masks,
-    gumbel_choice,
-    latency_loss,
-)
+from flextron.routing.router import StaticRouter, choices_to_archs, choices_to_masks, gumbel_choice, latency_loss
 from flextron.routing.surrogate import Surrogate, SurrogateFit, encode_arch
 from flextron.train.checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from flextron.train.distributed import any_rank, make_accelerator, split_over_ranks
@@ -114,7 +108,9 @@ def train_routers(
     accelerator = accelerator or make_accelerator()
     world, rank = accelerator.num_processes, accelerator.process_index
     if cfg.batch_size % world:
-        raise ConfigError(f"routers.batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})")
+        raise ConfigError(
+            f"routers.batch_size={cfg.batch_size} must be a multiple of the number of processes ({world})"
+        )
     mine = slice(rank * cfg.batch_size // world, (rank + 1) * cfg.batch_size // world)
     device = accelerator.device
     fx.eval().to(device)
@@ -122,7 +118,9 @@ def train_routers(
         p.requires_grad_(False)
     sp = fx.space
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
-    pool = blocks[: max(1, min(len(blocks) // cfg.batch_size, 4)) * cfg.batch_size].view(-1, cfg.batch_size, blocks.shape[1])
+    pool = blocks[: max(1, min(len(blocks) // cfg.batch_size, 4)) * cfg.batch_size].view(
+        -1, cfg.batch_size, blocks.shape[1]
+    )
     pool = pool.to(device)
     sampler = BudgetSampler(sp, table, p_full=0.0, min_fraction=min(cfg.targets))
     fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
@@ -133,9 +131,17 @@ def train_routers(
     grid = torch.tensor(target_grid(cfg.targets))
     # what the stage carries from step to step (encoded by archs_to_json), saved in its checkpoints
     run = {"full_loss": 0.0, "evals": 0, "grad_steps": 0, "warm": None, "warm_summary": None}
-    ckpt = StageCheckpoints(run_dir / "checkpoints" / "routers", accelerator, {"router": router, "surrogate": surrogate},
-                            {"router_optimizer": opt, "surrogate_optimizer": fit.opt},
-                            {**{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, "seed": seed, "data_sha256": data_sha256(blocks)})
+    ckpt = StageCheckpoints(
+        run_dir / "checkpoints" / "routers",
+        accelerator,
+        {"router": router, "surrogate": surrogate},
+        {"router_optimizer": opt, "surrogate_optimizer": fit.opt},
+        {
+            **{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"},
+            "seed": seed,
+            "data_sha256": data_sha256(blocks),
+        },
+    )
 
     def save(step: int) -> None:
         ckpt.save(step, {"run": archs_to_json(run)}, {**fit.state_tensors(), "generator": gen.get_state()})
@@ -157,8 +163,11 @@ def train_routers(
         warmup = [sampler.sample(gen)[0] for _ in range(cfg.warmup_samples)]
         for a, d in zip(warmup, measure(warmup, "routers: surrogate warm-up")):
             fit.add(*encode_arch(sp, a), d)
-        run["warm"], run["warm_summary"] = (_warm_start_router(wrapped, opt, fit, measure, sp, table, grid, cfg.sensitivity_mlp_levels)
-                                            if cfg.warm_start else (None, None))
+        run["warm"], run["warm_summary"] = (
+            _warm_start_router(wrapped, opt, fit, measure, sp, table, grid, cfg.sensitivity_mlp_levels)
+            if cfg.warm_start
+            else (None, None)
+        )
         fit.fit(cfg.surrogate_updates * 10, gen=gen)
 
     with deferred_interrupt() as interrupt:
@@ -167,7 +176,9 @@ def train_routers(
             warm_up()
             save(0)
             if any_rank(accelerator, interrupt.requested):
-                raise KeyboardInterrupt(f"router training interrupted after its warm-up; checkpoint saved in {ckpt.root}")
+                raise KeyboardInterrupt(
+                    f"router training interrupted after its warm-up; checkpoint saved in {ckpt.root}"
+                )
         else:
             try:
                 saved = archs_from_json(state["run"])
@@ -177,29 +188,46 @@ def train_routers(
                 fit.load_state_tensors(state["tensors"])
                 gen.set_state(state["tensors"]["generator"])
             except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
-                raise ModelError(f"checkpoint {ckpt.root} lacks the router stage's state ({type(e).__name__}: {e}); "
-                                 f"delete {ckpt.root} to restart this stage") from None
+                raise ModelError(
+                    f"checkpoint {ckpt.root} lacks the router stage's state ({type(e).__name__}: {e}); "
+                    f"delete {ckpt.root} to restart this stage"
+                ) from None
         start = state["step"] if state else 0
         metrics.truncate("routers", start - 1)
         ev = fit.evaluate()
         if start == 0:
-            log.info("surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
-                     ev["heldout_mae"], ev["heldout_relative_error"], ev["heldout_spearman"])
+            log.info(
+                "surrogate after warm-up: held-out MAE %.4f nats (%.2f of a constant predictor's), Spearman %.3f",
+                ev["heldout_mae"],
+                ev["heldout_relative_error"],
+                ev["heldout_spearman"],
+            )
         router.train()
-        bar = tqdm(range(start, cfg.steps), desc="routers", disable=not (progress and accelerator.is_main_process),
-                   initial=start, total=cfg.steps)
+        bar = tqdm(
+            range(start, cfg.steps),
+            desc="routers",
+            disable=not (progress and accelerator.is_main_process),
+            initial=start,
+            total=cfg.steps,
+        )
         for step in bar:
             tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
             g = step_generator(seed, step, salt=1)
             t = grid[torch.randint(len(grid), (cfg.batch_size,), generator=g)]
             mlp_logits, head_logits = wrapped(t)
-            mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)  # (B, L, K), same on every rank
+            mlp_c, head_c = (
+                gumbel_choice(mlp_logits, tau, g),
+                gumbel_choice(head_logits, tau, g),
+            )  # (B, L, K), same on every rank
             deltas = measure(choices_to_archs(sp, mlp_c, head_c))
             for j, d in enumerate(deltas):
                 fit.add(mlp_c[j], head_c[j], d)
             fit.fit(cfg.surrogate_updates, gen=gen)
             ev = fit.evaluate()
-            gate = ev["heldout_spearman"] >= cfg.surrogate_gate_spearman and ev["heldout_relative_error"] <= cfg.surrogate_gate_error
+            gate = (
+                ev["heldout_spearman"] >= cfg.surrogate_gate_spearman
+                and ev["heldout_relative_error"] <= cfg.surrogate_gate_error
+            )
             t_dev = t.to(mlp_c.device)
             frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
             lat = latency_loss(frac, t_dev, cfg.latency_tol)  # (B,)
@@ -224,22 +252,33 @@ def train_routers(
             opt.step()
             lat_err = float((frac.detach() / t_dev - 1).abs().mean())
             metrics.write(
-                stage="routers", step=step, tau=tau, lm_delta=sum(deltas) / len(deltas), latency_loss=float(lat.detach().mean()),
-                latency_error=lat_err, surrogate_heldout_mae=ev["heldout_mae"], surrogate_spearman=ev["heldout_spearman"],
+                stage="routers",
+                step=step,
+                tau=tau,
+                lm_delta=sum(deltas) / len(deltas),
+                latency_loss=float(lat.detach().mean()),
+                latency_error=lat_err,
+                surrogate_heldout_mae=ev["heldout_mae"],
+                surrogate_spearman=ev["heldout_spearman"],
                 surrogate_relative_error=ev["heldout_relative_error"],
-                surrogate_gate_open=gate, router_steps_with_surrogate_grad=run["grad_steps"],
+                surrogate_gate_open=gate,
+                router_steps_with_surrogate_grad=run["grad_steps"],
             )
             bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
             stop = any_rank(accelerator, interrupt.requested)
             if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
                 save(step + 1)
             if stop:
-                raise KeyboardInterrupt(f"router training interrupted; checkpoint of step {step + 1} saved in {ckpt.root}")
+                raise KeyboardInterrupt(
+                    f"router training interrupted; checkpoint of step {step + 1} saved in {ckpt.root}"
+                )
     router.eval()
     warm, evals = run["warm"], run["evals"]
     validation = None
     if warm is not None:
-        validation = _keep_better_than_warm_start(wrapped, router, opt, fx, surrogate, table, pool, grid, warm, accelerator, progress)
+        validation = _keep_better_than_warm_start(
+            wrapped, router, opt, fx, surrogate, table, pool, grid, warm, accelerator, progress
+        )
         evals += validation.pop("llm_evaluations")
     fx.set_arch(None)
     return {
@@ -270,13 +309,17 @@ def _fit_router(router, opt, sp: SearchSpace, targets: list[float], archs: list[
     head_idx = torch.tensor([i[1] for i in idx], device=device)
     for _ in range(steps):
         mlp_logits, head_logits = router(t)
-        loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.flatten()) + F.cross_entropy(head_logits.flatten(0, 1), head_idx.flatten())
+        loss = F.cross_entropy(mlp_logits.flatten(0, 1), mlp_idx.flatten()) + F.cross_entropy(
+            head_logits.flatten(0, 1), head_idx.flatten()
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
 
-def layer_sensitivity(measure, space: SearchSpace, mlp_levels: int) -> tuple[np.ndarray, np.ndarray, list[ArchConfig], list[float]]:
+def layer_sensitivity(
+    measure, space: SearchSpace, mlp_levels: int
+) -> tuple[np.ndarray, np.ndarray, list[ArchConfig], list[float]]:
     """Loss increase of reducing one layer at a time, all others full (project choice, for the
     routers' warm start; the paper's routers learn this only through the surrogate).
 
@@ -294,8 +337,14 @@ def layer_sensitivity(measure, space: SearchSpace, mlp_levels: int) -> tuple[np.
     L, mlp_c, head_c = space.num_layers, space.mlp_choices, space.head_choices
     full_m, full_h = space.indices(space.full())
     reduced = range(len(mlp_c) - 1)
-    levels = sorted({int(round(x)) for x in np.linspace(0, len(reduced) - 1, min(mlp_levels, len(reduced)))}) if reduced else []
-    jobs = [("mlp", l, i) for l in range(L) for i in levels] + [("heads", l, j) for l in range(L) for j in range(len(head_c) - 1)]
+    levels = (
+        sorted({int(round(x)) for x in np.linspace(0, len(reduced) - 1, min(mlp_levels, len(reduced)))})
+        if reduced
+        else []
+    )
+    jobs = [("mlp", l, i) for l in range(L) for i in levels] + [
+        ("heads", l, j) for l in range(L) for j in range(len(head_c) - 1)
+    ]
     archs = []
     for axis, l, i in jobs:
         mi, hi = list(full_m), list(full_h)
@@ -315,8 +364,9 @@ def layer_sensitivity(measure, space: SearchSpace, mlp_levels: int) -> tuple[np.
     return mlp_sens, head_sens, archs, deltas
 
 
-def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor,
-                       mlp_levels: int) -> tuple[dict[float, ArchConfig], dict]:
+def _warm_start_router(
+    router, opt, fit: SurrogateFit, measure, sp: SearchSpace, table, targets: torch.Tensor, mlp_levels: int
+) -> tuple[dict[float, ArchConfig], dict]:
     """Project choice: the router starts, at every target of ``targets``, from the better (lower
     Δloss on the fixed batch) of two measured configurations whose predicted latency is within the
     target (no tolerance, so the budget fit at deployment only grows them): the best homogeneous
@@ -341,7 +391,9 @@ def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace,
         for a, d in zip(archs, sens_deltas):
             fit.add(*encode_arch(sp, a), d)
         alloc = {t: allocate_by_sensitivity(sp, table, mlp_sens, head_sens, t * table.full) for t in homo_best}
-        new = sorted({a for t, a in alloc.items() if a is not None and a != homo_best[t][1]}, key=lambda a: (a.mlp, a.heads))
+        new = sorted(
+            {a for t, a in alloc.items() if a is not None and a != homo_best[t][1]}, key=lambda a: (a.mlp, a.heads)
+        )
         for a, d in zip(new, measure(new, "routers: allocated configs")):
             fit.add(*encode_arch(sp, a), d)
             alloc_delta[a] = d
@@ -352,17 +404,31 @@ def _warm_start_router(router, opt, fit: SurrogateFit, measure, sp: SearchSpace,
         use_alloc = ad is not None and ad < hd
         start[t] = a if use_alloc else ha
         summary[f"{t:g}"] = {
-            "homogeneous": [ha.mlp[0], ha.heads[0]], "homogeneous_delta": hd,
-            "allocated_fraction": None if a is None else table.fraction(a), "allocated_delta": ad,
-            "chosen": "allocated" if use_alloc else "homogeneous", "config": start[t].to_dict(),
+            "homogeneous": [ha.mlp[0], ha.heads[0]],
+            "homogeneous_delta": hd,
+            "allocated_fraction": None if a is None else table.fraction(a),
+            "allocated_delta": ad,
+            "chosen": "allocated" if use_alloc else "homogeneous",
+            "config": start[t].to_dict(),
         }
     _fit_router(router, opt, sp, list(start), list(start.values()))
     log.info("router warm start per target: %s", {t: v["chosen"] for t, v in summary.items()})
     return start, summary
 
 
-def _keep_better_than_warm_start(wrapped, router: StaticRouter, opt, fx: ElasticModel, surrogate: Surrogate, table, pool: torch.Tensor,
-                                 grid: torch.Tensor, warm: dict[float, ArchConfig], accelerator: Accelerator, progress: bool) -> dict:
+def _keep_better_than_warm_start(
+    wrapped,
+    router: StaticRouter,
+    opt,
+    fx: ElasticModel,
+    surrogate: Surrogate,
+    table,
+    pool: torch.Tensor,
+    grid: torch.Tensor,
+    warm: dict[float, ArchConfig],
+    accelerator: Accelerator,
+    progress: bool,
+) -> dict:
     """Validate the surrogate's refinement with the LLM itself: for every grid target, the routed
     configuration (argmax, fitted to the budget as at deployment) against the warm-start
     configuration fitted to the same budget, by mean LM loss over ``pool`` ``(n_batches, B, T)``
@@ -382,14 +448,23 @@ def _keep_better_than_warm_start(wrapped, router: StaticRouter, opt, fx: Elastic
                 pairs[t] = (tr.route(t), fit_to_budget(sp, table, warm[t], t * table.full, score))
         archs = sorted({a for p in pairs.values() for a in p}, key=lambda a: (a.mlp, a.heads))
         jobs = [(a, b) for a in archs for b in range(len(pool))]
-        losses = split_over_ranks(accelerator, len(jobs), lambda i: lm_loss_at(fx, jobs[i][0], pool[jobs[i][1]]),
-                                   "routers: validate against warm start", progress)
-    mean = {a: sum(losses[i * len(pool):(i + 1) * len(pool)]) / len(pool) for i, a in enumerate(archs)}
+        losses = split_over_ranks(
+            accelerator,
+            len(jobs),
+            lambda i: lm_loss_at(fx, jobs[i][0], pool[jobs[i][1]]),
+            "routers: validate against warm start",
+            progress,
+        )
+    mean = {a: sum(losses[i * len(pool) : (i + 1) * len(pool)]) / len(pool) for i, a in enumerate(archs)}
     verdicts = {}
     for t, (routed, start) in pairs.items():
         better = mean[routed] < mean[start]
         keep[t] = routed if better else start
-        verdicts[f"{t:g}"] = {"routed_loss": mean[routed], "warm_start_loss": mean[start], "kept": "router" if better else "warm start"}
+        verdicts[f"{t:g}"] = {
+            "routed_loss": mean[routed],
+            "warm_start_loss": mean[start],
+            "kept": "router" if better else "warm start",
+        }
     router.train()
     _fit_router(wrapped, opt, sp, list(keep), list(keep.values()))
     router.eval()
