@@ -18,14 +18,14 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny  # noqa: E402
 
 from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig
-from flextron.model.elastic import convert
 from flextron.cost.table import CostTable
+from flextron.model.elastic import convert
 from flextron.routing.router import StaticRouter
 from flextron.routing.surrogate import Surrogate
-from flextron.train.routers import train_routers
 from flextron.train.distributed import make_accelerator
 from flextron.train.elastic import train_elastic
 from flextron.train.joint import train_joint
+from flextron.train.routers import train_routers
 
 
 def _snapshot(prefix: str, module: torch.nn.Module) -> dict:

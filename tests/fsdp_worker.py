@@ -16,8 +16,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_tiny  # noqa: E402
 
 from flextron.config import ElasticConfig
-from flextron.model.elastic import convert
 from flextron.cost.table import CostTable
+from flextron.model.elastic import convert
 from flextron.train.loop import BudgetSampler, batch_for_step, step_generator
 from flextron.train.losses import lm_kd_loss
 

@@ -29,13 +29,13 @@ from conftest import make_tiny  # noqa: E402
 import flextron.train.checkpoint  # noqa: E402
 import flextron.train.routers  # noqa: E402
 from flextron.config import ElasticConfig, JointConfig, RouterConfig, TrainConfig
-from flextron.model.elastic import convert
 from flextron.cost.table import CostTable
+from flextron.model.elastic import convert
 from flextron.routing.router import StaticRouter
 from flextron.routing.surrogate import Surrogate
-from flextron.train.routers import train_routers
 from flextron.train.elastic import train_elastic
 from flextron.train.joint import train_joint
+from flextron.train.routers import train_routers
 
 CFG = TrainConfig(steps=16, batch_size=2, seq_len=12, checkpoint_every=3, warmup_steps=2, lr=1e-2)
 # the surrogate gate is forced open so that every router step also trains the router through it

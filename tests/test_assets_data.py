@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flextron.data import assets as assets, corpora as data
+from flextron.data import assets as assets
+from flextron.data import corpora as data
 from flextron.data.corpora import Document
 from flextron.errors import AssetError, DataError
 

@@ -9,14 +9,13 @@ import math
 from pathlib import Path
 
 import pytest
+from conftest import write_tiny_run
 
 import flextron
 from benchmarks.measure import forward_flops
-from flextron.pipeline.runner import STAGES
 from flextron.eval.stats import paired_comparison, pareto_frontier
 from flextron.model.space import SearchSpace
-
-from conftest import write_tiny_run
+from flextron.pipeline.runner import STAGES
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 

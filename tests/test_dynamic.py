@@ -7,22 +7,20 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny
-from flextron.config import ElasticConfig
-from flextron.routing.dynamic_router import DynamicRouter
-from flextron.routing.runtime import DynamicRouting, routed_fractions
-from flextron.routing.calibrate import calibrate_price, choice_statistics, measure_overhead
-from flextron.eval.dynamic import compare_at_equal_latency
-from flextron.config import DynamicConfig, config_from_overrides
-from flextron.routing.store import load_dynamic
-from flextron.routing.calibrate import timed_budgets
-from flextron.train.dynamic import train_dynamic
-from flextron.model.elastic import convert
-from flextron.errors import ConfigError, ModelError, TargetError
+
+from flextron.config import DynamicConfig, ElasticConfig, config_from_overrides
 from flextron.cost.table import CostTable
-from flextron.routing.router import StaticRouter
+from flextron.errors import ConfigError, ModelError, TargetError
+from flextron.eval.dynamic import compare_at_equal_latency
+from flextron.model.elastic import convert
+from flextron.routing.calibrate import calibrate_price, choice_statistics, measure_overhead, timed_budgets
 from flextron.routing.deploy import TargetRouter
+from flextron.routing.dynamic_router import DynamicRouter
+from flextron.routing.router import StaticRouter
+from flextron.routing.runtime import DynamicRouting, routed_fractions
+from flextron.routing.store import load_dynamic
+from flextron.train.dynamic import train_dynamic
 
 TARGETS = (0.6, 0.8, 1.0)
 
@@ -344,7 +342,7 @@ def test_train_dynamic_meets_budget_logs_and_round_trips(tmp_path, variant):
     assert all(
         torch.equal(a, b.to(a.dtype)) for a, b in zip(router.state_dict().values(), loaded.state_dict().values())
     )
-    (tmp_path / "router" / "dynamic_router.safetensors").write_bytes(b"altered")
+    (tmp_path / "router" / "router.safetensors").write_bytes(b"altered")
     with pytest.raises(ModelError):
         load_dynamic(tmp_path, fx)
 

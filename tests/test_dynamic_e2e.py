@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import write_tiny_run
-from flextron.pipeline import runner as pipeline
+
 from flextron.cli import main
 from flextron.config import load_config
+from flextron.pipeline import runner as pipeline
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -36,7 +36,7 @@ def test_cli_dynamic_train_eval_generate(tiny_run, capsys):
     )
     out = capsys.readouterr().out
     assert (
-        "target 0.6: average predicted latency" in out and (tiny_run / "dynamic" / "router" / "dynamic.json").exists()
+        "target 0.6: average predicted latency" in out and (tiny_run / "dynamic" / "router" / "routers.json").exists()
     )
     assert main(["eval", str(tiny_run), "--dynamic-only", "--blocks-per-domain", "3", "--timed-blocks", "1", "-q"]) == 0
     out = capsys.readouterr().out

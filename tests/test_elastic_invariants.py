@@ -6,13 +6,12 @@ import copy
 
 import pytest
 import torch
+from conftest import make_tiny
 
 from flextron.config import ElasticConfig
-from flextron.model.space import ArchConfig, nested_mask, sample_arch
-from flextron.model.elastic import convert
 from flextron.errors import ConfigError, UnsupportedModelError
-
-from conftest import make_tiny
+from flextron.model.elastic import convert
+from flextron.model.space import ArchConfig, nested_mask, sample_arch
 
 CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8)
 

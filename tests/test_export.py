@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import make_tiny
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from flextron.config import ElasticConfig
-from flextron.model.space import ArchConfig, sample_arch
-from flextron.model.elastic import convert
 from flextron.errors import ModelError, OutputExistsError, UnsupportedModelError
+from flextron.model.elastic import convert
 from flextron.model.export import (
     export_subnetwork,
     load_elastic,
@@ -21,8 +21,7 @@ from flextron.model.export import (
     subnetwork_arch,
 )
 from flextron.model.hf_modeling import FlextronForCausalLM
-
-from conftest import make_tiny
+from flextron.model.space import ArchConfig, sample_arch
 
 CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8)
 

@@ -12,12 +12,11 @@ import json
 import struct
 
 import torch
+from conftest import write_tiny_run
 from safetensors.torch import load_file
 
 import flextron.pipeline.stages as stage_module  # where the rank stage looks up compute_importance
 from flextron.cli import main
-
-from conftest import write_tiny_run
 
 GOLDEN = {
     "importance": "347a644946679a0746a7e31ba53b46f47e1097fe49169780f7ddaa0ff3dadbb4",

@@ -13,9 +13,9 @@ import signal
 import time
 from pathlib import Path
 
+import interrupt_worker
 import pytest
 
-import interrupt_worker
 from flextron.train.checkpoint import load_checkpoint
 
 TIMEOUT_S = 120

@@ -6,24 +6,22 @@ No assertion depends on measured times: those are noisy on a shared 2-core machi
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import math
 
 import pytest
 import torch
+from conftest import make_tiny
 
 from flextron.config import ElasticConfig, LatencyConfig
+from flextron.cost.measure import measure_latency_table, validate_latency_table
+from flextron.cost.table import CostTable
+from flextron.cost.timing import time_models
+from flextron.errors import ConfigError
+from flextron.eval.perplexity import decode_tokens_per_s, perplexity
+from flextron.eval.stats import bootstrap_ci
 from flextron.model.elastic import convert
 from flextron.model.space import sample_arch
-from flextron.errors import ConfigError
-from flextron.eval.stats import bootstrap_ci
-from flextron.eval.perplexity import decode_tokens_per_s, perplexity
-from flextron.cost.table import CostTable
-from flextron.cost.measure import measure_latency_table, validate_latency_table
-from flextron.cost.timing import time_models
-
-from conftest import make_tiny
 
 CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8)
 LAT = LatencyConfig(seq_len=16, batch_size=1, warmup=1, repeats=3, trim=0.2)

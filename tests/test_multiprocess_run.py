@@ -18,9 +18,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
-
 from conftest import write_tiny_run
+from safetensors.torch import load_file
 
 TIMEOUT_S = 600
 JOINT_STEPS = 16

@@ -7,12 +7,11 @@ import shutil
 
 import pytest
 import torch
+from conftest import write_tiny_run
 from transformers import AutoModelForCausalLM
 
 from flextron.cli import main
 from flextron.model.space import ArchConfig
-
-from conftest import write_tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from flextron.data.assets import smollm2_model_dir
 from flextron.config import ElasticConfig
+from flextron.data.assets import smollm2_model_dir
 from flextron.data.corpora import load_wikipedia, tokenize_blocks
 from flextron.model.elastic import convert
-from flextron.model.space import sample_arch
 from flextron.model.export import export_subnetwork, load_hf_model
+from flextron.model.space import sample_arch
 
 pytestmark = pytest.mark.real
 

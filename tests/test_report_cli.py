@@ -305,8 +305,8 @@ def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
 
 
 def test_cli_reports_flextron_errors(capsys, monkeypatch):
-    from flextron.pipeline import runner as pipeline
     from flextron.errors import ModelError
+    from flextron.pipeline import runner as pipeline
 
     def boom(*a, **k):
         raise ModelError("runs/x is not a flextron run directory (no config.yaml)")

@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import _WORDS_A, write_tiny_model_dir, write_tiny_run
 
 from flextron.cli import main
 from flextron.errors import ConfigError, FlextronError, TaskFileError
 from flextron.eval.tasks import ARC_EASY_REQUESTS, LAMBADA_REQUESTS, MMLU_SUBJECTS, TASKS, load_tasks
-
-from conftest import _WORDS_A, write_tiny_model_dir, write_tiny_run
 
 LM_EVAL_TASKS = Path(__import__("lm_eval.tasks", fromlist=["x"]).__file__).parent
 BUILTIN_YAML = {  # lm-eval's own task definitions of the same names
@@ -495,12 +494,12 @@ def test_real_requests_equal_lm_eval_builtins_and_request_files():
 def test_real_smollm2_target_1_matches_hflm():
     from lm_eval.models.huggingface import HFLM
 
-    from flextron.data.assets import smollm2_model_dir
     from flextron.config import ElasticConfig
+    from flextron.data.assets import smollm2_model_dir
     from flextron.data.corpora import load_wikipedia, tokenize_blocks
+    from flextron.eval.lm_eval_model import FlextronLM, evaluate_tasks
     from flextron.model.elastic import convert
     from flextron.model.export import load_hf_model
-    from flextron.eval.lm_eval_model import FlextronLM, evaluate_tasks
 
     model, tok = load_hf_model(smollm2_model_dir())
     names = ["arc_easy", "lambada", "piqa"]

@@ -7,20 +7,19 @@ import json
 
 import pytest
 import torch
-
-from flextron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from flextron.config import ElasticConfig, TrainConfig
-from flextron.model.space import ArchConfig, archs_from_json, archs_to_json
-from flextron.model.elastic import convert
-from flextron.errors import ConfigError, TargetError
-from flextron.cost.table import CostTable
-from flextron.routing.router import StaticRouter, gumbel_choice, latency_loss
-from flextron.routing.deploy import TargetRouter
-from flextron.routing.surrogate import Surrogate, SurrogateFit, encode_arch, spearman
-from flextron.train.loop import BudgetSampler, homogeneous_for_target
-from flextron.train.elastic import train_elastic
-
 from conftest import make_tiny
+
+from flextron.config import ElasticConfig, TrainConfig
+from flextron.cost.table import CostTable
+from flextron.errors import ConfigError, TargetError
+from flextron.model.elastic import convert
+from flextron.model.space import ArchConfig, archs_from_json, archs_to_json
+from flextron.routing.deploy import TargetRouter
+from flextron.routing.router import StaticRouter, gumbel_choice, latency_loss
+from flextron.routing.surrogate import Surrogate, SurrogateFit, encode_arch, spearman
+from flextron.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from flextron.train.elastic import train_elastic
+from flextron.train.loop import BudgetSampler, homogeneous_for_target
 
 CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8)
 

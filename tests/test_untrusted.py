@@ -19,25 +19,25 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import make_tiny, write_tiny_run
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from conftest import make_tiny, write_tiny_run
-from flextron.eval.deploy import load_run
-from flextron.pipeline import runner as pipeline
-from flextron.routing.store import new_router, save_routers
-from flextron.train.checkpoint import load_checkpoint, save_checkpoint
-from flextron.files import sha256_file
 from flextron.cli import main, parse_target
 from flextron.config import ElasticConfig, RouterConfig, RunConfig, dump_config, from_dict, load_config
-from flextron.model.elastic import convert
-from flextron.errors import ConfigError, ModelError, TargetError
-from flextron.model.export import load_elastic, load_hf_model, save_elastic
 from flextron.cost.table import CostTable
-from flextron.routing.router import StaticRouter
+from flextron.errors import ConfigError, ModelError, TargetError
+from flextron.eval.deploy import load_run
+from flextron.files import sha256_file
+from flextron.model.elastic import convert
+from flextron.model.export import load_elastic, load_hf_model, save_elastic
+from flextron.pipeline import runner as pipeline
 from flextron.routing.deploy import TargetRouter
+from flextron.routing.router import StaticRouter
+from flextron.routing.store import new_router, save_routers
 from flextron.routing.surrogate import Surrogate
+from flextron.train.checkpoint import load_checkpoint, save_checkpoint
 from flextron.train.routers import train_routers
 
 CASES: Counter = Counter()  # cases tried per fuzz test, printed by conftest's terminal summary

@@ -29,10 +29,10 @@ from torch import nn
 
 from flextron.errors import ConfigError, TargetError
 from flextron.routing.deploy import TargetRouter
-from flextron.routing.router import encode_targets
+from flextron.routing.router import Router, encode_targets
 
 
-class DynamicRouter(nn.Module):
+class DynamicRouter(Router):
     """Per-layer router reading the layer's input hidden state (METHOD §6, dynamic router).
 
     Buffers: ``targets`` (n_t,) sorted trained targets; ``anchor_mlp``/``anchor_heads`` (n_t, L)
@@ -50,6 +50,9 @@ class DynamicRouter(nn.Module):
         ConfigError: targets outside (0, 1], ``hidden`` < 1, ``anchor_scale`` < 0 or ``route_every``
         outside [1, num_layers].
     """
+
+    kind = "dynamic"
+    reads_input = True
 
     def __init__(
         self,
@@ -122,10 +125,10 @@ class DynamicRouter(nn.Module):
             r.anchor_heads[j] = torch.tensor(hi)
         return r
 
-    @property
-    def trained_targets(self) -> list[float]:
-        """The trained targets as Python floats (rounded to 6 digits: the buffer is float32)."""
-        return [round(x, 6) for x in self.targets.tolist()]
+    def init_args(self) -> dict:
+        return {"targets": self.trained_targets, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
+                "n_mlp": self.n_mlp, "n_heads": self.n_heads, "hidden": self.b1.shape[1],
+                "anchor_scale": self.anchor_scale, "route_every": self.route_every}
 
     def check_target(self, target: float) -> None:
         """Raises TargetError unless ``target`` lies in the trained range ``[min(targets), 1]``

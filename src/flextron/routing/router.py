@@ -27,22 +27,56 @@ def encode_targets(ts: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return enc
 
 
-class StaticRouter(nn.Module):
+class Router(nn.Module):
+    """What every router is (METHOD §6): latency targets (and, for a dynamic router, the input's
+    hidden state) → per-layer logits over the MLP widths ``(…, L, K_mlp)`` and head counts
+    ``(…, L, K_heads)`` of the search space.
+
+    A static router is the case without hidden-state input (``reads_input = False``): its logits
+    for a batch of targets ``t`` (B,) come from ``forward(t)``. A dynamic router
+    (:class:`~flextron.routing.dynamic_router.DynamicRouter`, ``reads_input = True``) is applied
+    layer by layer inside the forward (:class:`~flextron.routing.runtime.DynamicRouting`).
+    Both carry the sorted trained ``targets`` buffer ``(n_t,)`` and the sizes ``num_layers``,
+    ``n_mlp``, ``n_heads``; :meth:`init_args` gives the constructor's arguments, which the
+    router files record so that :func:`~flextron.routing.store.load_router` rebuilds either kind.
+    """
+
+    kind: str = ""
+    reads_input: bool = False
+
+    @property
+    def trained_targets(self) -> list[float]:
+        """The trained targets as Python floats (rounded to 6 digits: the buffer is float32)."""
+        return [round(x, 6) for x in self.targets.tolist()]
+
+    def init_args(self) -> dict:
+        """The constructor's keyword arguments (JSON-ready)."""
+        raise NotImplementedError
+
+
+class StaticRouter(Router):
     """Target → per-layer logits (paper §3.2, static router).
 
     The target is encoded as a one-hot over the trained ``targets``, linearly interpolated between
     neighbours for untrained values (METHOD §6 choice). Linear → LeakyReLU → Linear.
     """
 
+    kind = "static"
+    reads_input = False
+
     def __init__(
         self, targets: tuple[float, ...], num_layers: int, n_mlp: int, n_heads: int, hidden: int = 128
     ) -> None:
         super().__init__()
         self.register_buffer("targets", torch.tensor(sorted(targets), dtype=torch.float32))
-        self.num_layers, self.n_mlp, self.n_heads = num_layers, n_mlp, n_heads
+        self.num_layers, self.n_mlp, self.n_heads, self.hidden = num_layers, n_mlp, n_heads, hidden
         self.net = nn.Sequential(
             nn.Linear(len(targets), hidden), nn.LeakyReLU(), nn.Linear(hidden, num_layers * (n_mlp + n_heads))
         )
+
+    def init_args(self) -> dict:
+        return {"targets": self.trained_targets, "num_layers": self.num_layers, "n_mlp": self.n_mlp,
+                "n_heads": self.n_heads, "hidden": self.hidden}
 
     def encode(self, t: torch.Tensor) -> torch.Tensor:
         """Targets ``(B,)`` → interpolated one-hot ``(B, n_targets)`` (clamped to the trained range)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -17,88 +18,25 @@ from flextron.errors import ModelError
 from flextron.files import atomic_write_dir, check_shapes, file_hashes, verify_hashes
 from flextron.model.elastic import ElasticModel
 from flextron.routing.dynamic_router import DynamicRouter
-from flextron.routing.router import StaticRouter
+from flextron.routing.router import Router, StaticRouter
 from flextron.routing.surrogate import Surrogate
 
 log = logging.getLogger(__name__)
 
-ROUTER_FILE = "dynamic_router.safetensors"
-SURROGATE_FILE = "dynamic_surrogate.safetensors"
-MANIFEST = "dynamic.json"
-MODEL_DIR = "model"  # joint fine-tuning's weights (absent without joint fine-tuning)
 
+#: the files of a router directory, for either kind of router
+ROUTER_FILES = {"router": "router.safetensors", "surrogate": "surrogate.safetensors"}
+ROUTER_MANIFEST = "routers.json"
+#: format of a router directory written by this version (``routers.json`` → ``"format"``); a
+#: manifest without the key is a static router of format 1 (rebuilt from the run's config)
+ROUTER_FORMAT = 2
+MODEL_DIR = "model"  # a dynamic stage's jointly fine-tuned weights (absent without joint fine-tuning)
 
-def save_dynamic(out_dir: str | Path, router: DynamicRouter, surrogate: Surrogate, summary: dict) -> Path:
-    """Write the router and surrogate (safetensors) and ``dynamic.json`` (shapes, summary,
-    sha256 of both files) into ``out_dir`` atomically (other files there are kept)."""
-    out_dir = Path(out_dir)
-    meta = {
-        "targets": router.trained_targets,
-        "num_layers": router.num_layers,
-        "n_mlp": router.n_mlp,
-        "n_heads": router.n_heads,
-        "hidden_size": router.hidden_size,
-        "hidden": router.b1.shape[1],
-        "anchor_scale": router.anchor_scale,
-        "route_every": router.route_every,
-        "surrogate_hidden": surrogate.net[0].out_features,
-        "per_token": bool(summary.get("config", {}).get("per_token", False)),
-        "summary": summary,
-    }
-
-    def write(tmp: Path) -> None:
-        save_model(router, str(tmp / ROUTER_FILE))
-        save_model(surrogate, str(tmp / SURROGATE_FILE))
-        (tmp / MANIFEST).write_text(
-            json.dumps({**meta, "sha256": file_hashes(tmp, [ROUTER_FILE, SURROGATE_FILE])}, indent=2)
-        )
-
-    sub = out_dir / "router"
-    atomic_write_dir(sub, write)
-    return sub
-
-
-def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dict]:
-    """The router saved by :func:`save_dynamic` under ``path`` (the directory given to it), checked
-    against its sha256 and ``fx``'s geometry. Returns ``(router (eval mode, fx's dtype), manifest)``.
-
-    Raises:
-        ModelError: missing/malformed manifest, altered files, or a router built for another model.
-    """
-    sub = Path(path) / "router"
-    fix = f"train it again with `flextron dynamic RUN --out {path}`"
-    try:
-        meta = json.loads((sub / MANIFEST).read_text())
-        hashes = meta["sha256"]
-        router = DynamicRouter(
-            meta["targets"],
-            meta["num_layers"],
-            meta["hidden_size"],
-            meta["n_mlp"],
-            meta["n_heads"],
-            meta["hidden"],
-            meta["anchor_scale"],
-            meta.get("route_every", 1),
-        )
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelError(f"no readable dynamic router in {sub} ({type(e).__name__}: {e}); {fix}") from None
-    verify_hashes(sub, hashes, fix)
-    sp = fx.space
-    if (meta["num_layers"], meta["n_mlp"], meta["n_heads"], meta["hidden_size"]) != (
-        sp.num_layers,
-        len(sp.mlp_choices),
-        len(sp.head_choices),
-        sp.hidden_size,
-    ):
-        raise ModelError(f"the dynamic router in {sub} was trained for another model geometry; {fix}")
-    try:
-        load_model(router, str(sub / ROUTER_FILE))
-    except (OSError, RuntimeError, ValueError) as e:
-        raise ModelError(f"dynamic router weights in {sub} are unreadable ({e}); {fix}") from None
-    return router.to(next(fx.parameters()).dtype).eval(), meta
+ROUTER_KINDS: dict[str, type[Router]] = {"static": StaticRouter, "dynamic": DynamicRouter}
 
 
 def new_router(cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRouter, Surrogate]:
+    """The static router and surrogate of a run's config, freshly initialised (seeded by ``cfg.seed``)."""
     sp = fx.space
     torch.manual_seed(cfg.seed)
     router = StaticRouter(
@@ -108,42 +46,128 @@ def new_router(cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRouter, Surrogat
     return router, sm
 
 
-ROUTER_FILES = {"router": "router.safetensors", "surrogate": "surrogate.safetensors"}
-ROUTER_MANIFEST = "routers.json"
-
-
-def save_routers(path: Path, router: StaticRouter, sm: Surrogate) -> None:
-    """Router and surrogate (safetensors) plus ``routers.json`` with their sha256, written atomically."""
+def save_router(path: str | Path, router: Router, surrogate: Surrogate, summary: dict | None = None) -> Path:
+    """Write a router of either kind and its surrogate (safetensors) plus ``routers.json`` (format,
+    kind, constructor arguments of both, ``summary``, sha256 of both files) into the directory
+    ``path``, atomically (the directory is replaced as a whole). Returns ``path``."""
+    meta = {
+        "format": ROUTER_FORMAT,
+        "kind": router.kind,
+        "router_args": router.init_args(),
+        "surrogate_args": surrogate.init_args(),
+        "summary": summary or {},
+    }
 
     def write(tmp: Path) -> None:
         save_model(router, str(tmp / ROUTER_FILES["router"]))
-        save_model(sm, str(tmp / ROUTER_FILES["surrogate"]))
-        (tmp / ROUTER_MANIFEST).write_text(
-            json.dumps({"sha256": file_hashes(tmp, list(ROUTER_FILES.values()))}, indent=2)
-        )
+        save_model(surrogate, str(tmp / ROUTER_FILES["surrogate"]))
+        sha = file_hashes(tmp, list(ROUTER_FILES.values()))
+        (tmp / ROUTER_MANIFEST).write_text(json.dumps({**meta, "sha256": sha}, indent=2))
 
-    atomic_write_dir(path, write)
+    return atomic_write_dir(Path(path), write)
 
 
-def load_routers(path: Path, cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRouter, Surrogate]:
-    """Routers written by :func:`save_routers`, checked against their sha256 and the config's shapes.
+def save_routers(path: Path, router: StaticRouter, sm: Surrogate) -> None:
+    """A static router and its surrogate (:func:`save_router` without a summary)."""
+    save_router(path, router, sm)
+
+
+def load_router(
+    path: str | Path,
+    fx: ElasticModel,
+    *,
+    kind: str | None = None,
+    legacy: Callable[[], tuple[Router, Surrogate]] | None = None,
+    expected: tuple[Router, Surrogate] | None = None,
+    fix: str = "train the routers again",
+) -> tuple[Router, Surrogate, dict]:
+    """The router and surrogate in the directory ``path`` (:func:`save_router`), checked against
+    their sha256, ``fx``'s search space and (``kind``) the expected kind. Returns ``(router,
+    surrogate, manifest)`` in eval mode and ``fx``'s dtype. ``legacy`` builds the modules of a
+    manifest written before formats were recorded (format 1: static routers, shapes from the run's
+    config). ``expected``: modules whose shapes the files must have (checked before anything else
+    of the files is read).
 
     Raises:
-        ModelError: missing or malformed manifest, altered file, or shapes that differ from ``cfg``.
+        ModelError: missing or malformed manifest, an unknown format or kind, altered files, or a
+        router built for another model geometry (each message names the file and ``fix``).
     """
-    router, sm = new_router(cfg, fx)
-    fix = "rerun the router stage (delete the directory and the 'routers'/'joint' entries of stages.json)"
+    path = Path(path)
     try:
-        manifest = json.loads((path / ROUTER_MANIFEST).read_text())
-        hashes = manifest["sha256"]
+        meta = json.loads((path / ROUTER_MANIFEST).read_text())
+        hashes = meta["sha256"]
+        fmt = meta.get("format", 1)
+        if fmt == 1 and legacy is not None:
+            router, sm = legacy()
+            meta = {**meta, "format": 1, "kind": router.kind}
+        elif fmt == ROUTER_FORMAT:
+            cls = ROUTER_KINDS[meta["kind"]]
+            router, sm = cls(**meta["router_args"]), Surrogate(**meta["surrogate_args"])
+        else:
+            raise ModelError(
+                f"{path / ROUTER_MANIFEST} has router format {fmt!r}; this flextron reads format {ROUTER_FORMAT}"
+                f"{' (and 1 for static routers)' if legacy else ''}; {fix}"
+            )
+    except ModelError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"{path / ROUTER_MANIFEST} is missing or malformed ({type(e).__name__}: {e}); {fix}") from None
+    if kind is not None and meta["kind"] != kind:
+        raise ModelError(f"{path} holds a {meta['kind']} router, not a {kind} one; {fix}")
     verify_hashes(path, hashes, fix)
+    for name, mod in zip(ROUTER_FILES, expected or ()):
+        check_shapes(mod, path / ROUTER_FILES[name], fix)
+    sp = fx.space
+    if (router.num_layers, router.n_mlp, router.n_heads) != (sp.num_layers, len(sp.mlp_choices), len(sp.head_choices)):
+        raise ModelError(f"the router in {path} was trained for another model geometry; {fix}")
     for name, mod in (("router", router), ("surrogate", sm)):
         check_shapes(mod, path / ROUTER_FILES[name], fix)
     try:
         load_model(router, str(path / ROUTER_FILES["router"]))
         load_model(sm, str(path / ROUTER_FILES["surrogate"]))
     except (OSError, RuntimeError, ValueError) as e:
-        raise ModelError(f"routers in {path} are unreadable or do not match the config ({e}); {fix}") from None
-    return router.eval(), sm.eval()
+        raise ModelError(f"routers in {path} are unreadable or do not match the model ({e}); {fix}") from None
+    dtype = next(fx.parameters()).dtype
+    return router.to(dtype).eval(), sm.eval(), meta
+
+
+def load_routers(path: Path, cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRouter, Surrogate]:
+    """The static router and surrogate of a run (:func:`load_router`, kind ``static``); a router
+    directory written before formats were recorded is rebuilt from ``cfg``.
+
+    Raises:
+        ModelError: as :func:`load_router`.
+    """
+    fix = "rerun the router stage (delete the directory and the 'routers'/'joint' entries of stages.json)"
+    expected = new_router(cfg, fx)
+    router, sm, _ = load_router(path, fx, kind="static", legacy=lambda: expected, expected=expected, fix=fix)
+    if router.init_args() != expected[0].init_args():
+        raise ModelError(
+            f"the router in {path} was trained with {router.init_args()}, the run's config asks for "
+            f"{expected[0].init_args()}; {fix}"
+        )
+    return router.float().eval(), sm
+
+
+def save_dynamic(out_dir: str | Path, router: DynamicRouter, surrogate: Surrogate, summary: dict) -> Path:
+    """A dynamic router in ``out_dir/router`` (:func:`save_router`); other files of ``out_dir`` are kept."""
+    return save_router(Path(out_dir) / "router", router, surrogate, summary)
+
+
+def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dict]:
+    """The dynamic router saved by :func:`save_dynamic` under ``path``: ``(router, manifest)``, with
+    the training summary and ``per_token`` in the manifest.
+
+    Raises:
+        ModelError: missing/malformed manifest, altered files, or a router built for another model.
+    """
+    fix = f"train it again (the run's `dynamic` stage, or `flextron dynamic RUN --out {path}`)"
+    sub = Path(path) / "router"
+    if not (sub / ROUTER_MANIFEST).is_file():
+        old = " (its dynamic.json was written by flextron 0.1, whose router files this version does not read)"
+        raise ModelError(f"no readable dynamic router in {sub}{old if (sub / 'dynamic.json').exists() else ''}; {fix}")
+    router, _, meta = load_router(sub, fx, kind="dynamic", fix=fix)
+    if router.hidden_size != fx.space.hidden_size:
+        raise ModelError(f"the dynamic router in {path} was trained for another model geometry; {fix}")
+    meta["per_token"] = bool(meta.get("summary", {}).get("config", {}).get("per_token", False))
+    return router, meta

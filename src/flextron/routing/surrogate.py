@@ -36,9 +36,15 @@ class Surrogate(nn.Module):
     def __init__(self, num_layers: int, n_mlp: int, n_heads: int, hidden: int = 256, n_features: int = 0) -> None:
         super().__init__()
         self.n_features = n_features
+        self._args = {"num_layers": num_layers, "n_mlp": n_mlp, "n_heads": n_heads, "hidden": hidden,
+                      "n_features": n_features}
         self.net = nn.Sequential(
             nn.Linear(num_layers * (n_mlp + n_heads) + n_features, hidden), nn.LeakyReLU(), nn.Linear(hidden, 1)
         )
+
+    def init_args(self) -> dict:
+        """The constructor's keyword arguments (JSON-ready), for the router files."""
+        return dict(self._args)
 
     def forward(self, mlp: torch.Tensor, heads: torch.Tensor, features: torch.Tensor | None = None) -> torch.Tensor:
         """``mlp`` (B, L, K_mlp), ``heads`` (B, L, K_heads), ``features`` (B, n_features) → predicted Δloss (B,)."""
@@ -95,15 +101,20 @@ class SurrogateFit:
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The buffer and held-out set as tensors, for a checkpoint: ``buffer_mlp`` (N, L, K_mlp),
         ``buffer_heads`` (N, L, K_heads), ``buffer_delta`` (N,) float64 (the recorded floats
-        exactly), and ``heldout_mlp``/``heldout_heads``/``heldout_delta`` when set. The optimizer
+        exactly), and ``heldout_mlp``/``heldout_heads``/``heldout_delta`` when set, and the input features
+        ``buffer_features`` (N, n_features) / ``heldout_features`` when the surrogate reads them. The optimizer
         is saved separately (``self.opt``)."""
         out = {
             "buffer_mlp": torch.stack(self.mlp) if self.mlp else torch.zeros(0),
             "buffer_heads": torch.stack(self.heads) if self.heads else torch.zeros(0),
             "buffer_delta": torch.tensor(self.delta, dtype=torch.float64),
         }
+        if self.features:
+            out["buffer_features"] = torch.stack(self.features)
         if self.heldout is not None:
             out.update(zip(("heldout_mlp", "heldout_heads", "heldout_delta"), self.heldout))
+        if self.heldout_features is not None:
+            out["heldout_features"] = self.heldout_features
         return out
 
     def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -115,9 +126,14 @@ class SurrogateFit:
         mlp, heads, delta = tensors["buffer_mlp"], tensors["buffer_heads"], tensors["buffer_delta"]
         if not (len(mlp) == len(heads) == len(delta)):
             raise ValueError(f"surrogate buffer lengths differ: {len(mlp)}, {len(heads)}, {len(delta)}")
+        feats = tensors.get("buffer_features")
+        if feats is not None and len(feats) != len(delta):
+            raise ValueError(f"surrogate buffer holds {len(delta)} measurements but {len(feats)} feature rows")
         self.mlp, self.heads, self.delta = list(mlp), list(heads), delta.tolist()
+        self.features = [] if feats is None else list(feats)
         if "heldout_delta" in tensors:
             self.heldout = (tensors["heldout_mlp"], tensors["heldout_heads"], tensors["heldout_delta"])
+        self.heldout_features = tensors.get("heldout_features")
 
     def fit(self, updates: int, batch_size: int = 64, gen: torch.Generator | None = None) -> float:
         """``updates`` AdamW steps of MSE on random minibatches of the buffer; returns the last loss."""
