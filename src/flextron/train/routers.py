@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
 from flextron.config import RouterConfig
 from flextron.errors import ConfigError, ModelError
@@ -32,12 +31,13 @@ from flextron.model.elastic import ElasticModel
 from flextron.model.scoring import block_nll
 from flextron.model.space import ArchConfig, SearchSpace, archs_from_json, archs_to_json
 from flextron.routing.deploy import TargetRouter, allocate_by_sensitivity, fit_to_budget
-from flextron.routing.router import StaticRouter, choices_to_archs, choices_to_masks, gumbel_choice, latency_loss
+from flextron.routing.router import StaticRouter, choices_to_archs, choices_to_masks, gumbel_choice
 from flextron.routing.surrogate import Surrogate, SurrogateFit, encode_arch
 from flextron.train.checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from flextron.train.distributed import any_rank, make_accelerator, split_over_ranks
 from flextron.train.loop import BudgetSampler, data_sha256, step_generator
 from flextron.train.losses import lm_kd_loss
+from flextron.train.router_loop import RouterDraw, RouterObjective, router_update, run_router_steps, tau_at
 
 log = logging.getLogger(__name__)
 
@@ -203,41 +203,20 @@ def train_routers(
                 ev["heldout_spearman"],
             )
         router.train()
-        bar = tqdm(
-            range(start, cfg.steps),
-            desc="routers",
-            disable=not (progress and accelerator.is_main_process),
-            initial=start,
-            total=cfg.steps,
+        objective = RouterObjective(
+            cfg.latency_weight, cfg.latency_tol, cfg.surrogate_gate_spearman, cfg.surrogate_gate_error,
+            cfg.surrogate_updates, surrogate=cfg.surrogate,
         )
-        for step in bar:
-            tau = cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, cfg.steps - 1))
+
+        def draw(step: int, tau: float) -> RouterDraw:
+            """Targets from the grid, choices from the router, Δloss of each on the fixed batch."""
             g = step_generator(seed, step, salt=1)
             t = grid[torch.randint(len(grid), (cfg.batch_size,), generator=g)]
             mlp_logits, head_logits = wrapped(t)
-            mlp_c, head_c = (
-                gumbel_choice(mlp_logits, tau, g),
-                gumbel_choice(head_logits, tau, g),
-            )  # (B, L, K), same on every rank
+            mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)  # (B, L, K), same on every rank
             deltas = measure(choices_to_archs(sp, mlp_c, head_c))
-            for j, d in enumerate(deltas):
-                fit.add(mlp_c[j], head_c[j], d)
-            fit.fit(cfg.surrogate_updates, gen=gen)
-            ev = fit.evaluate()
-            gate = (
-                ev["heldout_spearman"] >= cfg.surrogate_gate_spearman
-                and ev["heldout_relative_error"] <= cfg.surrogate_gate_error
-            )
-            t_dev = t.to(mlp_c.device)
-            frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
-            lat = latency_loss(frac, t_dev, cfg.latency_tol)  # (B,)
-            loss = cfg.latency_weight * lat[mine].mean()  # this rank's share; DDP averages the shares
-            if cfg.surrogate:
-                if gate:
-                    surrogate.eval()
-                    loss = loss + surrogate(mlp_c[mine], head_c[mine]).mean()
-                    run["grad_steps"] += 1
-            else:
+            lm = None
+            if not cfg.surrogate:  # the direct-gradient ablation: LM loss through the soft masks
                 mlp_m, head_m = choices_to_masks(sp, mlp_c[mine], head_c[mine])
                 fx.set_arch(None)
                 fx.set_masks(mlp_m, head_m)
@@ -245,33 +224,22 @@ def train_routers(
                 with torch.enable_grad():
                     lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
                 fx.set_masks(None, None)
-                loss = loss + lm
-                run["grad_steps"] += 1
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            lat_err = float((frac.detach() / t_dev - 1).abs().mean())
-            metrics.write(
-                stage="routers",
-                step=step,
-                tau=tau,
-                lm_delta=sum(deltas) / len(deltas),
-                latency_loss=float(lat.detach().mean()),
-                latency_error=lat_err,
-                surrogate_heldout_mae=ev["heldout_mae"],
-                surrogate_spearman=ev["heldout_spearman"],
-                surrogate_relative_error=ev["heldout_relative_error"],
-                surrogate_gate_open=gate,
-                router_steps_with_surrogate_grad=run["grad_steps"],
-            )
-            bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{ev['heldout_spearman']:.2f}")
-            stop = any_rank(accelerator, interrupt.requested)
-            if (step + 1) % cfg.checkpoint_every == 0 or step + 1 == cfg.steps or stop:
-                save(step + 1)
-            if stop:
-                raise KeyboardInterrupt(
-                    f"router training interrupted; checkpoint of step {step + 1} saved in {ckpt.root}"
-                )
+            return RouterDraw(t, mlp_c, head_c, delta=torch.tensor(deltas, dtype=torch.float64), lm=lm,
+                              record={"tau": tau, "lm_delta": sum(deltas) / len(deltas)})
+
+        def step_fn(step: int) -> dict:
+            nonlocal ev
+            d = draw(step, tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end))
+            rec = router_update(d, opt=opt, fit=fit, surrogate=surrogate, table=table, space=sp, objective=objective,
+                                gen=gen, mine=mine)
+            run["grad_steps"] += int(rec["surrogate_grad"] or d.lm is not None)
+            ev = {"heldout_mae": rec["surrogate_heldout_mae"], "heldout_spearman": rec["surrogate_spearman"],
+                  "heldout_relative_error": rec["surrogate_relative_error"]}
+            return {**d.record, **rec, "router_steps_with_surrogate_grad": run["grad_steps"]}
+
+        run_router_steps(stage="routers", start=start, steps=cfg.steps, step_fn=step_fn, save=save,
+                         checkpoint_every=cfg.checkpoint_every, interrupt=interrupt, accelerator=accelerator,
+                         metrics=metrics, progress=progress, where=f"in {ckpt.root}")
     router.eval()
     warm, evals = run["warm"], run["evals"]
     validation = None
