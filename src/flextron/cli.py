@@ -174,21 +174,23 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_dynamic(args: argparse.Namespace) -> int:
-    from flextron.config import config_from_overrides
+    from flextron.config import config_from_overrides, load_config
     from flextron.pipeline.dynamic import train_dynamic_run
 
+    saved = Path(args.run) / "config.yaml"
     cfg = config_from_overrides(
+        load_config(saved).dynamic if saved.is_file() else None,
         targets=tuple(args.targets) if args.targets else None,
         steps=args.steps,
         latency_weight=args.latency_weight,
         surrogate=False if args.direct else None,
-        fallback_steps=args.fallback_steps,
         route_every=args.route_every,
+        train_blocks=args.train_blocks,
         per_token=True if args.per_token else None,
         joint_steps=args.joint_steps,
     )
     out = Path(args.out) if args.out else Path(args.run) / "dynamic"
-    summary = train_dynamic_run(Path(args.run), out, cfg, train_blocks=args.train_blocks)
+    summary = train_dynamic_run(Path(args.run), out, cfg)
     timing = summary.get("timing", {})
     for t, c in summary["calibration"].items():
         tm = (
@@ -314,10 +316,11 @@ def build_parser() -> argparse.ArgumentParser:
         "dynamic",
         parents=[common],
         help="train input-adaptive (dynamic) routers on a finished run",
-        description="Train dynamic routers (warm start from the run's static router, surrogate training with a "
-        "direct LM-loss fallback when its gate never opens, latency price calibrated so the average "
+        description="Train dynamic routers (warm start from the run's static router, training through the "
+        "surrogate, kept only if better than the warm start, latency price calibrated so the average "
         "predicted latency meets each target) on Wikipedia, Shakespeare and Python source; writes OUT "
-        "(default RUN/dynamic).",
+        "(default RUN/dynamic). Settings not given here come from the run's `dynamic:` section, if any. "
+        "Interrupted, it resumes from OUT/checkpoints.",
     )
     d.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     d.add_argument("--out", default=None, metavar="DIR", help="output directory (default RUN/dynamic)")
@@ -326,20 +329,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=_nonnegative_int, default=None, metavar="N", help="router training steps (default 30)"
     )
     d.add_argument(
-        "--train-blocks", type=_positive_int, default=16, metavar="N", help="training blocks per domain (default 16)"
+        "--train-blocks", type=_positive_int, default=None, metavar="N", help="training blocks per domain (default 16)"
     )
     d.add_argument(
         "--latency-weight", type=float, default=None, metavar="λ", help="weight of the latency loss (default 10)"
     )
     d.add_argument(
         "--direct", action="store_true", help="ablation: train through the LM loss (soft masks), no surrogate"
-    )
-    d.add_argument(
-        "--fallback-steps",
-        type=_nonnegative_int,
-        default=None,
-        metavar="N",
-        help="direct LM-loss steps after the surrogate path if its gate never opened (default 20; 0 = none)",
     )
     d.add_argument("--per-token", action="store_true", help="per-token MLP routing (grouped by width)")
     d.add_argument(

@@ -335,6 +335,86 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class DynamicConfig:
+    """Dynamic (input-adaptive) routers (METHOD §6–§8), the ``dynamic:`` section of a run; absent,
+    the run has no dynamic stage. ``targets``: the targets they serve (the price is calibrated at
+    each; 1.0 is the full model). Data: ``train_blocks`` blocks per domain of ``seq_len`` tokens
+    (0 = ``eval.seq_len``) to train on; ``batch_size`` inputs per step, whose *average* latency is
+    constrained. ``latency_weight`` λ, ``latency_tol`` as in METHOD §7; the surrogate's gate
+    (``gate_spearman``, ``gate_error``) and steps (``heldout_steps`` and ``warmup_steps`` batches
+    before ``steps`` router steps; ``tau_start`` → ``tau_end``) as for static routers.
+    ``surrogate=False``: the direct LM-loss ablation. ``joint_steps``: joint fine-tuning steps after
+    router training (0 = none). ``per_token``: per-token MLP routing. ``calibrate_blocks``: blocks
+    used to fit the price (and to validate against the warm start). ``route_every``: layers that
+    share one read of the hidden state (at most the model's layer count). ``timing_repeats``: timed
+    rounds per target of the timed calibration (0 = predicted latency only). Evaluation:
+    ``eval_blocks`` held-out blocks per domain, ``timed_blocks`` of them timed in ``eval_repeats``
+    rounds. ``checkpoint_every``: router steps between checkpoints."""
+
+    targets: tuple[float, ...] = (0.6, 0.7, 0.85, 1.0)
+    hidden: int = 64
+    anchor_scale: float = 3.0
+    route_every: int = 3
+    train_blocks: int = 16
+    seq_len: int = 0
+    steps: int = 30
+    batch_size: int = 8
+    router_lr: float = 1e-2
+    surrogate_hidden: int = 256
+    surrogate_lr: float = 1e-3
+    surrogate_updates: int = 20
+    heldout_steps: int = 2
+    warmup_steps: int = 4
+    tau_start: float = 1.0
+    tau_end: float = 0.1
+    latency_weight: float = 10.0
+    latency_tol: float = 0.02
+    gate_spearman: float = 0.8
+    gate_error: float = 0.5
+    surrogate: bool = True
+    per_token: bool = False
+    joint_steps: int = 0
+    model_lr: float = 1e-4
+    calibrate_blocks: int = 16
+    calibrate_iters: int = 8
+    timing_repeats: int = 5
+    eval_blocks: int = 8
+    timed_blocks: int = 2
+    eval_repeats: int = 3
+    checkpoint_every: int = 10
+
+    def __post_init__(self) -> None:
+        _check(
+            len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets),
+            "dynamic.targets",
+            self.targets,
+            "fractions in (0, 1]",
+        )
+        _check(any(t < 1 for t in self.targets), "dynamic.targets", self.targets, "at least one target below 1.0")
+        for k in ("hidden", "route_every", "batch_size", "surrogate_hidden", "surrogate_updates", "heldout_steps",
+                  "calibrate_blocks", "calibrate_iters", "train_blocks", "eval_blocks", "eval_repeats",
+                  "checkpoint_every"):
+            _check(getattr(self, k) >= 1, f"dynamic.{k}", getattr(self, k), "must be >= 1")
+        for k in ("steps", "warmup_steps", "joint_steps", "timing_repeats", "seq_len", "timed_blocks"):
+            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
+        _check(self.seq_len == 0 or self.seq_len >= 2, "dynamic.seq_len", self.seq_len, "0 (eval.seq_len) or >= 2")
+        _check(self.batch_size >= 2, "dynamic.batch_size", self.batch_size,
+               "must be >= 2 (the constraint is on a batch average)")
+        _check(self.tau_start >= self.tau_end > 0, "dynamic.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
+        for k in ("router_lr", "surrogate_lr", "model_lr"):
+            _check(getattr(self, k) > 0, f"dynamic.{k}", getattr(self, k), "must be > 0")
+        for k in ("latency_weight", "anchor_scale"):
+            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
+        _check(0 <= self.latency_tol < 1, "dynamic.latency_tol", self.latency_tol, "must lie in [0, 1)")
+        _check(
+            not (self.per_token and (not self.surrogate or self.joint_steps)),
+            "dynamic.per_token",
+            self.per_token,
+            "per-token routing trains through the surrogate only (no masked form): set surrogate=true, joint_steps=0",
+        )
+
+
+@dataclass(frozen=True)
 class RunConfig:
     """The whole conversion: one section per stage. ``threads``: torch CPU threads (0 keeps the
     default)."""
@@ -352,6 +432,7 @@ class RunConfig:
     routers: RouterConfig = field(default_factory=RouterConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dynamic: DynamicConfig | None = None  # the dynamic stage runs only when the section is given
 
     def __post_init__(self) -> None:
         _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
@@ -456,98 +537,14 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(to_dict(cfg), sort_keys=False)
 
 
-@dataclass(frozen=True)
-class DynamicConfig:
-    """Dynamic-router training. ``targets``: the targets it serves (the price is calibrated at
-    each; 1.0 is the full model). ``batch_size``: inputs per step, whose *average* latency is
-    constrained. ``latency_weight`` λ, ``latency_tol`` as in METHOD §7; ``dual_lr``: step of the
-    latency price per unit of relative latency error. ``surrogate=False``: direct LM-loss
-    ablation. ``fallback_steps``: direct steps when the surrogate's gate never opened (0 = none).
-    ``joint_steps``: joint fine-tuning steps after router training (0 = none).
-    ``per_token``: per-token MLP routing. ``calibrate_blocks``: blocks used to fit the price.
-    ``route_every``: layers that share one read of the hidden state (:class:`DynamicRouter`; at most
-    the model's layer count).
-    ``timing_repeats``: timed rounds per target of the timed calibration (0 = calibrate on the
-    predicted latency only; per-token routing is calibrated on the predicted latency only)."""
-
-    targets: tuple[float, ...] = (0.6, 0.7, 0.85, 1.0)
-    hidden: int = 64
-    anchor_scale: float = 3.0
-    route_every: int = 3
-    steps: int = 30
-    batch_size: int = 8
-    router_lr: float = 1e-2
-    surrogate_hidden: int = 256
-    surrogate_lr: float = 1e-3
-    surrogate_updates: int = 20
-    heldout_steps: int = 2
-    warmup_steps: int = 4
-    tau_start: float = 1.0
-    tau_end: float = 0.1
-    latency_weight: float = 10.0
-    latency_tol: float = 0.02
-    dual_lr: float = 2.0
-    gate_spearman: float = 0.8
-    gate_error: float = 0.5
-    surrogate: bool = True
-    fallback_steps: int = 20
-    per_token: bool = False
-    joint_steps: int = 0
-    model_lr: float = 1e-4
-    calibrate_blocks: int = 16
-    calibrate_iters: int = 8
-    timing_repeats: int = 5
-
-    def __post_init__(self) -> None:
-        _check(
-            len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets),
-            "dynamic.targets",
-            self.targets,
-            "fractions in (0, 1]",
-        )
-        _check(any(t < 1 for t in self.targets), "dynamic.targets", self.targets, "at least one target below 1.0")
-        for k in (
-            "hidden",
-            "route_every",
-            "batch_size",
-            "surrogate_hidden",
-            "surrogate_updates",
-            "heldout_steps",
-            "calibrate_blocks",
-            "calibrate_iters",
-        ):
-            _check(getattr(self, k) >= 1, f"dynamic.{k}", getattr(self, k), "must be >= 1")
-        for k in ("steps", "warmup_steps", "joint_steps", "fallback_steps", "timing_repeats"):
-            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
-        _check(
-            self.batch_size >= 2,
-            "dynamic.batch_size",
-            self.batch_size,
-            "must be >= 2 (the constraint is on a batch average)",
-        )
-        _check(self.tau_start >= self.tau_end > 0, "dynamic.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
-        for k in ("router_lr", "surrogate_lr", "model_lr"):
-            _check(getattr(self, k) > 0, f"dynamic.{k}", getattr(self, k), "must be > 0")
-        for k in ("latency_weight", "dual_lr", "anchor_scale"):
-            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
-        _check(0 <= self.latency_tol < 1, "dynamic.latency_tol", self.latency_tol, "must lie in [0, 1)")
-        _check(
-            not (self.per_token and (not self.surrogate or self.joint_steps)),
-            "dynamic.per_token",
-            self.per_token,
-            "per-token routing trains through the surrogate only (no masked form): set surrogate=true, joint_steps=0",
-        )
-
-
-def config_from_overrides(**overrides) -> DynamicConfig:
-    """A :class:`DynamicConfig` from keyword overrides (``None`` values ignored).
+def config_from_overrides(base: DynamicConfig | None = None, **overrides) -> DynamicConfig:
+    """A :class:`DynamicConfig`: ``base`` (default: the defaults) with keyword overrides (``None``
+    values ignored).
 
     Raises:
         ConfigError: unknown field or invalid value (naming it)."""
-    pass
-
     given = {k: v for k, v in overrides.items() if v is not None}
     try:
-        return from_dict(DynamicConfig, given, "dynamic")
+        return from_dict(DynamicConfig, {**(to_dict(base) if base is not None else {}), **given}, "dynamic")
     except TypeError as e:
         raise ConfigError(f"dynamic: {e}") from None

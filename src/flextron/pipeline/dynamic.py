@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flextron.config import DynamicConfig
+from flextron.config import DynamicConfig, RunConfig
 from flextron.data.domains import domain_blocks, domain_documents
 from flextron.eval.deploy_dynamic import load_dynamic_run
 from flextron.eval.dynamic import append_dynamic_rows, evaluate_dynamic
@@ -25,38 +25,52 @@ def train_dynamic_run(
     out_dir: str | Path | None = None,
     cfg: DynamicConfig | None = None,
     *,
-    train_blocks: int = 16,
-    seq_len: int | None = None,
+    ckpt_dir: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Train a dynamic router on a finished run (``flextron dynamic RUN``): ``train_blocks``
-    blocks per domain (default sequence length: the run's ``eval.seq_len``), written to
-    ``out_dir`` (default ``RUN/dynamic``). The run directory itself is not modified otherwise.
-    Returns the summary of :func:`~flextron.train.dynamic.train_dynamic`.
+    """Train a dynamic router on a finished run (``flextron dynamic RUN``, and the run's ``dynamic``
+    stage): ``cfg.train_blocks`` blocks per domain of ``cfg.seq_len`` tokens (0: the run's
+    ``eval.seq_len``), written to ``out_dir`` (default ``RUN/dynamic``), checkpoints in ``ckpt_dir``
+    (default ``out_dir/checkpoints``). ``cfg`` defaults to the run's ``dynamic`` section, else
+    :class:`~flextron.config.DynamicConfig`'s defaults. Returns the summary of
+    :func:`~flextron.train.dynamic.train_dynamic`.
 
     Raises:
         ModelError: unfinished run; TargetError: a target below the model's floor; DataError.
     """
     from flextron.eval.deploy import load_run, set_threads
 
-    cfg = cfg or DynamicConfig()
     run = load_run(run_dir)
+    cfg = cfg or run.cfg.dynamic or DynamicConfig()
     set_threads(run.cfg)
     out_dir = Path(out_dir) if out_dir is not None else run.run_dir / "dynamic"
-    seq = seq_len or run.cfg.eval.seq_len
-    pool, _ = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, train_blocks, 1, seed=run.cfg.seed)
+    seq = cfg.seq_len or run.cfg.eval.seq_len
+    pool, _ = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, cfg.train_blocks, 1, seed=run.cfg.seed)
     _, summary = train_dynamic(
-        run.fx,
-        run.fx.router,
-        run.table,
-        pool,
-        cfg,
-        out_dir,
-        seed=run.cfg.seed,
-        tokenizer=run.tokenizer,
-        progress=progress,
+        run.fx, run.fx.router, run.table, pool, cfg, out_dir, seed=run.cfg.seed, tokenizer=run.tokenizer,
+        ckpt_dir=ckpt_dir, progress=progress,
     )
     return summary
+
+
+def stage_dynamic(cfg: RunConfig, run_dir: Path) -> dict:
+    """The run's ``dynamic`` stage: :func:`train_dynamic_run` into ``RUN/dynamic`` (checkpoints in
+    ``RUN/checkpoints/dynamic``, resumable), then :func:`evaluate_dynamic_run` (rows in
+    ``results.json``, ``dynamic_results.json``, ``dynamic_report.md``). Returns the stage summary."""
+    d = cfg.dynamic
+    summary = train_dynamic_run(run_dir, run_dir / "dynamic", d, ckpt_dir=run_dir / "checkpoints" / "dynamic")
+    res = evaluate_dynamic_run(run_dir, blocks_per_domain=d.eval_blocks, timed_blocks=d.timed_blocks,
+                               repeats=d.eval_repeats)
+    evals = summary.get("routers", {}).get("llm_evaluations", 0)
+    return {
+        "tokens": 0,
+        "llm_evaluations": evals,
+        "router_tokens": evals * (d.seq_len or cfg.eval.seq_len),
+        "router_steps_with_surrogate_grad": summary.get("routers", {}).get("router_steps_with_surrogate_grad"),
+        "validation": summary.get("validation"),
+        "targets": {str(r["target"]): {"perplexity": r["perplexity"], "predicted_fraction": r["predicted_fraction"],
+                                       "timed_fraction": r.get("timed_fraction")} for r in res["dynamic"]},
+    }
 
 
 def evaluate_dynamic_run(

@@ -24,13 +24,21 @@ from flextron.eval.deploy import finished_stages, set_threads
 from flextron.eval.static import evaluate_targets
 from flextron.files import atomic_write_json, atomic_write_text
 from flextron.model.export import load_original
+from flextron.pipeline.dynamic import stage_dynamic
 from flextron.pipeline.stages import stage_elastic, stage_joint, stage_latency, stage_rank, stage_routers
 from flextron.report.static import write_report
 from flextron.train.distributed import on_main, process_state
 
 log = logging.getLogger(__name__)
 
+#: the stages of every run, in order
 STAGES = ("rank", "latency", "elastic", "routers", "joint", "evaluate")
+
+
+def stages_of(cfg: RunConfig) -> tuple[str, ...]:
+    """The stages a run of ``cfg`` has: :data:`STAGES`, then ``dynamic`` when the config has a
+    ``dynamic:`` section."""
+    return STAGES + (("dynamic",) if cfg.dynamic is not None else ())
 
 
 def _finish_stage(run_dir: Path, name: str, summary: dict, wall_s: float) -> None:
@@ -93,7 +101,7 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
     main = state.is_main_process
     run_dir = Path(on_main(state, lambda: str(_prepare_run_dir(cfg, overwrite))))
     set_threads(cfg)
-    if on_main(state, lambda: all(s in finished_stages(run_dir) for s in STAGES)):
+    if on_main(state, lambda: all(s in finished_stages(run_dir) for s in stages_of(cfg))):
         if main:
             print(f"[flextron] run {run_dir} is complete; nothing to do", flush=True)
         return run_dir
@@ -116,8 +124,10 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
         "routers": (lambda: stage_routers(cfg, run_dir, inp), True),
         "joint": (lambda: stage_joint(cfg, run_dir, inp), True),
         "evaluate": (lambda: stage_evaluate(run_dir), False),
+        "dynamic": (lambda: stage_dynamic(cfg, run_dir), False),
     }
-    for name, (fn, everywhere) in steps.items():
+    for name in stages_of(cfg):
+        fn, everywhere = steps[name]
         if on_main(state, lambda: name in finished_stages(run_dir)):
             log.info("stage %s already finished; skipped", name)
             continue

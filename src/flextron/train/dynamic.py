@@ -1,6 +1,31 @@
-"""Training of dynamic routers (METHOD §6–§8 for input-adaptive routing): through the surrogate
-first, a direct LM-loss fallback when its gate never opens, optional joint fine-tuning, and the
-price calibration of :mod:`flextron.routing.calibrate`.
+"""Training of dynamic (input-adaptive) routers (METHOD §6–§8), resumable, through the one
+router-training loop of :mod:`flextron.train.router_loop`.
+
+Input: the trained elastic model (frozen here), its deployed static router (the warm start:
+:meth:`~flextron.routing.dynamic_router.DynamicRouter.from_static`), the lookup table and token
+blocks ``(N, T)`` of several domains. Output: the dynamic router and its surrogate
+(:func:`~flextron.routing.store.save_dynamic`), metrics in ``out_dir/metrics.jsonl``, checkpoints
+in ``ckpt_dir``.
+
+Phases, as in static router training (its behaviour is the reference where they differed):
+
+1. **Warm-up**: the full model's loss on every block (the surrogate's input feature), a held-out
+   set of ``heldout_steps`` routed batches and a warm-up buffer of ``warmup_steps`` batches, all
+   at the warm start; the surrogate's first fit.
+2. **Steps** (``steps``): a target and ``batch_size`` inputs per step, straight-through Gumbel
+   choices at a temperature falling from ``tau_start`` to ``tau_end``; through the surrogate once
+   its gate opens, or (``surrogate=False``, the ablation) through the LM loss with soft masks. The
+   latency loss is on the batch's average expected latency: inputs share a budget.
+3. **Validation** against the warm start (the static loop's keep-better check): both are
+   calibrated (the price β fitted by bisection so that the average predicted latency meets every
+   target) and the one of lower routed LM loss on the calibration blocks is kept.
+4. Optional **joint fine-tuning** of the router and the model (``joint_steps``, METHOD §8).
+5. **Calibration** on this device: the price again, then, with ``timing_repeats``, on budgets
+   scaled by timed / predicted latency so that the *timed* latency meets the target.
+
+A checkpoint is written after the warm-up, every ``checkpoint_every`` steps, after validation,
+after joint fine-tuning and after the timing; a rerun resumes from the newest one and ends with
+the same router as an uninterrupted run (the timed budgets, once measured, are reused).
 """
 
 from __future__ import annotations
@@ -14,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from flextron.config import DynamicConfig
-from flextron.errors import DataError
+from flextron.errors import DataError, ModelError
 from flextron.model.elastic import ElasticModel
 from flextron.model.scoring import block_nll
 from flextron.routing.calibrate import calibrate_price, choice_statistics, timed_budgets
@@ -24,19 +49,19 @@ from flextron.routing.router import latency_loss
 from flextron.routing.runtime import DynamicRouting
 from flextron.routing.store import MODEL_DIR, save_dynamic
 from flextron.routing.surrogate import Surrogate, SurrogateFit
-from flextron.train.checkpoint import MetricsLog
+from flextron.train.checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
+from flextron.train.distributed import make_accelerator
+from flextron.train.loop import data_sha256
 from flextron.train.losses import lm_kd_loss
+from flextron.train.router_loop import RouterDraw, RouterObjective, add_measurements, router_update, run_router_steps
+from flextron.train.router_loop import tau_at
 
 log = logging.getLogger(__name__)
 
-
-def _tau(cfg: DynamicConfig, step: int, steps: int) -> float:
-    return cfg.tau_start * (cfg.tau_end / cfg.tau_start) ** (step / max(1, steps - 1))
+STAGES = ("dynamic_routers", "dynamic_joint")  # metrics stages of this module
 
 
-def _draw(
-    cfg: DynamicConfig, router: DynamicRouter, pool: torch.Tensor, gen: torch.Generator
-) -> tuple[int, float, torch.Tensor]:
+def _draw_inputs(cfg: DynamicConfig, router: DynamicRouter, pool: torch.Tensor, gen: torch.Generator):
     """One step's target (index into the router's targets, value; never 1.0) and batch indices ``(B,)``."""
     cands = [j for j, t in enumerate(router.trained_targets) if t < 1.0]
     j = cands[int(torch.randint(len(cands), (1,), generator=gen))]
@@ -44,197 +69,76 @@ def _draw(
     return j, router.trained_targets[j], idx
 
 
-def _dual_step(router: DynamicRouter, j: int, mean_frac: float, t: float, lr: float) -> None:
-    """Dual ascent on the latency price of target ``j``: up while the batch average is over ``t``."""
-    router.price[j] += lr * (mean_frac / t - 1)
+def _step_gen(seed: int, step: int, salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + salt + step)
 
 
-def _record(
-    metrics: MetricsLog,
-    stage: str,
-    step: int,
-    t: float,
-    frac: torch.Tensor,
-    r: DynamicRouting,
-    router: DynamicRouter,
-    **extra,
-) -> dict:
-    m, h = r.stacked()  # (B, L, K) one-hot (per token: shares)
-    stats = choice_statistics(m.detach(), h.detach(), router.n_mlp, router.n_heads)
-    mean = float(frac.detach().mean())
-    rec = {
-        "stage": stage,
-        "step": step,
-        "target": t,
-        "mean_fraction": mean,
-        "latency_error": mean / t - 1,
-        "choice_entropy_nats": stats["entropy_nats"],
-        "input_independent_layers": stats["input_independent_layers"],
-        **extra,
-    }
-    metrics.write(**rec)
-    return rec
-
-
-def _full_nll(fx: ElasticModel, pool: torch.Tensor, batch_size: int) -> torch.Tensor:
-    fx.set_arch(None)
-    return torch.tensor(block_nll(fx, pool, batch_size=batch_size, progress=False)["nll_per_block"])  # (N,)
-
-
-def train_through_surrogate(
-    fx: ElasticModel,
-    router: DynamicRouter,
-    surrogate: Surrogate,
-    table,
-    pool: torch.Tensor,
-    cfg: DynamicConfig,
-    metrics: MetricsLog,
-    *,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Stage 2 with the LLM frozen (see the module docstring); ``pool``: token blocks ``(N, T)``
-    from every domain. Returns a summary (steps with a surrogate gradient, the surrogate's held-out
-    MAE/Spearman, LLM evaluations, wall time)."""
-    sp, device = fx.space, next(fx.parameters()).device
-    fx.eval()
-    for p in fx.parameters():
-        p.requires_grad_(False)
-    full = _full_nll(fx, pool, cfg.batch_size)
-    fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
-    opt = torch.optim.Adam([p for p in router.parameters() if p.requires_grad], lr=cfg.router_lr)
-    held: list[tuple] = []
-    total = cfg.heldout_steps + cfg.warmup_steps + cfg.steps
-    grad_steps, evals, ev, t0 = 0, 0, {}, time.time()
-    bar = tqdm(range(total), desc="dynamic: routers (surrogate)", disable=not progress)
-    for step in bar:
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        j, t, idx = _draw(cfg, router, pool, gen)
-        batch = pool[idx].to(device)
-        tau = _tau(cfg, step, total)
+def draw_dynamic(fx: ElasticModel, router: DynamicRouter, pool: torch.Tensor, full: torch.Tensor,
+                 cfg: DynamicConfig, gen: torch.Generator, tau: float, *, direct: bool = False) -> RouterDraw:
+    """Route ``cfg.batch_size`` inputs of ``pool`` (N, T) at one drawn target with straight-through
+    Gumbel choices: ``delta`` = each input's NLL at its routed sub-network − its full-model NLL
+    (``full`` (N,)), ``features`` = the full-model NLL ``(B, 1)``; ``direct``: the LM loss through
+    soft masks instead (gradient to the router), no measurement."""
+    j, t, idx = _draw_inputs(cfg, router, pool, gen)
+    batch = pool[idx].to(next(fx.parameters()).device)
+    targets = torch.full((batch.shape[0],), t)
+    if direct:
+        with DynamicRouting(fx, router, t, tau=tau, generator=gen, masked=True, grad=True) as r:
+            lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
+            mlp_c, head_c = r.stacked()
+        rec = {"lm_loss": float(lm.detach())}
+        out = RouterDraw(targets, mlp_c, head_c, lm=lm)
+    else:
         with DynamicRouting(fx, router, t, tau=tau, generator=gen, per_token=cfg.per_token, grad=True) as r:
             nll = torch.tensor(block_nll(fx, batch, batch_size=batch.shape[0], progress=False)["nll_per_block"])
             mlp_c, head_c = r.stacked()  # (B, L, K), straight-through, with grad to the router
-        evals += batch.shape[0]
-        delta, feats = nll - full[idx], full[idx][:, None]
-        frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
-        if step < cfg.heldout_steps:  # the surrogate's held-out set: inputs and configurations it never trains on
-            held.append((mlp_c.detach(), head_c.detach(), delta, feats))
-            if step + 1 == cfg.heldout_steps:
-                fit.set_heldout(*(torch.cat([h[i] for h in held]) for i in range(4)))
-            _record(metrics, "dynamic_routers", step, t, frac, r, router, phase="heldout")
-            continue
-        for b in range(batch.shape[0]):
-            fit.add(mlp_c[b], head_c[b], float(delta[b]), feats[b])
-        fit.fit(cfg.surrogate_updates, gen=gen)
-        ev = fit.evaluate()
-        gate = ev["heldout_spearman"] >= cfg.gate_spearman and ev["heldout_relative_error"] <= cfg.gate_error
-        mean = frac.mean()
-        loss = cfg.latency_weight * latency_loss(mean[None], torch.tensor([t], dtype=mean.dtype), cfg.latency_tol).sum()
-        sm_term = torch.zeros(())
-        if gate and step >= cfg.heldout_steps + cfg.warmup_steps:
-            surrogate.eval()
-            sm_term = surrogate(mlp_c, head_c, feats.to(mlp_c.dtype)).mean()
-            loss = loss + sm_term
-            grad_steps += 1
-        opt.zero_grad(set_to_none=True)
-        if loss.requires_grad:
-            loss.backward()
-            opt.step()
-        _dual_step(router, j, float(mean.detach()), t, cfg.dual_lr)
-        rec = _record(
-            metrics,
-            "dynamic_routers",
-            step,
-            t,
-            frac,
-            r,
-            router,
-            phase="train",
-            tau=tau,
-            router_loss=float(loss.detach()),
-            surrogate_term=float(sm_term.detach()),
-            lm_delta=float(delta.mean()),
-            price=float(router.price[j]),
-            surrogate_spearman=ev["heldout_spearman"],
-            surrogate_relative_error=ev["heldout_relative_error"],
-            surrogate_gate_open=gate,
-            router_steps_with_surrogate_grad=grad_steps,
-        )
-        bar.set_postfix(lat_err=f"{rec['latency_error']:+.3f}", rho=f"{ev['heldout_spearman']:.2f}")
-    return {
-        "steps": cfg.steps,
-        "warmup_steps": cfg.warmup_steps,
-        "heldout_steps": cfg.heldout_steps,
-        "router_steps_with_surrogate_grad": grad_steps,
-        "llm_evaluations": evals,
-        "surrogate_heldout_mae": ev.get("heldout_mae"),
-        "surrogate_spearman": ev.get("heldout_spearman"),
-        "surrogate_relative_error": ev.get("heldout_relative_error"),
-        "wall_s": round(time.time() - t0, 1),
-    }
+        delta = nll - full[idx]
+        rec = {"lm_delta": float(delta.mean())}
+        out = RouterDraw(targets, mlp_c, head_c, delta=delta, features=full[idx][:, None])
+    stats = choice_statistics(mlp_c.detach(), head_c.detach(), router.n_mlp, router.n_heads)
+    out.record = {**rec, "target": t, "tau": tau, "choice_entropy_nats": stats["entropy_nats"],
+                  "input_independent_layers": stats["input_independent_layers"]}
+    return out
 
 
-def train_through_masks(
-    fx: ElasticModel,
-    router: DynamicRouter,
-    table,
-    pool: torch.Tensor,
-    cfg: DynamicConfig,
-    metrics: MetricsLog,
-    *,
-    steps: int,
-    train_model: bool,
-    seed: int = 0,
-    progress: bool = True,
-) -> dict:
-    """Router (and, with ``train_model``, model) training on the LM loss through soft masks
-    (METHOD §3 masked form): the direct-gradient ablation of §7 (``train_model=False``) or joint
-    fine-tuning of §8 (``train_model=True``, router lr ``cfg.router_lr``, model lr ``cfg.model_lr``),
-    with λ · latency loss on the batch average and the dual price update. Returns a summary."""
+@torch.no_grad()
+def routed_nll(fx: ElasticModel, router: DynamicRouter, blocks: torch.Tensor, batch_size: int, per_token: bool) -> float:
+    """Mean over the router's targets < 1 of the token-mean NLL (nats) of argmax routing on ``blocks``."""
+    ts = [t for t in router.trained_targets if t < 1.0]
+    out = []
+    for t in ts:
+        with DynamicRouting(fx, router, t, per_token=per_token):
+            out.append(block_nll(fx, blocks, batch_size=batch_size, progress=False)["nll"])
+    return sum(out) / len(out)
+
+
+def train_through_masks(fx: ElasticModel, router: DynamicRouter, table, pool: torch.Tensor, cfg: DynamicConfig,
+                        metrics: MetricsLog, *, steps: int, seed: int = 0, progress: bool = True) -> dict:
+    """Joint fine-tuning of the router and the model (METHOD §8) on the LM loss through soft masks
+    (router lr ``cfg.router_lr``, model lr ``cfg.model_lr``) with λ · the latency loss on the batch
+    average, at temperature ``cfg.tau_end``. Returns a summary."""
     sp, device = fx.space, next(fx.parameters()).device
-    stage = "dynamic_joint" if train_model else "dynamic_direct"
     for p in fx.parameters():
-        p.requires_grad_(train_model)
-    groups = [{"params": [p for p in router.parameters() if p.requires_grad], "lr": cfg.router_lr}]
-    if train_model:
-        groups.append({"params": list(fx.parameters()), "lr": cfg.model_lr})
-        fx.train()
-    opt = torch.optim.AdamW(groups, weight_decay=0.0)
+        p.requires_grad_(True)
+    fx.train()
+    opt = torch.optim.AdamW([{"params": [p for p in router.parameters() if p.requires_grad], "lr": cfg.router_lr},
+                             {"params": list(fx.parameters()), "lr": cfg.model_lr}], weight_decay=0.0)
+    objective = RouterObjective(cfg.latency_weight, cfg.latency_tol, cfg.gate_spearman, cfg.gate_error,
+                                cfg.surrogate_updates, surrogate=False, average_latency=True)
     t0 = time.time()
-    for step in tqdm(range(steps), desc=f"dynamic: {stage}", disable=not progress):
-        gen = torch.Generator().manual_seed(seed * 1_000_003 + 500_000 + step)
-        j, t, idx = _draw(cfg, router, pool, gen)
-        batch = pool[idx].to(device)
-        tau = _tau(cfg, step, steps) if not train_model else cfg.tau_end
-        with DynamicRouting(fx, router, t, tau=tau, generator=gen, masked=True, grad=True) as r:
-            logits = fx(input_ids=batch, use_cache=False).logits  # (B, T, V)
-            mlp_c, head_c = r.stacked()
-        lm = lm_kd_loss(logits, batch, None, 0.0)[0]
-        frac = table.expected(mlp_c, head_c, sp.mlp_choices, sp.head_choices) / table.full  # (B,)
-        mean = frac.mean()
-        lat = latency_loss(mean[None], torch.tensor([t], dtype=mean.dtype), cfg.latency_tol).sum()
-        loss = lm + cfg.latency_weight * lat
+    for step in tqdm(range(steps), desc="dynamic: joint", disable=not progress):
+        gen = _step_gen(seed, step, 500_000)
+        d = draw_dynamic(fx, router, pool.to(device), torch.zeros(len(pool)), cfg, gen, cfg.tau_end, direct=True)
         opt.zero_grad(set_to_none=True)
+        frac = table.expected(d.mlp, d.heads, sp.mlp_choices, sp.head_choices) / table.full
+        lat = latency_loss(frac.mean()[None], d.targets[:1].to(frac.dtype), objective.latency_tol).sum()
+        loss = d.lm + objective.latency_weight * lat
         loss.backward()
-        if train_model:
-            torch.nn.utils.clip_grad_norm_(fx.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(fx.parameters(), 1.0)
         opt.step()
-        _dual_step(router, j, float(mean.detach()), t, cfg.dual_lr)
-        _record(
-            metrics,
-            stage,
-            step,
-            t,
-            frac,
-            r,
-            router,
-            tau=tau,
-            router_loss=float(loss.detach()),
-            lm_loss=float(lm.detach()),
-            price=float(router.price[j]),
-        )
-        del logits
+        metrics.write(stage="dynamic_joint", step=step, router_loss=float(loss.detach()), **d.record,
+                      latency_error=float(frac.detach().mean() / d.targets[0] - 1),
+                      mean_fraction=float(frac.detach().mean()))
     fx.eval()
     for p in fx.parameters():
         p.requires_grad_(False)
@@ -252,19 +156,21 @@ def train_dynamic(
     calibration: torch.Tensor | None = None,
     seed: int = 0,
     tokenizer=None,
+    ckpt_dir: str | Path | None = None,
     progress: bool = True,
 ) -> tuple[DynamicRouter, dict]:
-    """The whole dynamic-router stage (module docstring): warm start from ``static``, training
-    (surrogate or direct), optional joint fine-tuning, price calibration on ``calibration``
-    blocks (default: the first ``cfg.calibrate_blocks`` of ``pool``), then :func:`save_dynamic`
-    to ``out_dir``. ``pool``: training blocks ``(N, T)``. Metrics go to ``out_dir/metrics.jsonl``.
-    With joint fine-tuning ``fx`` changes in place and is saved (with ``tokenizer``) to
-    ``out_dir/model``, which :func:`flextron.eval.dynamic.load_dynamic_run` then loads.
+    """The whole dynamic-router stage (module docstring): warm start from ``static``, the steps,
+    validation against the warm start, optional joint fine-tuning, calibration on ``calibration``
+    blocks (default: the first ``cfg.calibrate_blocks`` of ``pool``), then
+    :func:`~flextron.routing.store.save_dynamic` to ``out_dir``. Checkpoints go to ``ckpt_dir``
+    (default ``out_dir/checkpoints``); a rerun resumes from the newest. With joint fine-tuning
+    ``fx`` changes in place and is saved (with ``tokenizer``) to ``out_dir/model``.
 
-    Returns the router and the summary written to ``dynamic.json``.
+    Returns the router and the summary written to its manifest.
 
     Raises:
-        DataError: fewer than ``cfg.batch_size`` blocks; TargetError: a target below the model's floor.
+        DataError: fewer than ``cfg.batch_size`` blocks; TargetError: a target below the model's floor;
+        ModelError: a checkpoint to resume that is corrupt or was written with other settings.
     """
     if pool.dim() != 2 or pool.shape[0] < cfg.batch_size:
         raise DataError(
@@ -273,89 +179,142 @@ def train_dynamic(
     for t in cfg.targets:
         static.check_target(t)
     out_dir = Path(out_dir)
-    metrics = MetricsLog(out_dir / "metrics.jsonl")
-    for stage in ("dynamic_routers", "dynamic_direct", "dynamic_joint"):
-        metrics.truncate(stage, -1)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir / "checkpoints"
+    sp, device = fx.space, next(fx.parameters()).device
+    fx.eval()
+    for p in fx.parameters():
+        p.requires_grad_(False)
     torch.manual_seed(seed)
-    dtype = next(fx.parameters()).dtype
-    every = min(cfg.route_every, fx.space.num_layers)  # a model with fewer layers: one read for all of them
-    router = DynamicRouter.from_static(static, cfg.targets, cfg.hidden, cfg.anchor_scale, every).to(dtype)
-    sp = fx.space
+    every = min(cfg.route_every, sp.num_layers)  # a model with fewer layers: one read for all of them
+    router = DynamicRouter.from_static(static, cfg.targets, cfg.hidden, cfg.anchor_scale, every).to(next(fx.parameters()).dtype)
+    warm = {k: v.clone() for k, v in router.state_dict().items()}
     surrogate = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), cfg.surrogate_hidden, n_features=1)
-    t0 = time.time()
-    summary: dict = {"config": asdict(cfg), "seed": seed, "blocks": list(pool.shape)}
-    if cfg.surrogate:
-        warm = {k: v.clone() for k, v in router.state_dict().items()}
-        summary["routers"] = train_through_surrogate(
-            fx, router, surrogate, table, pool, cfg, metrics, seed=seed, progress=progress
-        )
-        if summary["routers"]["router_steps_with_surrogate_grad"] == 0 and cfg.fallback_steps and not cfg.per_token:
-            log.warning(
-                "dynamic routers: the surrogate never passed its gate (held-out Spearman %s); the router restarts from "
-                "its warm start with %d direct LM-loss steps",
-                summary["routers"]["surrogate_spearman"],
-                cfg.fallback_steps,
-            )
-            router.load_state_dict(warm)  # the latency-only steps are discarded
-            summary["fallback"] = train_through_masks(
-                fx,
-                router,
-                table,
-                pool,
-                cfg,
-                metrics,
-                steps=cfg.fallback_steps,
-                train_model=False,
-                seed=seed,
-                progress=progress,
-            )
-        elif summary["routers"]["router_steps_with_surrogate_grad"] == 0:
-            log.warning(
-                "dynamic routers: the surrogate never passed its gate, so the router learned from the latency term only%s",
-                " (per-token routing has no direct fallback)" if cfg.per_token else "",
-            )
-    else:
-        summary["routers"] = train_through_masks(
-            fx, router, table, pool, cfg, metrics, steps=cfg.steps, train_model=False, seed=seed, progress=progress
-        )
-    if cfg.joint_steps:
-        summary["joint"] = train_through_masks(
-            fx, router, table, pool, cfg, metrics, steps=cfg.joint_steps, train_model=True, seed=seed, progress=progress
-        )
-        from flextron.model.export import save_elastic
+    fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
+    opt = torch.optim.Adam([p for p in router.parameters() if p.requires_grad], lr=cfg.router_lr)
+    gen = torch.Generator().manual_seed(seed + 17)  # the surrogate's minibatches
+    cal = (pool[: cfg.calibrate_blocks] if calibration is None else calibration).to(device)
+    acc = make_accelerator()
+    metrics = MetricsLog(out_dir / "metrics.jsonl")
+    settings = {**{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, "seed": seed,
+                "data_sha256": data_sha256(pool), "calibration_sha256": data_sha256(cal.cpu())}
+    ckpt = StageCheckpoints(ckpt_dir, acc, {"router": router, "surrogate": surrogate},
+                            {"router_optimizer": opt, "surrogate_optimizer": fit.opt}, settings)
+    # what the stage carries from phase to phase (JSON), saved in its checkpoints
+    run: dict = {"phase": "steps", "evals": 0, "grad_steps": 0, "summary": {"config": asdict(cfg), "seed": seed,
+                                                                            "blocks": list(pool.shape)}}
+    full = torch.zeros(0)
+    budgets: dict | None = None
+    objective = RouterObjective(cfg.latency_weight, cfg.latency_tol, cfg.gate_spearman, cfg.gate_error,
+                                cfg.surrogate_updates, surrogate=cfg.surrogate, average_latency=True)
 
-        save_elastic(fx, out_dir / MODEL_DIR, tokenizer=tokenizer, overwrite=True)
-        summary["model"] = MODEL_DIR
-    cal = pool[: cfg.calibrate_blocks] if calibration is None else calibration
-    summary["price_before_calibration"] = router.price.tolist()
-    summary["calibration"] = calibrate_price(
-        fx,
-        router,
-        table,
-        cal,
-        batch_size=cfg.batch_size,
-        iters=cfg.calibrate_iters,
-        per_token=cfg.per_token,
-        progress=progress,
-    )
-    if cfg.timing_repeats and not cfg.per_token:
-        summary["timing"], budgets = timed_budgets(
-            fx, router, table, cal[:1].to(next(fx.parameters()).device), cfg.timing_repeats, progress=progress
-        )
-        summary["calibration"] = calibrate_price(
-            fx,
-            router,
-            table,
-            cal,
-            batch_size=cfg.batch_size,
-            iters=cfg.calibrate_iters,
-            budgets=budgets,
-            progress=progress,
-        )
+    def save(step: int) -> None:
+        tensors = {**fit.state_tensors(), "generator": gen.get_state(), "full_nll": full}
+        if budgets is not None:
+            tensors["budget_targets"] = torch.tensor(list(budgets), dtype=torch.float64)
+            tensors["budget_values"] = torch.tensor(list(budgets.values()), dtype=torch.float64)
+        ckpt.save(step, {"run": run}, tensors)
+
+    t0 = time.time()
+    with deferred_interrupt() as interrupt:
+        state = ckpt.resume()
+        if state is None:
+            for stage in STAGES:
+                metrics.truncate(stage, -1)
+            fx.set_arch(None)
+            full = torch.tensor(block_nll(fx, pool.to(device), batch_size=cfg.batch_size, progress=False)["nll_per_block"])
+            heldout = [draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, i, 900_000), cfg.tau_start)
+                       for i in tqdm(range(cfg.heldout_steps), desc="dynamic: held-out", disable=not progress)]
+            fit.set_heldout(*(torch.cat([getattr(d, k).detach() for d in heldout]) for k in ("mlp", "heads", "delta")),
+                            torch.cat([d.features for d in heldout]))
+            for i in tqdm(range(cfg.warmup_steps), desc="dynamic: warm-up", disable=not progress):
+                add_measurements(fit, draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, i, 800_000), cfg.tau_start))
+            fit.fit(cfg.surrogate_updates * 10, gen=gen)
+            run["evals"] = (cfg.heldout_steps + cfg.warmup_steps) * cfg.batch_size + len(pool)
+            save(0)
+            if interrupt.requested:
+                raise KeyboardInterrupt(f"dynamic routers interrupted after the warm-up; checkpoint saved in {ckpt.root}")
+        else:
+            try:
+                run.update(state["run"])
+                fit.load_state_tensors(state["tensors"])
+                gen.set_state(state["tensors"]["generator"])
+                full = state["tensors"]["full_nll"]
+                if "budget_targets" in state["tensors"]:
+                    budgets = dict(zip(state["tensors"]["budget_targets"].tolist(),
+                                       state["tensors"]["budget_values"].tolist()))
+            except (KeyError, ValueError, TypeError, RuntimeError) as e:
+                raise ModelError(f"checkpoint {ckpt.root} lacks the dynamic stage's state ({type(e).__name__}: {e}); "
+                                 f"delete {ckpt.root} to restart this stage") from None
+        start = state["step"] if state else 0
+        summary = run["summary"]
+        if run["phase"] == "steps":
+            metrics.truncate("dynamic_routers", start - 1)
+            router.train()
+
+            def step_fn(step: int) -> dict:
+                d = draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, step, 0),
+                                 tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end), direct=not cfg.surrogate)
+                rec = router_update(d, opt=opt, fit=fit, surrogate=surrogate, table=table, space=sp,
+                                    objective=objective, gen=gen)
+                run["evals"] += 0 if d.delta is None else len(d.delta)
+                run["grad_steps"] += int(rec["surrogate_grad"])
+                return {**d.record, **rec, "router_steps_with_surrogate_grad": run["grad_steps"]}
+
+            run_router_steps(stage="dynamic_routers", start=start, steps=cfg.steps, step_fn=step_fn, save=save,
+                             checkpoint_every=cfg.checkpoint_every, interrupt=interrupt, accelerator=acc,
+                             metrics=metrics, progress=progress, where=f"in {ckpt.root}")
+            router.eval()
+            ev = fit.evaluate()
+            summary["routers"] = {
+                "steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "heldout_steps": cfg.heldout_steps,
+                "router_steps_with_surrogate_grad": run["grad_steps"], "llm_evaluations": run["evals"],
+                "surrogate_heldout_mae": ev["heldout_mae"], "surrogate_spearman": ev["heldout_spearman"],
+                "surrogate_relative_error": ev["heldout_relative_error"],
+            }
+            if cfg.surrogate and run["grad_steps"] == 0:
+                log.warning("dynamic routers: the surrogate never passed its gate (held-out Spearman %.3f); the router "
+                            "learned from the latency term only", ev["heldout_spearman"])
+            # 3) validation against the warm start, both calibrated on the predicted latency
+            trained = {k: v.clone() for k, v in router.state_dict().items()}
+            scores = {}
+            for name, sd in (("warm_start", warm), ("trained", trained)):
+                router.load_state_dict(sd)
+                calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size, iters=cfg.calibrate_iters,
+                                per_token=cfg.per_token)
+                scores[name] = routed_nll(fx, router, cal, cfg.batch_size, cfg.per_token)
+            kept = "trained" if scores["trained"] < scores["warm_start"] else "warm_start"
+            router.load_state_dict(trained if kept == "trained" else warm)
+            summary["validation"] = {"nll": scores, "kept": kept, "blocks": len(cal)}
+            log.info("dynamic routers: routed NLL %.4f (trained) vs %.4f (warm start) on %d blocks; kept %s",
+                     scores["trained"], scores["warm_start"], len(cal), kept)
+            run["phase"] = "joint" if cfg.joint_steps else "calibrate"
+            save(cfg.steps + 1)
+        if run["phase"] == "joint":
+            summary["joint"] = train_through_masks(fx, router, table, pool, cfg, metrics, steps=cfg.joint_steps,
+                                                   seed=seed, progress=progress)
+            from flextron.model.export import save_elastic  # noqa: PLC0415 (the fine-tuned weights belong to this router)
+
+            save_elastic(fx, out_dir / MODEL_DIR, tokenizer=tokenizer, overwrite=True)
+            summary["model"] = MODEL_DIR
+            run["phase"] = "calibrate"
+            save(cfg.steps + 2)
+        elif (out_dir / MODEL_DIR).exists() and cfg.joint_steps:  # resumed after joint fine-tuning
+            from flextron.model.export import load_elastic  # noqa: PLC0415
+
+            fx.load_state_dict(load_elastic(out_dir / MODEL_DIR).state_dict())
+        # 5) calibration on this device
+        summary["price_before_calibration"] = router.price.tolist()
+        summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size,
+                                                 iters=cfg.calibrate_iters, per_token=cfg.per_token, progress=progress)
+        if cfg.timing_repeats and not cfg.per_token:
+            if budgets is None:
+                summary["timing"], budgets = timed_budgets(fx, router, table, cal[:1], cfg.timing_repeats,
+                                                           progress=progress)
+                save(cfg.steps + 3)
+            summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size,
+                                                     iters=cfg.calibrate_iters, budgets=budgets, progress=progress)
     summary["wall_s"] = round(time.time() - t0, 1)
     save_dynamic(out_dir, router, surrogate, summary)
-    log.info(
-        "dynamic routers: calibrated average latency %s",
-        {k: round(v["mean_fraction"], 4) for k, v in summary["calibration"].items()},
-    )
+    log.info("dynamic routers: calibrated average latency %s",
+             {k: round(v["mean_fraction"], 4) for k, v in summary["calibration"].items()})
     return router, summary

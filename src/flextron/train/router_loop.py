@@ -124,6 +124,7 @@ def router_update(
         "router_loss": float(loss.detach()),
         "latency_loss": float(lat.detach().mean()),
         "latency_error": lat_err,
+        "mean_fraction": float(frac.detach().mean()),
         "surrogate_heldout_mae": ev["heldout_mae"],
         "surrogate_spearman": ev["heldout_spearman"],
         "surrogate_relative_error": ev["heldout_relative_error"],
