@@ -97,7 +97,8 @@ PRESETS = {
     "tiny": ParetoSettings(
         targets=(0.6, 0.8, 1.0), random_search=3, search_batches=1, lut_configs=4, latency_repeats=3
     ),
-    # sized so that the real SmolLM2 demo run (2 CPU cores) stays under an hour: baseline training is ~3× Flextron's tokens
+    # sized so that the real SmolLM2 demo run (2 CPU cores) stays under an hour: baseline training
+    # is ~3× Flextron's tokens
     "demo": ParetoSettings(random_search=8, search_batches=1, lut_configs=20, latency_repeats=5),
 }
 
@@ -517,7 +518,8 @@ def lut_check(
     """
     if table.unit != "s":
         return {
-            "skipped": f"the run's cost table is in {table.unit!r} (latency.budget: params); there is no latency to check"
+            "skipped": f"the run's cost table is in {table.unit!r} (latency.budget: params); "
+            "there is no latency to check"
         }
     if settings.lut_configs == 0:
         return {"skipped": "lut_configs is 0"}
@@ -543,7 +545,8 @@ def summary_rows(res: dict) -> list[list]:
         v = (
             "—"
             if c is None
-            else f"flextron {c['verdict']} (ppl ×{c['ppl_ratio']:.3f} [{c['ppl_ratio_ci95'][0]:.3f}, {c['ppl_ratio_ci95'][1]:.3f}])"
+            else f"flextron {c['verdict']} (ppl ×{c['ppl_ratio']:.3f} "
+            f"[{c['ppl_ratio_ci95'][0]:.3f}, {c['ppl_ratio_ci95'][1]:.3f}])"
         )
         lo, hi = r["perplexity_ci"]
         rows.append(

@@ -65,7 +65,8 @@ def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
             return run_dir
         if not overwrite:
             raise OutputExistsError(
-                f"run directory {run_dir} exists and holds a different run; pass --overwrite or choose another name/out_dir"
+                f"run directory {run_dir} exists and holds a different run; "
+                "pass --overwrite or choose another name/out_dir"
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

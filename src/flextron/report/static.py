@@ -413,14 +413,18 @@ def _summary(results: dict, metrics: list[dict]) -> list[str]:
         ratio = as_number(smallest.get("latency_ratio"))
         if ratio is None and lat is not None and full:
             ratio = lat / full
-        s = f"At target {fmt(smallest['target'])} the routed sub-network has perplexity {fmt(smallest.get('perplexity'))}"
+        s = (
+            f"At target {fmt(smallest['target'])} the routed sub-network has perplexity "
+            f"{fmt(smallest.get('perplexity'))}"
+        )
         if ratio is not None:
             s += f" at {ratio:.2f}× the full model's timed latency (median of paired rounds)"
         lines.append(s + ".")
     mape = as_number((results.get("latency_table") or {}).get("mape"))
     if mape is not None:
         lines.append(
-            f"The latency lookup table predicts the latency of whole sub-models (as a fraction of the full model's) with a mean absolute percentage error of {100 * mape:.1f}%."
+            "The latency lookup table predicts the latency of whole sub-models (as a fraction of the full "
+            f"model's) with a mean absolute percentage error of {100 * mape:.1f}%."
         )
     if as_number(prov.get("total_wall_s")) is not None:
         lines.append(f"The run took {fmt_duration(prov['total_wall_s'])} in total.")
