@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
 from benchmarks.baselines import resolve_run, run_pareto, settings_for, summary_rows
 from benchmarks.harness import format_table, parse_overrides, resolve_device, script_main
-from flextron.report.static import plot_pareto
+from flextron.report.plots import plot_pareto
 
 
 def main(argv: list[str] | None = None) -> int:
