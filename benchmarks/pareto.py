@@ -18,7 +18,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
-from benchmarks.baselines import resolve_run, run_pareto, settings_for, summary_rows
+from benchmarks.baselines import resolve_run, run_pareto, settings_for
+from benchmarks.checks import summary_rows
 from benchmarks.harness import format_table, parse_overrides, resolve_device, script_main
 from flextron.report.plots import plot_pareto
 
