@@ -24,7 +24,8 @@ Methods, all evaluated on the run's held-out blocks and timed as exported sub-mo
 Router checks: at the router configuration's predicted latency, the best homogeneous
 configuration and the best of a random search (both selected on the true loss of training text)
 against the router's, on held-out perplexity. Latency-table check: predicted vs timed fraction
-of full latency over random configurations (mean absolute error).
+of full latency over random configurations (mean absolute error). Both live in
+:mod:`benchmarks.checks`, with the rows of the printed table.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 import torch
 from flextron.eval.stats import paired_comparison
+from benchmarks.checks import lut_check, router_checks, search_batches, search_loss
 from benchmarks.harness import write_json
 from flextron.config import RunConfig, from_dict, load_config, to_dict
 from flextron.model.space import ArchConfig
@@ -45,10 +47,7 @@ from flextron.model.elastic import ElasticModel, convert
 from flextron.errors import ConfigError
 from flextron.eval.perplexity import perplexity
 from flextron.model.export import export_subnetwork, load_elastic
-from flextron.cost.table import CostTable
 from flextron.cost.timing import paired_ratio, prefill_fn, time_models
-from flextron.cost.measure import validate_latency_table
-from flextron.train.routers import lm_loss_at
 from flextron.train.loop import BudgetSampler, homogeneous_for_target
 from flextron.train.distributed import make_accelerator
 from flextron.train.elastic import train_elastic
@@ -97,7 +96,8 @@ PRESETS = {
     "tiny": ParetoSettings(
         targets=(0.6, 0.8, 1.0), random_search=3, search_batches=1, lut_configs=4, latency_repeats=3
     ),
-    # sized so that the real SmolLM2 demo run (2 CPU cores) stays under an hour: baseline training is ~3× Flextron's tokens
+    # sized so that the real SmolLM2 demo run (2 CPU cores) stays under an hour: baseline training
+    # is ~3× Flextron's tokens
     "demo": ParetoSettings(random_search=8, search_batches=1, lut_configs=20, latency_repeats=5),
 }
 
@@ -295,7 +295,7 @@ def run_pareto(
 
     # -- MatFormer-style: homogeneous sampling, no routers --------------------------------------------
     mat_steps = _steps_for(budget, cfg)
-    search = _search_batches(inp, cfg, settings, device)
+    search = search_batches(inp, cfg, settings, device)
     pool = BudgetSampler(space, table, mode="homogeneous", min_fraction=min(cfg.routers.targets)).homogeneous_pool() + [
         space.full()
     ]
@@ -309,7 +309,7 @@ def run_pareto(
             # MatFormer's deployment: among its trained homogeneous configurations within the target,
             # the one of least loss on training text (the one nearest the target is reported beside it)
             cands = [a for a in pool if table.fraction(a) <= t * (1 + cfg.routers.latency_tol)] or [homo[t]]
-            scored = sorted(((_search_loss(model, a, search), a) for a in cands), key=lambda x: x[0])
+            scored = sorted(((search_loss(model, a, search), a) for a in cands), key=lambda x: x[0])
             arch = scored[0][1]
             sel = {
                 "candidates": [
@@ -415,147 +415,3 @@ def run_pareto(
 def _stage_tokens(run_dir: Path, stage: str) -> int | None:
     p = run_dir / "stages.json"
     return json.loads(p.read_text()).get(stage, {}).get("tokens") if p.exists() else None
-
-
-def _search_batches(inp, cfg: RunConfig, settings: ParetoSettings, device: torch.device) -> list[torch.Tensor]:
-    """The ``settings.search_batches`` batches of training text (the router stage's blocks) that
-    configurations are selected on: never the held-out set."""
-    bs = cfg.routers.batch_size
-    return [
-        inp.router[i * bs : (i + 1) * bs].to(device) for i in range(min(settings.search_batches, len(inp.router) // bs))
-    ]
-
-
-def _search_loss(fx: ElasticModel, arch: ArchConfig, search: list[torch.Tensor]) -> float:
-    """Mean next-token CE (nats) of ``arch`` over the selection batches; leaves ``fx`` full."""
-    loss = sum(lm_loss_at(fx, arch, b) for b in search) / len(search)
-    fx.set_arch(None)
-    return loss
-
-
-def router_checks(
-    fx: ElasticModel,
-    table: CostTable,
-    archs: dict,
-    inp,
-    cfg: RunConfig,
-    settings: ParetoSettings,
-    results: dict,
-    evaluate,
-    *,
-    progress: bool = True,
-) -> list[dict]:
-    """For every target below 1: the router's configuration against (a) the best homogeneous
-    configuration of nearest predicted cost (one per head count, the best by true loss on
-    ``settings.search_batches`` batches of training text) and (b) the best of
-    ``settings.random_search`` random per-layer configurations drawn at the router's predicted
-    cost (budget sampler), scored the same way. Held-out perplexities with paired comparisons."""
-    from tqdm.auto import tqdm
-
-    sp = fx.space
-    search = _search_batches(inp, cfg, settings, next(fx.parameters()).device)
-    sampler = BudgetSampler(sp, table, p_full=0.0, mode="budget")
-    gen = torch.Generator().manual_seed(cfg.seed + 4242)
-
-    def loss(a: ArchConfig) -> float:
-        return _search_loss(fx, a, search)
-
-    out = []
-    for t in tqdm([t for t in settings.targets if t < 1], desc="router checks", disable=not progress):
-        r_arch = archs[t]
-        p = table.predict(r_arch)
-        homs = [
-            min((sp.homogeneous(m, a) for m in sp.mlp_choices), key=lambda c: abs(table.predict(c) - p))
-            for a in sp.head_choices
-        ]
-        rand = [sampler.for_budget(p / table.full, gen) for _ in range(settings.random_search)]
-        scored = {
-            "router": [(loss(r_arch), r_arch)],
-            "homogeneous": [(loss(a), a) for a in homs],
-            "random_search": [(loss(a), a) for a in rand],
-        }
-        fx.set_arch(None)
-        ref = results[("flextron", t)]
-        row = {
-            "target": t,
-            "router": {
-                "config": r_arch.to_dict(),
-                "predicted_fraction": table.fraction(r_arch),
-                "search_loss": scored["router"][0][0],
-                "perplexity": ref["perplexity"],
-                "perplexity_ci": ref["perplexity_ci"],
-            },
-        }
-        for name in ("homogeneous", "random_search"):
-            best_loss, best = min(scored[name], key=lambda x: x[0])
-            ev = evaluate(fx, best)
-            row[name] = {
-                "config": best.to_dict(),
-                "predicted_fraction": table.fraction(best),
-                "search_loss": best_loss,
-                "candidates": len(scored[name]),
-                "perplexity": ev["perplexity"],
-                "perplexity_ci": ev["perplexity_ci"],
-                "router_vs": paired_comparison(ref["nll_per_block"], ev["nll_per_block"]),
-            }
-        out.append(row)
-    fx.set_arch(None)
-    return out
-
-
-def lut_check(
-    fx: ElasticModel, table: CostTable, cfg: RunConfig, settings: ParetoSettings, *, progress: bool = True
-) -> dict:
-    """Predicted vs timed fraction of full latency over ``settings.lut_configs`` random
-    configurations (exported and timed against the full model; see
-    :func:`~flextron.cost.measure.validate_latency_table`). Skipped, with the reason, when the run's
-    table prices parameters or ``lut_configs`` is 0.
-
-    Returns:
-        ``{"n", "mae_fraction", "mae_s", "mape_fraction_pct", "configs": [...]}`` or
-        ``{"skipped": reason}``.
-    """
-    if table.unit != "s":
-        return {
-            "skipped": f"the run's cost table is in {table.unit!r} (latency.budget: params); there is no latency to check"
-        }
-    if settings.lut_configs == 0:
-        return {"skipped": "lut_configs is 0"}
-    lcfg = dataclasses.replace(cfg.latency, repeats=max(cfg.latency.repeats, settings.latency_repeats))
-    val = validate_latency_table(fx, table, lcfg, settings.lut_configs, seed=cfg.seed + 77, progress=progress)
-    cs = val["configs"]
-    return {
-        "n": len(cs),
-        "mae_fraction": sum(abs(c["predicted_fraction"] - c["measured_fraction"]) for c in cs) / len(cs),
-        "mae_s": sum(abs(c["predicted_s"] - c["measured_s"]) for c in cs) / len(cs),
-        "mape_fraction_pct": val["mape_fraction"],
-        "configs": cs,
-    }
-
-
-def summary_rows(res: dict) -> list[list]:
-    """Rows of the printed Pareto table: method, target, timed latency (ms), latency / full,
-    perplexity [95% CI], parameters (M), training tokens, verdict against Flextron."""
-    verdict = {(c["flextron_vs"], c["target"]): c for c in res["comparisons"]}
-    rows = []
-    for r in res["rows"]:
-        c = verdict.get((r["method"], r["target"]))
-        v = (
-            "—"
-            if c is None
-            else f"flextron {c['verdict']} (ppl ×{c['ppl_ratio']:.3f} [{c['ppl_ratio_ci95'][0]:.3f}, {c['ppl_ratio_ci95'][1]:.3f}])"
-        )
-        lo, hi = r["perplexity_ci"]
-        rows.append(
-            [
-                r["method"],
-                f"{r['target']:g}",
-                f"{1e3 * r['latency_s']:.1f}",
-                f"{r['latency_ratio']:.3f}",
-                f"{r['perplexity']:.2f} [{lo:.2f}, {hi:.2f}]",
-                f"{r['params'] / 1e6:.2f}",
-                r["train_tokens"],
-                v,
-            ]
-        )
-    return rows

@@ -1,6 +1,7 @@
 """Conversion time per stage at two model sizes, and its growth with size (issue 5).
 
-    python benchmarks/conversion_scaling.py CONFIG --out OUT [--depth-mult 2] [--width-mult 1.333] [--extrapolate 1e9,8e9]
+    python benchmarks/conversion_scaling.py CONFIG --out OUT [--depth-mult 2] [--width-mult 1.333]
+        [--extrapolate 1e9,8e9]
 
 Runs the whole pipeline of CONFIG (its step counts, data and settings) twice, on randomly
 initialised models: the geometry of CONFIG's model (e.g. SmolLM2-135M) and a deeper/wider one
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             base = Path(cfg.model.source).expanduser()
             if not (base / "config.json").is_file():
                 raise ConfigError(
-                    f"model.source {cfg.model.source!r} must be 'smollm2' or a Hugging Face directory for this benchmark"
+                    f"model.source {cfg.model.source!r} must be 'smollm2' or a Hugging Face directory "
+                    "for this benchmark"
                 )
         out = Path(args.out)
         results = []
@@ -130,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out / "conversion_scaling.json", res)
         print(
             f"\nwrote {out / 'conversion_scaling.json'}; base {a['model']['params'] / 1e6:.2f} M params "
-            f"({a['model']['num_hidden_layers']} layers, hidden {a['model']['hidden_size']}), larger {b['model']['params'] / 1e6:.2f} M "
+            f"({a['model']['num_hidden_layers']} layers, hidden {a['model']['hidden_size']}), "
+            f"larger {b['model']['params'] / 1e6:.2f} M "
             f"({b['model']['num_hidden_layers']} layers, hidden {b['model']['hidden_size']}): ×{ratio:.2f} params\n"
         )
         hdr = ["stage", "base s", "larger s", "time ×", "exponent k"] + [f"≈ s at {p:.3g}" for p in sizes_out]

@@ -10,8 +10,9 @@ surrogate path, then ``--fallback-steps`` direct steps if the surrogate's gate n
 ``OUT/dynamic_direct``, evaluated the same way), then measures on held-out Wikipedia,
 Shakespeare and Python-stdlib blocks: the average predicted and timed latency against each
 target, perplexity, dynamic vs static at equal latency (interpolated, bootstrap CIs over
-blocks), the shuffled control (input adaptivity), compute and width shares per domain, collapse. Writes ``OUT/dynamic_results.json``,
-``OUT/dynamic_report.md`` and PNGs (the ablation: ``OUT/direct/``); prints a summary last.
+blocks), the shuffled control (input adaptivity), compute and width shares per domain, collapse.
+Writes ``OUT/dynamic_results.json``, ``OUT/dynamic_report.md`` and PNGs (the ablation:
+``OUT/direct/``); prints a summary last.
 """
 
 from __future__ import annotations
@@ -129,9 +130,11 @@ def main(argv: list[str] | None = None) -> int:
             for r in res["dynamic"]:
                 vp, vt = r["vs_static_predicted"], r.get("vs_static_timed") or {}
                 print(
-                    f"  target {r['target']:g}: avg predicted {r['predicted_fraction']:.3f} ({100 * r['predicted_latency_error']:+.1f}%), "
+                    f"  target {r['target']:g}: avg predicted {r['predicted_fraction']:.3f} "
+                    f"({100 * r['predicted_latency_error']:+.1f}%), "
                     f"timed {r.get('timed_fraction', float('nan')):.3f}, ppl {r['perplexity']:.2f}; vs static (pred.) "
-                    f"{vp.get('ppl_ratio', float('nan')):.3f} {vp['verdict']}; (timed) {vt.get('ppl_ratio', float('nan')):.3f} "
+                    f"{vp.get('ppl_ratio', float('nan')):.3f} {vp['verdict']}; "
+                    f"(timed) {vt.get('ppl_ratio', float('nan')):.3f} "
                     f"{vt.get('verdict', '—')}; per domain "
                     + ", ".join(f"{d} {v['mean_fraction']:.3f}" for d, v in r["per_domain"].items())
                     + f"; entropy {r['collapse']['entropy_nats']:.3f}"

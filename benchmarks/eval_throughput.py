@@ -119,7 +119,8 @@ def main() -> None:
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, out)
     print(
-        f"\n{args.model} on {args.task} ({rows[0]['items'] if rows else 0} items, 0-shot, {torch.get_num_threads()} thread(s)):"
+        f"\n{args.model} on {args.task} ({rows[0]['items'] if rows else 0} items, 0-shot, "
+        f"{torch.get_num_threads()} thread(s)):"
     )
     print(f"{'batch':>6} {'items/s':>9} {'wall s':>8} {'forward s':>10} {'outside forward':>16}")
     for r in rows:

@@ -7,10 +7,10 @@ few steps through the library's own functions (``train_elastic``, ``train_router
 ``train_joint``, ``perplexity``). The peak (VmHWM) is restarted once the models are built; the
 stage's memory is the peak of its computation minus the baseline. The peak while building the
 models is reported separately ("load"): loading safetensors maps the file while the weights are
-copied, so it briefly holds about twice the weights. Activations are measured, not estimated: the unique storages that autograd saves
-for the backward pass of one micro-batch (``saved_tensors_hooks``; the weights it saves are
-already counted as weights and left out), the logits (student and
-teacher) and the gradient buffer the chunked loss fills (the logits' size) — for the joint stage
+copied, so it briefly holds about twice the weights. Activations are measured, not estimated: the
+unique storages that autograd saves for the backward pass of one micro-batch
+(``saved_tensors_hooks``; the weights it saves are already counted as weights and left out), the
+logits (student and teacher) and the gradient buffer the chunked loss fills (the logits' size) — for the joint stage
 on the masked forward it runs (router choices as soft masks); for stages without a backward
 pass, the largest output of a module (the logits) of one no-grad forward. They are measured
 after the stage: measured first, their freed memory would stay resident in the allocator's heap
@@ -244,7 +244,8 @@ def main(argv=None) -> int:
     ]
     print(f"model {args.model}, batch {args.batch} x {args.seq} tokens, {args.steps} steps per stage (MB = 1e6 bytes)")
     print(
-        f"{'stage':<9} {'weights':>8} {'grads':>8} {'optim':>8} {'teacher':>8} {'activ':>8} {'budget':>8} {'measured':>9} {'ratio':>6} {'load':>8}"
+        f"{'stage':<9} {'weights':>8} {'grads':>8} {'optim':>8} {'teacher':>8} {'activ':>8} {'budget':>8} "
+        f"{'measured':>9} {'ratio':>6} {'load':>8}"
     )
     worst = 0.0
     for stage in STAGES:
@@ -259,8 +260,9 @@ def main(argv=None) -> int:
         results[stage] = {**m, "budget": budget, "stage_peak": used, "ratio": ratio}
         q = m["parts"]
         print(
-            f"{stage:<9} {q['weights'] / MB:>8.1f} {q['gradients'] / MB:>8.1f} {q['optimizer'] / MB:>8.1f} {q['teacher'] / MB:>8.1f} "
-            f"{q['activations'] / MB:>8.1f} {budget / MB:>8.1f} {used / MB:>9.1f} {ratio:>5.2f}x {(m['load_peak'] - m['baseline']) / MB:>8.1f}"
+            f"{stage:<9} {q['weights'] / MB:>8.1f} {q['gradients'] / MB:>8.1f} {q['optimizer'] / MB:>8.1f} "
+            f"{q['teacher'] / MB:>8.1f} {q['activations'] / MB:>8.1f} {budget / MB:>8.1f} {used / MB:>9.1f} "
+            f"{ratio:>5.2f}x {(m['load_peak'] - m['baseline']) / MB:>8.1f}"
         )
     out = Path(args.out)
     tmp = out.with_name(f".{out.name}.tmp")

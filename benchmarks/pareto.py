@@ -1,7 +1,8 @@
 """Quality baselines at equal training tokens: Flextron vs MatFormer-style, Minitron-style and
 untrained cuts, plus the router and latency-table checks (issue 5).
 
-    python benchmarks/pareto.py CONFIG --out OUT [--run-dir RUN] [--scale tiny|demo] [--set key=value ...] [--device cpu|cuda]
+    python benchmarks/pareto.py CONFIG --out OUT [--run-dir RUN] [--scale tiny|demo] [--set key=value ...]
+        [--device cpu|cuda]
 
 Without ``--run-dir`` the pipeline is run on CONFIG first (resumable; a finished run is reused).
 Writes ``OUT/pareto.json`` (rows: method, target, latency_s, perplexity, perplexity_ci, params,
@@ -17,9 +18,10 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root, for the benchmarks package
-from benchmarks.baselines import resolve_run, run_pareto, settings_for, summary_rows
+from benchmarks.baselines import resolve_run, run_pareto, settings_for
+from benchmarks.checks import summary_rows
 from benchmarks.harness import format_table, parse_overrides, resolve_device, script_main
-from flextron.report.static import plot_pareto
+from flextron.report.plots import plot_pareto
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,15 +54,19 @@ def main(argv: list[str] | None = None) -> int:
         b = res["token_budget"]
         print(
             f"\ntoken budget: Flextron {b['flextron_train_tokens']} weight-training tokens "
-            f"(+{b['flextron_router_eval_tokens']} forward-only router tokens); MatFormer {b['matformer_steps']} steps, "
+            f"(+{b['flextron_router_eval_tokens']} forward-only router tokens); "
+            f"MatFormer {b['matformer_steps']} steps, "
             f"Minitron {b['minitron_steps_per_target']} steps per target, {b['tokens_per_step']} tokens per step"
         )
         for c in res["router_checks"]:
             h, r = c["homogeneous"], c["random_search"]
             print(
-                f"router check @ {c['target']:g}: router ppl {c['router']['perplexity']:.2f} (pred {c['router']['predicted_fraction']:.3f}); "
-                f"best homogeneous {h['perplexity']:.2f} (pred {h['predicted_fraction']:.3f}): router {h['router_vs']['verdict']}; "
-                f"best of {r['candidates']} random {r['perplexity']:.2f} (pred {r['predicted_fraction']:.3f}): router {r['router_vs']['verdict']}"
+                f"router check @ {c['target']:g}: router ppl {c['router']['perplexity']:.2f} "
+                f"(pred {c['router']['predicted_fraction']:.3f}); "
+                f"best homogeneous {h['perplexity']:.2f} (pred {h['predicted_fraction']:.3f}): "
+                f"router {h['router_vs']['verdict']}; "
+                f"best of {r['candidates']} random {r['perplexity']:.2f} (pred {r['predicted_fraction']:.3f}): "
+                f"router {r['router_vs']['verdict']}"
             )
         lut = res["lut_check"]
         if "skipped" in lut:

@@ -7,7 +7,8 @@ Disk: the run's deployable files (``final/`` weights, config and tokenizer, ``fi
 ``latency_table.json``) against the N exported checkpoints of the same targets. Memory: each
 scenario runs in a fresh process, loads its model(s) and generates a few tokens for every target;
 resident memory above the process's baseline (torch and transformers imported) after loading,
-after serving, and at peak (the two processes run concurrently; each measures itself). Writes ``OUT/serving_memory.json``; prints the table last.
+after serving, and at peak (the two processes run concurrently; each measures itself). Writes
+``OUT/serving_memory.json``; prints the table last.
 """
 
 from __future__ import annotations

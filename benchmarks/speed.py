@@ -136,11 +136,13 @@ def main(argv: list[str] | None = None) -> int:
                 for i, op in enumerate(r.get(f"{kind}_profile", [])):
                     if i == 0:
                         print(
-                            f"\ntarget {r['target']:g} {kind}: real/ideal {r[f'{kind}_real_over_ideal']:.2f} < {args.threshold}; "
+                            f"\ntarget {r['target']:g} {kind}: real/ideal {r[f'{kind}_real_over_ideal']:.2f} "
+                            f"< {args.threshold}; "
                             f"operators losing the most time against ideal scaling (per call):"
                         )
                     print(
-                        f"  {op['op']:<40} sub {1e3 * op['sub_s']:8.2f} ms  full {1e3 * op['full_s']:8.2f} ms  excess {1e3 * op['excess_s']:8.2f} ms"
+                        f"  {op['op']:<40} sub {1e3 * op['sub_s']:8.2f} ms  full {1e3 * op['full_s']:8.2f} ms  "
+                        f"excess {1e3 * op['excess_s']:8.2f} ms"
                     )
         print(
             f"\nwrote {out / 'speed.json'}; full model: prefill {1e3 * timing['full']['prefill_s']:.1f} ms, "

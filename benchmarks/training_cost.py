@@ -103,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"\nwrote {out / 'training_cost.json'}; {args.steps} timed steps of {tok_step} tokens, "
-            f"{summary['full_model_steps']} of them full-model steps; budgets {['full' if c is None else round(c, 2) for c in res['configs']]}\n"
+            f"{summary['full_model_steps']} of them full-model steps; "
+            f"budgets {['full' if c is None else round(c, 2) for c in res['configs']]}\n"
         )
         rows = []
         for kind, label in (

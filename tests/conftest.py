@@ -79,8 +79,9 @@ def _docs(words, n_docs, n_words, seed):
     return [" ".join(rng.choice(words) for _ in range(n_words)) for _ in range(n_docs)]
 
 
-def write_tiny_model_dir(path, seed: int = 0):
-    """A tiny random Llama (GQA, tied embeddings) with a word-level tokenizer, saved as an HF dir."""
+def write_tiny_model_dir(path, seed: int = 0, intermediate_size: int = 64):
+    """A tiny random Llama (GQA, tied embeddings) with a word-level tokenizer, saved as an HF dir
+    (``intermediate_size`` 256 fits the default ``ElasticConfig``, whose widths are multiples of 64)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -94,7 +95,7 @@ def write_tiny_model_dir(path, seed: int = 0):
     cfg = LlamaConfig(
         vocab_size=len(vocab),
         hidden_size=48,
-        intermediate_size=64,
+        intermediate_size=intermediate_size,
         num_hidden_layers=3,
         num_attention_heads=6,
         num_key_value_heads=2,

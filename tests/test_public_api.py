@@ -1,9 +1,10 @@
-"""The public surface is small, importable and documented; modules form no import cycle."""
+"""The public surface is small, importable and documented; deprecated names warn; modules stay small."""
 
-import ast
 import importlib
+import pkgutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import flextron
@@ -18,32 +19,81 @@ def test_all_names_resolve_and_have_docstrings():
         assert obj.__doc__, f"{name} has no docstring"
 
 
-def test_every_module_has_a_docstring_and_no_import_cycle():
-    graph = {}
-    for path in SRC.glob("*.py"):
-        mod = path.stem
-        tree = ast.parse(path.read_text())
-        assert ast.get_docstring(tree), f"{mod} has no module docstring"
-        deps = set()
-        for node in tree.body:  # module-level imports only: these run at import time
-            if isinstance(node, ast.ImportFrom) and node.level == 1:
-                deps.add(node.module or "__init__")
-        graph[mod] = deps - {"__init__"}
-    state = {}
+def test_public_names_resolve_without_warning():
+    assert len(flextron.__all__) <= 12, "the top-level API is at most 12 names"
+    assert set(flextron.__all__) == set(flextron._PUBLIC) and not set(flextron._PUBLIC) & set(flextron._DEPRECATED)
+    for name in flextron.__all__:
+        module = importlib.import_module(flextron._PUBLIC[name])  # import-time warnings are not the API's
+        vars(flextron).pop(name, None)  # resolve through the module __getattr__, not the cache
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = getattr(flextron, name)
+        assert not caught, f"flextron.{name} warns: {[str(w.message) for w in caught]}"
+        assert value is getattr(module, name)
 
-    def visit(m, stack):
-        assert state.get(m) != "open", f"import cycle: {' -> '.join(stack + [m])}"
-        if state.get(m) == "done":
-            return
-        state[m] = "open"
-        for d in graph.get(m, ()):
-            visit(d, stack + [m])
-        state[m] = "done"
 
-    for m in graph:
-        visit(m, [])
-    for m in set(graph) - {"__init__", "__main__"}:
-        importlib.import_module(f"flextron.{m}")
+def test_deprecated_names_resolve_with_a_warning_naming_their_new_home():
+    assert flextron._DEPRECATED, "no deprecated names left: drop this test and _DEPRECATED"
+    for name, where in sorted(flextron._DEPRECATED.items()):
+        module = importlib.import_module(where)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            value = getattr(flextron, name)
+        assert [w.category for w in caught] == [DeprecationWarning], f"flextron.{name}: {caught}"
+        message = str(caught[0].message)
+        assert f"from {where} import {name}" in message, message
+        assert value is getattr(module, name), f"flextron.{name} is not {where}.{name}"
+        assert name not in vars(flextron), f"flextron.{name} was cached: a second use would not warn"
+
+
+def test_every_module_imports_and_has_a_docstring():
+    """Every module and subpackage ``__init__`` of the package imports and is documented (import
+    cycles and the layer order are checked by tests/test_layers.py)."""
+    names = ["flextron"] + [
+        m.name for m in pkgutil.walk_packages(flextron.__path__, "flextron.") if m.name != "flextron.__main__"
+    ]
+    assert {"flextron.model", "flextron.eval.deploy", "flextron.pipeline.runner"} <= set(names)
+    undocumented = [n for n in names if not (importlib.import_module(n).__doc__ or "").strip()]
+    assert not undocumented, f"modules without a docstring: {undocumented}"
+
+
+# --------------------------------------------------------------------------- module size
+
+MAX_LINES, MAX_COLUMNS = 500, 120
+
+#: TEMPORARY: modules over a limit that are being changed on main concurrently; whoever edits them
+#: next splits or wraps them and removes them here (the test fails once an entry is stale)
+KNOWN_OVERSIZE = {
+    "src/flextron/cli.py",  # lines over 120 columns
+    "src/flextron/config.py",  # 553 lines, a line over 120 columns
+    "src/flextron/report/dynamic.py",  # lines over 120 columns
+    "src/flextron/routing/calibrate.py",  # lines over 120 columns
+    "src/flextron/routing/runtime.py",  # a line over 120 columns
+    "src/flextron/train/checkpoint.py",  # lines over 120 columns
+    "src/flextron/train/dynamic.py",  # a line over 120 columns
+}
+
+
+def _size_problems(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8").splitlines()
+    problems = [f"{len(lines)} lines (at most {MAX_LINES})"] if len(lines) > MAX_LINES else []
+    wide = [i for i, line in enumerate(lines, 1) if len(line) > MAX_COLUMNS]
+    if wide:
+        problems.append(f"lines over {MAX_COLUMNS} columns: {wide[:5]}{' ...' if len(wide) > 5 else ''}")
+    return problems
+
+
+def test_modules_are_small_and_narrow():
+    root = SRC.parents[1]
+    paths = sorted(SRC.rglob("*.py")) + sorted((root / "benchmarks").rglob("*.py"))
+    found = {p.relative_to(root).as_posix(): _size_problems(p) for p in paths if "__pycache__" not in p.parts}
+    assert "benchmarks/harness.py" in found, "benchmarks/ not found next to src/"
+    bad = {f: why for f, why in found.items() if why and f not in KNOWN_OVERSIZE}
+    assert not bad, "modules over the limits (split or wrap them):\n" + "\n".join(
+        f"  {f}: {'; '.join(why)}" for f, why in sorted(bad.items())
+    )
+    stale = sorted(f for f in KNOWN_OVERSIZE if not found.get(f))
+    assert not stale, f"now within the limits (or gone): remove them from KNOWN_OVERSIZE: {stale}"
 
 
 def test_cli_help_does_not_import_torch():

@@ -23,7 +23,7 @@ from __future__ import annotations
 import importlib
 import warnings
 
-from flextron.version import __version__  # noqa: F401  (flextron.__version__)
+from flextron.version import __version__ as __version__  # re-exported: flextron.__version__
 
 #: public name -> module that defines it
 _PUBLIC = {

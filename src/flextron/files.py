@@ -1,6 +1,6 @@
 """Persistence that survives interruptions and refuses bad files (base layer): atomic writes of
 text, JSON and whole folders (temporary sibling + rename), sha256 of files and manifests, and shape
-checks of safetensors against a module.
+checks of safetensors against a module; the format check of versioned files (:func:`check_format`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from flextron.errors import ModelError
+from flextron.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -126,3 +127,27 @@ def remove_path(path: Path) -> None:
     trash = path.with_name(f".trash_{path.name}_{os.getpid()}")
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
+
+
+def check_format(path: Path, found, readable: tuple[int, ...], fix: str) -> None:
+    """Refuse a file whose recorded format version this flextron does not read.
+
+    ``found`` is the file's ``"format"`` value, None when it records none (written before formats
+    were recorded: version 1); ``readable`` the versions this flextron reads (``*_FORMATS_READ`` of
+    :mod:`flextron.version`); ``fix`` ends the message.
+
+    Raises:
+        ModelError: one line naming ``path``, the version found, the versions read and ``fix``.
+    """
+    version = 1 if found is None else found
+    known = isinstance(version, int) and not isinstance(version, bool)
+    if known and version in readable:
+        return
+    if not known:
+        why = "not a format flextron writes"
+    else:
+        why = "written by a newer flextron" if version > max(readable) else "a format this flextron no longer reads"
+    reads = ", ".join(str(v) for v in readable)
+    raise ModelError(
+        f"{path} has format {version!r} ({why}); this flextron ({__version__}) reads format {reads}; {fix}"
+    )

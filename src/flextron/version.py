@@ -1,15 +1,17 @@
 """Version of the library and of the formats it writes (base layer: no flextron imports).
 
-``RUN_FORMAT`` is recorded in a run directory (``stages.json``) and ``CHECKPOINT_FORMAT`` in an
-elastic checkpoint (``flextron.json``). A reader accepts the versions listed in
-``*_FORMATS_READ`` and refuses any other, naming it (:func:`check_format`).
+``RUN_FORMAT`` is recorded in a run directory (``flextron_run.json``, written when the directory
+is created) and ``CHECKPOINT_FORMAT`` in an elastic checkpoint (``flextron.json``), both under the
+key ``"format"``. A reader accepts the versions listed in ``*_FORMATS_READ`` and refuses any
+other, naming it (:func:`flextron.files.check_format`); a file without the key was written before
+formats were recorded and counts as version 1.
 """
 
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
-#: format of a run directory written by this version (``stages.json`` → ``"format"``)
+#: format of a run directory written by this version (``flextron_run.json`` → ``"format"``)
 RUN_FORMAT = 1
 #: format of an elastic checkpoint written by this version (``flextron.json`` → ``"format"``)
 CHECKPOINT_FORMAT = 1

@@ -74,7 +74,8 @@ class CostTable:
         """
         if len(arch.mlp) != self.num_layers or len(arch.heads) != self.num_layers:
             raise ConfigError(
-                f"the cost table prices {self.num_layers} layers, the architecture has {len(arch.mlp)}/{len(arch.heads)}"
+                f"the cost table prices {self.num_layers} layers, "
+                f"the architecture has {len(arch.mlp)}/{len(arch.heads)}"
             )
         total = self.const
         for m, a in zip(arch.mlp, arch.heads):
@@ -116,7 +117,8 @@ class CostTable:
         """
         if mlp_probs.shape[-2] != self.num_layers or head_probs.shape[-2] != self.num_layers:
             raise ConfigError(
-                f"router probabilities cover {mlp_probs.shape[-2]}/{head_probs.shape[-2]} layers, the table {self.num_layers}"
+                f"router probabilities cover {mlp_probs.shape[-2]}/{head_probs.shape[-2]} layers, "
+                f"the table {self.num_layers}"
             )
         if mlp_probs.shape[-1] != len(mlp_choices) or head_probs.shape[-1] != len(head_choices):
             raise ConfigError(

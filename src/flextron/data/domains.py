@@ -39,7 +39,8 @@ def _python_stdlib_documents() -> list[Document]:
     ]
     if len(docs) < 4:
         raise DataError(
-            f"found only {len(docs)} Python source files in {root}; the python domain needs the standard library sources"
+            f"found only {len(docs)} Python source files in {root}; "
+            "the python domain needs the standard library sources"
         )
     return docs
 

@@ -1,7 +1,8 @@
 """A finished run, loaded for evaluation and deployment: the trained elastic model with its static
 router, lookup table and tokenizer (:func:`load_run`); export of a target's sub-model
 (:func:`export_target`) and greedy generation at a target (:func:`generate_text`). Also reads the
-run directory's stage record (``stages.json``).
+run directory's stage record (``stages.json``) and writes and checks its format
+(``flextron_run.json``: :func:`write_run_format`, :func:`check_run_format`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,12 @@ import torch
 from flextron.config import RunConfig, load_config
 from flextron.cost.table import CostTable
 from flextron.errors import ConfigError, ModelError, OutputExistsError
+from flextron.files import atomic_write_json, check_format
 from flextron.model.elastic import ElasticModel
 from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork
 from flextron.routing.deploy import TargetRouter
 from flextron.routing.store import load_routers
+from flextron.version import RUN_FORMAT, RUN_FORMATS_READ, __version__
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,45 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- run directory state
 
 
+#: the run directory's format record, written when the directory is created
+RUN_INFO_FILE = "flextron_run.json"
+
+
 def finished_stages(run_dir: Path) -> dict:
     p = run_dir / "stages.json"
     return json.loads(p.read_text()) if p.exists() else {}
+
+
+def write_run_format(run_dir: Path) -> Path:
+    """Record in ``run_dir`` the format (:data:`~flextron.version.RUN_FORMAT`) and the flextron
+    version that created it."""
+    return atomic_write_json(Path(run_dir) / RUN_INFO_FILE, {"format": RUN_FORMAT, "flextron_version": __version__})
+
+
+def check_run_format(run_dir: str | Path) -> None:
+    """Refuse a run directory whose recorded format this flextron does not read; a directory
+    without ``flextron_run.json`` (written before formats were recorded) is version 1.
+
+    Raises:
+        ModelError: unreadable ``flextron_run.json``, or a format not in
+            :data:`~flextron.version.RUN_FORMATS_READ` (the message names it and the fix).
+    """
+    path = Path(run_dir) / RUN_INFO_FILE
+    found = None
+    if path.exists():
+        try:
+            found = json.loads(path.read_text()).get("format")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+            raise ModelError(
+                f"{path} is corrupt ({type(e).__name__}: {e}); delete it if this flextron version made the run "
+                f"(a run without it reads as format 1)"
+            ) from None
+    check_format(
+        path,
+        found,
+        RUN_FORMATS_READ,
+        "upgrade flextron to read this run, or rerun the conversion with this version into a new run directory",
+    )
 
 
 def set_threads(cfg: RunConfig) -> None:
@@ -56,11 +95,13 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     """Load the final elastic model, cost table and routers of a run directory.
 
     Raises:
-        ModelError: the run is missing or has not finished its training stages.
+        ModelError: the run is missing, was written in a format this version does not read
+            (:func:`check_run_format`) or has not finished its training stages.
     """
     run_dir = Path(run_dir)
     if not (run_dir / "config.yaml").exists():
         raise ModelError(f"{run_dir} is not a flextron run directory (no config.yaml); run `flextron run CONFIG` first")
+    check_run_format(run_dir)
     cfg = load_config(run_dir / "config.yaml")
     if "joint" not in finished_stages(run_dir):
         raise ModelError(

@@ -461,7 +461,8 @@ def write_mmlu_yaml(out: Path = TASK_DIR / "mmlu") -> None:
             "task_alias": s.replace("_", " "),
             "dataset_name": s,
             "dataset_kwargs": {"subject": s},
-            "description": f"The following are multiple choice questions (with answers) about {s.replace('_', ' ')}.\n\n",
+            "description": "The following are multiple choice questions (with answers) about "
+            f"{s.replace('_', ' ')}.\n\n",
         }
         (out / f"mmlu_{s}.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False, width=1000))
     group = {

@@ -28,10 +28,11 @@ from torch import nn
 
 from flextron.config import RunConfig
 from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError
-from flextron.files import atomic_write_dir, file_hashes, verify_hashes
+from flextron.files import atomic_write_dir, check_format, file_hashes, verify_hashes
 from flextron.model.elastic import ElasticModel, convert, elastic_config_from_metadata
 from flextron.model.families import adapter_for
 from flextron.model.space import ArchConfig
+from flextron.version import CHECKPOINT_FORMAT, CHECKPOINT_FORMATS_READ
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +207,9 @@ def save_elastic(
     fx: ElasticModel, out_dir, *, tokenizer=None, extra: dict | None = None, overwrite: bool = False
 ) -> Path:
     """Save the whole (permuted) elastic model: a plain HF checkpoint (safetensors, HF keys) plus
-    ``flextron.json`` (``fx.metadata()``, with ``extra`` merged in at the top level, and the
-    sha256 of every weight file under ``weights_sha256``, checked by :func:`load_elastic`).
+    ``flextron.json`` (its ``format``, :data:`~flextron.version.CHECKPOINT_FORMAT`; ``fx.metadata()``,
+    with ``extra`` merged in at the top level; and the sha256 of every weight file under
+    ``weights_sha256``, checked by :func:`load_elastic`).
 
     Raises:
         OutputExistsError: ``out_dir`` exists and is not empty (and ``overwrite`` is False).
@@ -220,7 +222,8 @@ def save_elastic(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         weights = sorted(p.name for p in tmp.glob("*.safetensors"))
-        _write_json(tmp / ELASTIC_INFO_FILE, {**meta, "weights_sha256": file_hashes(tmp, weights)})
+        info = {**meta, "format": CHECKPOINT_FORMAT, "weights_sha256": file_hashes(tmp, weights)}
+        _write_json(tmp / ELASTIC_INFO_FILE, info)
 
     return _atomic_write(out_dir, overwrite, write)
 
@@ -278,7 +281,8 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
     """Load a directory written by :func:`save_elastic` as an :class:`ElasticModel`.
 
     Raises:
-        ModelError: missing directory, ``config.json`` or ``flextron.json``; a weight file whose
+        ModelError: missing directory, ``config.json`` or ``flextron.json``; a ``format`` this
+            version does not read (a file without one is version 1); a weight file whose
             sha256 differs from the one recorded at save (truncated or altered); corrupt
             safetensors; weights whose shapes do not match the config.
     """
@@ -288,10 +292,21 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
     fix = f"save it again with flextron.model.export.save_elastic (or delete {path} and rerun the stage)"
     if not meta_file.is_file():
         raise ModelError(f"{meta_file} is missing; {path} is not a flextron elastic checkpoint ({fix})")
+    corrupt = (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError)
     try:
         meta = json.loads(meta_file.read_text())
+        found = meta.get("format")  # checked before the rest: a newer format may be laid out differently
+    except corrupt as e:
+        raise ModelError(f"{meta_file} is corrupt ({type(e).__name__}: {e}); {fix}") from None
+    check_format(
+        meta_file,
+        found,
+        CHECKPOINT_FORMATS_READ,
+        "upgrade flextron to load it, or save it again with a flextron that writes one of these formats",
+    )
+    try:
         elastic_config = elastic_config_from_metadata(meta)
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError) as e:
+    except corrupt as e:
         raise ModelError(f"{meta_file} is corrupt ({type(e).__name__}: {e}); {fix}") from None
     if "weights_sha256" in meta:
         verify_hashes(path, meta["weights_sha256"], fix)

@@ -117,7 +117,8 @@ class SearchSpace:
             m = int(round(f * D / div)) * div
             if m < div:
                 raise ConfigError(
-                    f"elastic.mlp_fractions={f} keeps {f * D:.1f} of {D} neurons, below mlp_divisor={div}; raise the fraction"
+                    f"elastic.mlp_fractions={f} keeps {f * D:.1f} of {D} neurons, below mlp_divisor={div}; "
+                    "raise the fraction"
                 )
             mlp.add(min(m, D))
         mlp.add(D)

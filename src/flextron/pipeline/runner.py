@@ -2,7 +2,8 @@
 routers → joint fine-tuning → evaluation → report.
 
 Input: a :class:`~flextron.config.RunConfig`. Output: ``run_dir = out_dir/name`` holding
-``config.yaml``, ``stages.json`` (finished stages with wall time, tokens and summaries), the
+``config.yaml``, ``flextron_run.json`` (the run directory's format), ``stages.json`` (finished
+stages with wall time, tokens and summaries), the
 ranked/trained elastic weights (safetensors), ``latency_table.json``, routers and surrogate,
 ``metrics.jsonl``, ``results.json`` and ``report.md`` with PNG plots. A finished stage is skipped
 on rerun; an interrupted training stage resumes from its last checkpoint. Under ``accelerate
@@ -20,7 +21,7 @@ from pathlib import Path
 from flextron.config import RunConfig, dump_config, load_config
 from flextron.data.inputs import make_inputs
 from flextron.errors import FlextronError, OutputExistsError
-from flextron.eval.deploy import finished_stages, set_threads
+from flextron.eval.deploy import check_run_format, finished_stages, set_threads, write_run_format
 from flextron.eval.static import evaluate_targets
 from flextron.files import atomic_write_json, atomic_write_text
 from flextron.model.export import load_original
@@ -60,20 +61,24 @@ def _same_config(saved: Path, cfg: RunConfig) -> bool:
 
 def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
     """Create or reuse ``run_dir``. A run directory written by a different config is refused
-    (nothing overwritten) unless ``overwrite``."""
+    (nothing overwritten) unless ``overwrite``; one in a format this version does not read is
+    refused (:func:`~flextron.eval.deploy.check_run_format`)."""
     run_dir = cfg.run_dir
     text = dump_config(cfg)
     saved = run_dir / "config.yaml"
     if run_dir.exists() and any(run_dir.iterdir()):
         if saved.exists() and (saved.read_text() == text or _same_config(saved, cfg)):
+            check_run_format(run_dir)
             log.info("resuming run in %s", run_dir)
             return run_dir
         if not overwrite:
             raise OutputExistsError(
-                f"run directory {run_dir} exists and holds a different run; pass --overwrite or choose another name/out_dir"
+                f"run directory {run_dir} exists and holds a different run; "
+                "pass --overwrite or choose another name/out_dir"
             )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    write_run_format(run_dir)
     atomic_write_text(saved, text)
     return run_dir
 
