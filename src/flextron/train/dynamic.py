@@ -247,6 +247,8 @@ def train_dynamic(
                                  f"delete {ckpt.root} to restart this stage") from None
         start = state["step"] if state else 0
         summary = run["summary"]
+        if state is not None:
+            summary.setdefault("resumed", []).append({"phase": run["phase"], "step": start})
         if run["phase"] == "steps":
             metrics.truncate("dynamic_routers", start - 1)
             router.train()
