@@ -2,10 +2,10 @@
 
     python benchmarks/dynamic_vs_static.py RUN --out OUT [--targets 0.6,0.7,0.85,1.0] [--steps 30]
         [--direct-steps 10] [--train-blocks 16] [--blocks-per-domain 8] [--timed-blocks 2] [--repeats 3]
-        [--fallback-steps 20] [--latency-weight 10] [--route-every 3] [--per-token]
+        [--latency-weight 10] [--route-every 3] [--per-token]
 
 Trains the dynamic router on RUN's final model without touching RUN (the default trainer: the
-surrogate path, then ``--fallback-steps`` direct steps if the surrogate's gate never opened, into
+surrogate path, then kept only if its routed LM loss beats the warm start's, into
 ``OUT/dynamic``; with ``--direct-steps`` > 0 also the direct LM-loss ablation into
 ``OUT/dynamic_direct``, evaluated the same way), then measures on held-out Wikipedia,
 Shakespeare and Python-stdlib blocks: the average predicted and timed latency against each
@@ -32,12 +32,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=30, help="surrogate-path router steps (default 30)")
     ap.add_argument(
         "--direct-steps", type=int, default=0, help="steps of the direct LM-loss ablation (default 0: not run)"
-    )
-    ap.add_argument(
-        "--fallback-steps",
-        type=int,
-        default=20,
-        help="direct steps after the surrogate path when its gate never opened (default 20)",
     )
     ap.add_argument("--train-blocks", type=int, default=16, help="training blocks per domain (default 16)")
     ap.add_argument("--blocks-per-domain", type=int, default=8, help="held-out blocks per domain (default 8)")
@@ -79,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         pool, held = domain_blocks(
             run.tokenizer, domain_documents(run.cfg), seq, args.train_blocks, args.blocks_per_domain, seed=run.cfg.seed
         )
-        variants = {"dynamic": dict(surrogate=True, steps=args.steps, fallback_steps=args.fallback_steps)}
+        variants = {"dynamic": dict(surrogate=True, steps=args.steps)}
         if args.direct_steps > 0:
             variants["dynamic_direct"] = dict(
                 surrogate=False, steps=args.direct_steps, batch_size=min(args.batch_size, 4)
