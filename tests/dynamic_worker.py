@@ -31,7 +31,7 @@ def _slow_steps() -> None:
 
 def _slow_calibration(run_dir: Path, steps: int) -> None:
     real = dynamic_training.calibrate_price
-    validated = run_dir / "checkpoints" / "dynamic" / f"step_{steps + 1:06d}"
+    validated = run_dir / "dynamic" / "checkpoints" / "dynamic_routers" / f"step_{steps + 1:06d}"
 
     def slow(*args, **kwargs):
         if validated.exists():

@@ -338,7 +338,11 @@ def test_train_dynamic_meets_budget_logs_and_round_trips(tmp_path, variant):
         assert stages == {"dynamic_routers"}
         assert summary["routers"]["router_steps_with_surrogate_grad"] > 0
         assert all(torch.equal(a, b) for a, b in zip(before, fx.parameters()))  # the LLM stays frozen
-    assert all({"latency_error", "choice_entropy_nats", "mean_fraction"} <= set(r) for r in recs)
+    routed = [r for r in recs if r["stage"] == "dynamic_routers"]
+    assert routed and all({"latency_error", "choice_entropy_nats", "mean_fraction"} <= set(r) for r in routed)
+    joint = [r for r in recs if r["stage"] == "dynamic_joint"]  # the joint loop of static routers (lm_loop)
+    assert all("lm_loss" in r and (r["full_model"] or "latency_error" in r) for r in joint)
+    assert len(joint) == cfg.joint_steps
     loaded, meta = load_dynamic(tmp_path, fx)
     assert meta["per_token"] == (variant == "per_token")
     assert all(

@@ -77,7 +77,7 @@ def reference(tmp_path_factory):
 
 
 def test_sigkill_during_the_surrogate_phase_resumes_to_the_same_router(tmp_path, reference):
-    ckpts = lambda run: run / "checkpoints" / "dynamic"  # noqa: E731
+    ckpts = lambda run: run / "dynamic" / "checkpoints" / "dynamic_routers"  # noqa: E731
     # killed after at least one checkpoint inside the steps (step 2 or 4) and before the last step
     run = _run(tmp_path, "killed", "slow_steps",
                lambda run: _router_steps(run) >= 3 and any(ckpts(run).glob("step_00000[24]")))

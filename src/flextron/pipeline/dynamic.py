@@ -31,7 +31,7 @@ def train_dynamic_run(
     """Train a dynamic router on a finished run (``flextron dynamic RUN``, and the run's ``dynamic``
     stage): ``cfg.train_blocks`` blocks per domain of ``cfg.seq_len`` tokens (0: the run's
     ``eval.seq_len``), written to ``out_dir`` (default ``RUN/dynamic``), checkpoints in ``ckpt_dir``
-    (default ``out_dir/checkpoints``). ``cfg`` defaults to the run's ``dynamic`` section, else
+    (default ``out_dir/checkpoints``, see :func:`~flextron.train.dynamic.train_dynamic`). ``cfg`` defaults to the run's ``dynamic`` section, else
     :class:`~flextron.config.DynamicConfig`'s defaults. Returns the summary of
     :func:`~flextron.train.dynamic.train_dynamic`.
 
@@ -55,10 +55,10 @@ def train_dynamic_run(
 
 def stage_dynamic(cfg: RunConfig, run_dir: Path) -> dict:
     """The run's ``dynamic`` stage: :func:`train_dynamic_run` into ``RUN/dynamic`` (checkpoints in
-    ``RUN/checkpoints/dynamic``, resumable), then :func:`evaluate_dynamic_run` (rows in
+    ``RUN/dynamic/checkpoints``, resumable), then :func:`evaluate_dynamic_run` (rows in
     ``results.json``, ``dynamic_results.json``, ``dynamic_report.md``). Returns the stage summary."""
     d = cfg.dynamic
-    summary = train_dynamic_run(run_dir, run_dir / "dynamic", d, ckpt_dir=run_dir / "checkpoints" / "dynamic")
+    summary = train_dynamic_run(run_dir, run_dir / "dynamic", d)
     res = evaluate_dynamic_run(run_dir, blocks_per_domain=d.eval_blocks, timed_blocks=d.timed_blocks,
                                repeats=d.eval_repeats)
     evals = summary.get("routers", {}).get("llm_evaluations", 0)

@@ -31,6 +31,7 @@ the same router as an uninterrupted run (the timed budgets, once measured, are r
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -38,20 +39,21 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from flextron.config import DynamicConfig
+from flextron.config import DynamicConfig, JointConfig
 from flextron.errors import DataError, ModelError
 from flextron.model.elastic import ElasticModel
+from flextron.model.export import load_elastic, save_elastic
 from flextron.model.scoring import block_nll
 from flextron.routing.calibrate import calibrate_price, choice_statistics, timed_budgets
 from flextron.routing.deploy import TargetRouter
 from flextron.routing.dynamic_router import DynamicRouter
-from flextron.routing.router import latency_loss
 from flextron.routing.runtime import DynamicRouting
 from flextron.routing.store import MODEL_DIR, save_dynamic
 from flextron.routing.surrogate import Surrogate, SurrogateFit
 from flextron.train.checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from flextron.train.distributed import make_accelerator
 from flextron.train.loop import data_sha256
+from flextron.train.joint import train_joint
 from flextron.train.losses import lm_kd_loss
 from flextron.train.router_loop import RouterDraw, RouterObjective, add_measurements, router_update, run_router_steps
 from flextron.train.router_loop import tau_at
@@ -112,39 +114,6 @@ def routed_nll(fx: ElasticModel, router: DynamicRouter, blocks: torch.Tensor, ba
     return sum(out) / len(out)
 
 
-def train_through_masks(fx: ElasticModel, router: DynamicRouter, table, pool: torch.Tensor, cfg: DynamicConfig,
-                        metrics: MetricsLog, *, steps: int, seed: int = 0, progress: bool = True) -> dict:
-    """Joint fine-tuning of the router and the model (METHOD §8) on the LM loss through soft masks
-    (router lr ``cfg.router_lr``, model lr ``cfg.model_lr``) with λ · the latency loss on the batch
-    average, at temperature ``cfg.tau_end``. Returns a summary."""
-    sp, device = fx.space, next(fx.parameters()).device
-    for p in fx.parameters():
-        p.requires_grad_(True)
-    fx.train()
-    opt = torch.optim.AdamW([{"params": [p for p in router.parameters() if p.requires_grad], "lr": cfg.router_lr},
-                             {"params": list(fx.parameters()), "lr": cfg.model_lr}], weight_decay=0.0)
-    objective = RouterObjective(cfg.latency_weight, cfg.latency_tol, cfg.gate_spearman, cfg.gate_error,
-                                cfg.surrogate_updates, surrogate=False, average_latency=True)
-    t0 = time.time()
-    for step in tqdm(range(steps), desc="dynamic: joint", disable=not progress):
-        gen = _step_gen(seed, step, 500_000)
-        d = draw_dynamic(fx, router, pool.to(device), torch.zeros(len(pool)), cfg, gen, cfg.tau_end, direct=True)
-        opt.zero_grad(set_to_none=True)
-        frac = table.expected(d.mlp, d.heads, sp.mlp_choices, sp.head_choices) / table.full
-        lat = latency_loss(frac.mean()[None], d.targets[:1].to(frac.dtype), objective.latency_tol).sum()
-        loss = d.lm + objective.latency_weight * lat
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(fx.parameters(), 1.0)
-        opt.step()
-        metrics.write(stage="dynamic_joint", step=step, router_loss=float(loss.detach()), **d.record,
-                      latency_error=float(frac.detach().mean() / d.targets[0] - 1),
-                      mean_fraction=float(frac.detach().mean()))
-    fx.eval()
-    for p in fx.parameters():
-        p.requires_grad_(False)
-    return {"steps": steps, "wall_s": round(time.time() - t0, 1)}
-
-
 def train_dynamic(
     fx: ElasticModel,
     static: TargetRouter,
@@ -163,7 +132,8 @@ def train_dynamic(
     validation against the warm start, optional joint fine-tuning, calibration on ``calibration``
     blocks (default: the first ``cfg.calibrate_blocks`` of ``pool``), then
     :func:`~flextron.routing.store.save_dynamic` to ``out_dir``. Checkpoints go to ``ckpt_dir``
-    (default ``out_dir/checkpoints``); a rerun resumes from the newest. With joint fine-tuning
+    (default ``out_dir/checkpoints/dynamic_routers``; joint fine-tuning's to
+    ``out_dir/checkpoints/dynamic_joint``); a rerun resumes from the newest. With joint fine-tuning
     ``fx`` changes in place and is saved (with ``tokenizer``) to ``out_dir/model``.
 
     Returns the router and the summary written to its manifest.
@@ -179,7 +149,7 @@ def train_dynamic(
     for t in cfg.targets:
         static.check_target(t)
     out_dir = Path(out_dir)
-    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir / "checkpoints"
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else out_dir / "checkpoints" / "dynamic_routers"
     sp, device = fx.space, next(fx.parameters()).device
     fx.eval()
     for p in fx.parameters():
@@ -220,6 +190,7 @@ def train_dynamic(
         if state is None:
             for stage in STAGES:
                 metrics.truncate(stage, -1)
+            shutil.rmtree(out_dir / "checkpoints" / "dynamic_joint", ignore_errors=True)  # of an earlier start
             fx.set_arch(None)
             full = torch.tensor(block_nll(fx, pool.to(device), batch_size=cfg.batch_size, progress=False)["nll_per_block"])
             heldout = [draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, i, 900_000), cfg.tau_start)
@@ -292,17 +263,16 @@ def train_dynamic(
             run["phase"] = "joint" if cfg.joint_steps else "calibrate"
             save(cfg.steps + 1)
         if run["phase"] == "joint":
-            summary["joint"] = train_through_masks(fx, router, table, pool, cfg, metrics, steps=cfg.joint_steps,
-                                                   seed=seed, progress=progress)
-            from flextron.model.export import save_elastic  # noqa: PLC0415 (the fine-tuned weights belong to this router)
-
+            joint = JointConfig(steps=cfg.joint_steps, batch_size=cfg.batch_size, seq_len=pool.shape[1], model_lr=cfg.model_lr,
+                                router_lr=cfg.router_lr, kd_alpha=0.0, checkpoint_every=cfg.checkpoint_every)
+            summary["joint"] = train_joint(fx, None, router, table, pool, joint, cfg, out_dir, seed=seed,
+                                           accelerator=acc, progress=progress, stage="dynamic_joint")
+            fx.set_arch(None)
             save_elastic(fx, out_dir / MODEL_DIR, tokenizer=tokenizer, overwrite=True)
             summary["model"] = MODEL_DIR
             run["phase"] = "calibrate"
             save(cfg.steps + 2)
-        elif (out_dir / MODEL_DIR).exists() and cfg.joint_steps:  # resumed after joint fine-tuning
-            from flextron.model.export import load_elastic  # noqa: PLC0415
-
+        elif cfg.joint_steps:  # resumed after joint fine-tuning: its weights
             fx.load_state_dict(load_elastic(out_dir / MODEL_DIR).state_dict())
         # 5) calibration on this device
         summary["price_before_calibration"] = router.price.tolist()
