@@ -17,15 +17,35 @@ import pytest
 from conftest import write_tiny_run
 
 WORKER = Path(__file__).with_name("dynamic_worker.py")
-DYNAMIC = {"targets": [0.6, 1.0], "steps": 6, "batch_size": 2, "train_blocks": 4, "seq_len": 16, "heldout_steps": 1,
-           "warmup_steps": 1, "calibrate_blocks": 4, "calibrate_iters": 3, "timing_repeats": 0, "eval_blocks": 2,
-           "timed_blocks": 0, "eval_repeats": 1, "checkpoint_every": 2, "gate_spearman": -1.0, "gate_error": 100.0}
+DYNAMIC = {
+    "targets": [0.6, 1.0],
+    "steps": 6,
+    "batch_size": 2,
+    "train_blocks": 4,
+    "seq_len": 16,
+    "heldout_steps": 1,
+    "warmup_steps": 1,
+    "calibrate_blocks": 4,
+    "calibrate_iters": 3,
+    "timing_repeats": 0,
+    "eval_blocks": 2,
+    "timed_blocks": 0,
+    "eval_repeats": 1,
+    "checkpoint_every": 2,
+    "gate_spearman": -1.0,
+    "gate_error": 100.0,
+}
 
 
 def _start(cfg: Path, mode: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), *sys.path])}
-    return subprocess.Popen([sys.executable, str(WORKER), str(cfg), mode], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(WORKER), str(cfg), mode],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_for(cond, p: subprocess.Popen, timeout: float = 180) -> None:
@@ -49,8 +69,12 @@ def _outcome(run: Path) -> dict:
     res = json.loads((run / "dynamic_results.json").read_text())
     rows = [{k: r[k] for k in ("target", "perplexity", "predicted_fraction", "perplexity_ci")} for r in res["dynamic"]]
     stage = json.loads((run / "stages.json").read_text())["dynamic"]["summary"]
-    return {"sha256": manifest["sha256"], "rows": rows, "validation": stage["validation"],
-            "calibration": manifest["summary"]["calibration"]}
+    return {
+        "sha256": manifest["sha256"],
+        "rows": rows,
+        "validation": stage["validation"],
+        "calibration": manifest["summary"]["calibration"],
+    }
 
 
 def _summary(run: Path) -> dict:
@@ -79,8 +103,9 @@ def reference(tmp_path_factory):
 def test_sigkill_during_the_surrogate_phase_resumes_to_the_same_router(tmp_path, reference):
     ckpts = lambda run: run / "dynamic" / "checkpoints" / "dynamic_routers"  # noqa: E731
     # killed after at least one checkpoint inside the steps (step 2 or 4) and before the last step
-    run = _run(tmp_path, "killed", "slow_steps",
-               lambda run: _router_steps(run) >= 3 and any(ckpts(run).glob("step_00000[24]")))
+    run = _run(
+        tmp_path, "killed", "slow_steps", lambda run: _router_steps(run) >= 3 and any(ckpts(run).glob("step_00000[24]"))
+    )
     assert _outcome(run) == reference
     resumed = _summary(run)["resumed"]
     assert resumed[0]["phase"] == "steps" and resumed[0]["step"] in (2, 4)

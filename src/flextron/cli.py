@@ -195,7 +195,8 @@ def cmd_dynamic(args: argparse.Namespace) -> int:
     for t, c in summary["calibration"].items():
         tm = (
             (
-                f"; one block timed {timing[t]['timed_fraction']:.3f} against a predicted {timing[t]['predicted_fraction']:.3f} "
+                f"; one block timed {timing[t]['timed_fraction']:.3f} against a predicted "
+                f"{timing[t]['predicted_fraction']:.3f} "
                 f"(router overhead {100 * timing[t]['overhead_fraction']:+.1f}%)"
             )
             if t in timing
@@ -260,7 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--tasks",
         type=parse_tasks,
         default=None,
-        help="downstream tasks scored with lm-eval at every target, from arc_easy,lambada,piqa,winogrande,mmlu,hellaswag "
+        help="downstream tasks scored with lm-eval at every target, from "
+        "arc_easy,lambada,piqa,winogrande,mmlu,hellaswag "
         "(default: the config's eval.tasks at eval.task_targets)",
     )
     v.add_argument(

@@ -31,7 +31,8 @@ def train_dynamic_run(
     """Train a dynamic router on a finished run (``flextron dynamic RUN``, and the run's ``dynamic``
     stage): ``cfg.train_blocks`` blocks per domain of ``cfg.seq_len`` tokens (0: the run's
     ``eval.seq_len``), written to ``out_dir`` (default ``RUN/dynamic``), checkpoints in ``ckpt_dir``
-    (default ``out_dir/checkpoints``, see :func:`~flextron.train.dynamic.train_dynamic`). ``cfg`` defaults to the run's ``dynamic`` section, else
+    (default ``out_dir/checkpoints``, see :func:`~flextron.train.dynamic.train_dynamic`). ``cfg``
+    defaults to the run's ``dynamic`` section, else
     :class:`~flextron.config.DynamicConfig`'s defaults. Returns the summary of
     :func:`~flextron.train.dynamic.train_dynamic`.
 
@@ -47,8 +48,16 @@ def train_dynamic_run(
     seq = cfg.seq_len or run.cfg.eval.seq_len
     pool, _ = domain_blocks(run.tokenizer, domain_documents(run.cfg), seq, cfg.train_blocks, 1, seed=run.cfg.seed)
     _, summary = train_dynamic(
-        run.fx, run.fx.router, run.table, pool, cfg, out_dir, seed=run.cfg.seed, tokenizer=run.tokenizer,
-        ckpt_dir=ckpt_dir, progress=progress,
+        run.fx,
+        run.fx.router,
+        run.table,
+        pool,
+        cfg,
+        out_dir,
+        seed=run.cfg.seed,
+        tokenizer=run.tokenizer,
+        ckpt_dir=ckpt_dir,
+        progress=progress,
     )
     return summary
 
@@ -59,8 +68,9 @@ def stage_dynamic(cfg: RunConfig, run_dir: Path) -> dict:
     ``results.json``, ``dynamic_results.json``, ``dynamic_report.md``). Returns the stage summary."""
     d = cfg.dynamic
     summary = train_dynamic_run(run_dir, run_dir / "dynamic", d)
-    res = evaluate_dynamic_run(run_dir, blocks_per_domain=d.eval_blocks, timed_blocks=d.timed_blocks,
-                               repeats=d.eval_repeats)
+    res = evaluate_dynamic_run(
+        run_dir, blocks_per_domain=d.eval_blocks, timed_blocks=d.timed_blocks, repeats=d.eval_repeats
+    )
     evals = summary.get("routers", {}).get("llm_evaluations", 0)
     return {
         "tokens": 0,
@@ -68,8 +78,14 @@ def stage_dynamic(cfg: RunConfig, run_dir: Path) -> dict:
         "router_tokens": evals * (d.seq_len or cfg.eval.seq_len),
         "router_steps_with_surrogate_grad": summary.get("routers", {}).get("router_steps_with_surrogate_grad"),
         "validation": summary.get("validation"),
-        "targets": {str(r["target"]): {"perplexity": r["perplexity"], "predicted_fraction": r["predicted_fraction"],
-                                       "timed_fraction": r.get("timed_fraction")} for r in res["dynamic"]},
+        "targets": {
+            str(r["target"]): {
+                "perplexity": r["perplexity"],
+                "predicted_fraction": r["predicted_fraction"],
+                "timed_fraction": r.get("timed_fraction"),
+            }
+            for r in res["dynamic"]
+        },
     }
 
 

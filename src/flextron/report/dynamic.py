@@ -172,7 +172,8 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
         "full-model perplexity "
         + ", ".join(f"{d} {v['full_perplexity']:.2f}" for d, v in res["domains"].items())
         + ". "
-        f"Per-token MLP routing: {'yes' if res.get('per_token') else 'no'}. Evaluation took {res.get('wall_s', 0):.0f} s.",
+        f"Per-token MLP routing: {'yes' if res.get('per_token') else 'no'}. "
+        f"Evaluation took {res.get('wall_s', 0):.0f} s.",
         "",
     ]
     md += [
@@ -200,7 +201,8 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
     md += [
         "## Dynamic against static at equal latency",
         "",
-        "Static perplexity interpolated (log-perplexity linear in latency, block by block) between the two static points "
+        "Static perplexity interpolated (log-perplexity linear in latency, block by block) "
+        "between the two static points "
         "that bracket the dynamic point's latency; ratio = dynamic / static perplexity, 95% bootstrap CI over blocks.",
         "",
     ]
@@ -225,7 +227,8 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
             "## Input adaptivity (shuffled control)",
             "",
             "Every block runs at the configuration routed for another block (a random permutation): the same "
-            "configurations and the same average latency, no longer matched to their inputs. Ratio = dynamic / shuffled "
+            "configurations and the same average latency, no longer matched to their inputs. "
+            "Ratio = dynamic / shuffled "
             "perplexity, 95% bootstrap CI over blocks; below 1 means the input dependence itself helps.",
             "",
             md_table(
@@ -290,7 +293,8 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
     md += [
         "## Collapse",
         "",
-        "Entropy of the choices over inputs (mean over layers; 0 = every input gets the same sub-network) and the share of "
+        "Entropy of the choices over inputs (mean over layers; 0 = every input gets the same sub-network) "
+        "and the share of "
         "layers whose MLP width and head count do not depend on the input.",
         "",
         md_table(

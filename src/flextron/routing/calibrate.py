@@ -234,8 +234,9 @@ def timed_budgets(
         )
         if abs(ratio - 1) > max_change:
             log.warning(
-                "dynamic routers at %g: timed latency is %.2f× the table's prediction on this machine, beyond the ±%.0f%% "
-                "the budget may move; the timed latency will miss this target. Train the routers on the machine the run's "
+                "dynamic routers at %g: timed latency is %.2f× the table's prediction on this machine, "
+                "beyond the ±%.0f%% the budget may move; the timed latency will miss this target. "
+                "Train the routers on the machine the run's "
                 "lookup table was measured on, or use the static router where the router overhead (%+.1f%% of the "
                 "sub-network's prefill) is this large (very small models)",
                 t,

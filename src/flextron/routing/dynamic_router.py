@@ -126,9 +126,16 @@ class DynamicRouter(Router):
         return r
 
     def init_args(self) -> dict:
-        return {"targets": self.trained_targets, "num_layers": self.num_layers, "hidden_size": self.hidden_size,
-                "n_mlp": self.n_mlp, "n_heads": self.n_heads, "hidden": self.b1.shape[1],
-                "anchor_scale": self.anchor_scale, "route_every": self.route_every}
+        return {
+            "targets": self.trained_targets,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "n_mlp": self.n_mlp,
+            "n_heads": self.n_heads,
+            "hidden": self.b1.shape[1],
+            "anchor_scale": self.anchor_scale,
+            "route_every": self.route_every,
+        }
 
     def check_target(self, target: float) -> None:
         """Raises TargetError unless ``target`` lies in the trained range ``[min(targets), 1]``

@@ -75,8 +75,13 @@ class StaticRouter(Router):
         )
 
     def init_args(self) -> dict:
-        return {"targets": self.trained_targets, "num_layers": self.num_layers, "n_mlp": self.n_mlp,
-                "n_heads": self.n_heads, "hidden": self.hidden}
+        return {
+            "targets": self.trained_targets,
+            "num_layers": self.num_layers,
+            "n_mlp": self.n_mlp,
+            "n_heads": self.n_heads,
+            "hidden": self.hidden,
+        }
 
     def encode(self, t: torch.Tensor) -> torch.Tensor:
         """Targets ``(B,)`` → interpolated one-hot ``(B, n_targets)`` (clamped to the trained range)."""

@@ -138,7 +138,8 @@ class DynamicRouting:
 
     @staticmethod
     def _distinct(idx: torch.Tensor) -> list[int]:
-        """The distinct candidate indices in ``idx`` (a Python set for a handful of rows: cheaper than ``torch.unique``)."""
+        """The distinct candidate indices in ``idx`` (a Python set for a handful of rows: cheaper
+        than ``torch.unique``)."""
         return sorted(set(idx.tolist())) if idx.dim() == 1 else torch.unique(idx).tolist()
 
     def _fast_indices(self, l: int) -> tuple[torch.Tensor, torch.Tensor]:

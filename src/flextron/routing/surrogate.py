@@ -36,8 +36,13 @@ class Surrogate(nn.Module):
     def __init__(self, num_layers: int, n_mlp: int, n_heads: int, hidden: int = 256, n_features: int = 0) -> None:
         super().__init__()
         self.n_features = n_features
-        self._args = {"num_layers": num_layers, "n_mlp": n_mlp, "n_heads": n_heads, "hidden": hidden,
-                      "n_features": n_features}
+        self._args = {
+            "num_layers": num_layers,
+            "n_mlp": n_mlp,
+            "n_heads": n_heads,
+            "hidden": hidden,
+            "n_features": n_features,
+        }
         self.net = nn.Sequential(
             nn.Linear(num_layers * (n_mlp + n_heads) + n_features, hidden), nn.LeakyReLU(), nn.Linear(hidden, 1)
         )

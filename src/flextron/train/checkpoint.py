@@ -122,7 +122,8 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers,
         }
         if not isinstance(opt_meta, dict) or set(opt_meta) != set(optimizers):
             raise ValueError(
-                f"optimizers {sorted(opt_meta) if isinstance(opt_meta, dict) else opt_meta!r}, expected {sorted(optimizers)}"
+                f"optimizers {sorted(opt_meta) if isinstance(opt_meta, dict) else opt_meta!r}, "
+                f"expected {sorted(optimizers)}"
             )
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelError(f"checkpoint {path} is unreadable ({type(e).__name__}: {e}); {fix}") from None
@@ -157,7 +158,8 @@ def load_checkpoint(path: Path, modules: dict[str, torch.nn.Module], optimizers,
                 for k, v in st.items():
                     if torch.is_tensor(v) and v.dim() > 0 and tuple(v.shape) != tuple(params[pid].shape):
                         raise ValueError(
-                            f"{name} state {pid}.{k} has shape {tuple(v.shape)}, the parameter {tuple(params[pid].shape)}"
+                            f"{name} state {pid}.{k} has shape {tuple(v.shape)}, "
+                            f"the parameter {tuple(params[pid].shape)}"
                         )
             optimizer.load_state_dict({"state": opt_state, "param_groups": opt_meta[name]["param_groups"]})
         if "state.safetensors" in hashes:

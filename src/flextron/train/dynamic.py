@@ -75,8 +75,17 @@ def _step_gen(seed: int, step: int, salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + salt + step)
 
 
-def draw_dynamic(fx: ElasticModel, router: DynamicRouter, pool: torch.Tensor, full: torch.Tensor,
-                 cfg: DynamicConfig, gen: torch.Generator, tau: float, *, direct: bool = False) -> RouterDraw:
+def draw_dynamic(
+    fx: ElasticModel,
+    router: DynamicRouter,
+    pool: torch.Tensor,
+    full: torch.Tensor,
+    cfg: DynamicConfig,
+    gen: torch.Generator,
+    tau: float,
+    *,
+    direct: bool = False,
+) -> RouterDraw:
     """Route ``cfg.batch_size`` inputs of ``pool`` (N, T) at one drawn target with straight-through
     Gumbel choices: ``delta`` = each input's NLL at its routed sub-network − its full-model NLL
     (``full`` (N,)), ``features`` = the full-model NLL ``(B, 1)``; ``direct``: the LM loss through
@@ -98,13 +107,20 @@ def draw_dynamic(fx: ElasticModel, router: DynamicRouter, pool: torch.Tensor, fu
         rec = {"lm_delta": float(delta.mean())}
         out = RouterDraw(targets, mlp_c, head_c, delta=delta, features=full[idx][:, None])
     stats = choice_statistics(mlp_c.detach(), head_c.detach(), router.n_mlp, router.n_heads)
-    out.record = {**rec, "target": t, "tau": tau, "choice_entropy_nats": stats["entropy_nats"],
-                  "input_independent_layers": stats["input_independent_layers"]}
+    out.record = {
+        **rec,
+        "target": t,
+        "tau": tau,
+        "choice_entropy_nats": stats["entropy_nats"],
+        "input_independent_layers": stats["input_independent_layers"],
+    }
     return out
 
 
 @torch.no_grad()
-def routed_nll(fx: ElasticModel, router: DynamicRouter, blocks: torch.Tensor, batch_size: int, per_token: bool) -> float:
+def routed_nll(
+    fx: ElasticModel, router: DynamicRouter, blocks: torch.Tensor, batch_size: int, per_token: bool
+) -> float:
     """Mean over the router's targets < 1 of the token-mean NLL (nats) of argmax routing on ``blocks``."""
     ts = [t for t in router.trained_targets if t < 1.0]
     out = []
@@ -156,7 +172,9 @@ def train_dynamic(
         p.requires_grad_(False)
     torch.manual_seed(seed)
     every = min(cfg.route_every, sp.num_layers)  # a model with fewer layers: one read for all of them
-    router = DynamicRouter.from_static(static, cfg.targets, cfg.hidden, cfg.anchor_scale, every).to(next(fx.parameters()).dtype)
+    router = DynamicRouter.from_static(static, cfg.targets, cfg.hidden, cfg.anchor_scale, every).to(
+        next(fx.parameters()).dtype
+    )
     warm = {k: v.clone() for k, v in router.state_dict().items()}
     surrogate = Surrogate(sp.num_layers, len(sp.mlp_choices), len(sp.head_choices), cfg.surrogate_hidden, n_features=1)
     fit = SurrogateFit(surrogate, lr=cfg.surrogate_lr)
@@ -165,17 +183,37 @@ def train_dynamic(
     cal = (pool[: cfg.calibrate_blocks] if calibration is None else calibration).to(device)
     acc = make_accelerator()
     metrics = MetricsLog(out_dir / "metrics.jsonl")
-    settings = {**{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"}, "seed": seed,
-                "data_sha256": data_sha256(pool), "calibration_sha256": data_sha256(cal.cpu())}
-    ckpt = StageCheckpoints(ckpt_dir, acc, {"router": router, "surrogate": surrogate},
-                            {"router_optimizer": opt, "surrogate_optimizer": fit.opt}, settings)
+    settings = {
+        **{k: v for k, v in asdict(cfg).items() if k != "checkpoint_every"},
+        "seed": seed,
+        "data_sha256": data_sha256(pool),
+        "calibration_sha256": data_sha256(cal.cpu()),
+    }
+    ckpt = StageCheckpoints(
+        ckpt_dir,
+        acc,
+        {"router": router, "surrogate": surrogate},
+        {"router_optimizer": opt, "surrogate_optimizer": fit.opt},
+        settings,
+    )
     # what the stage carries from phase to phase (JSON), saved in its checkpoints
-    run: dict = {"phase": "steps", "evals": 0, "grad_steps": 0, "summary": {"config": asdict(cfg), "seed": seed,
-                                                                            "blocks": list(pool.shape)}}
+    run: dict = {
+        "phase": "steps",
+        "evals": 0,
+        "grad_steps": 0,
+        "summary": {"config": asdict(cfg), "seed": seed, "blocks": list(pool.shape)},
+    }
     full = torch.zeros(0)
     budgets: dict | None = None
-    objective = RouterObjective(cfg.latency_weight, cfg.latency_tol, cfg.gate_spearman, cfg.gate_error,
-                                cfg.surrogate_updates, surrogate=cfg.surrogate, average_latency=True)
+    objective = RouterObjective(
+        cfg.latency_weight,
+        cfg.latency_tol,
+        cfg.gate_spearman,
+        cfg.gate_error,
+        cfg.surrogate_updates,
+        surrogate=cfg.surrogate,
+        average_latency=True,
+    )
 
     def save(step: int) -> None:
         tensors = {**fit.state_tensors(), "generator": gen.get_state(), "full_nll": full}
@@ -192,18 +230,28 @@ def train_dynamic(
                 metrics.truncate(stage, -1)
             shutil.rmtree(out_dir / "checkpoints" / "dynamic_joint", ignore_errors=True)  # of an earlier start
             fx.set_arch(None)
-            full = torch.tensor(block_nll(fx, pool.to(device), batch_size=cfg.batch_size, progress=False)["nll_per_block"])
-            heldout = [draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, i, 900_000), cfg.tau_start)
-                       for i in tqdm(range(cfg.heldout_steps), desc="dynamic: held-out", disable=not progress)]
-            fit.set_heldout(*(torch.cat([getattr(d, k).detach() for d in heldout]) for k in ("mlp", "heads", "delta")),
-                            torch.cat([d.features for d in heldout]))
+            full = torch.tensor(
+                block_nll(fx, pool.to(device), batch_size=cfg.batch_size, progress=False)["nll_per_block"]
+            )
+            heldout = [
+                draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, i, 900_000), cfg.tau_start)
+                for i in tqdm(range(cfg.heldout_steps), desc="dynamic: held-out", disable=not progress)
+            ]
+            fit.set_heldout(
+                *(torch.cat([getattr(d, k).detach() for d in heldout]) for k in ("mlp", "heads", "delta")),
+                torch.cat([d.features for d in heldout]),
+            )
             for i in tqdm(range(cfg.warmup_steps), desc="dynamic: warm-up", disable=not progress):
-                add_measurements(fit, draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, i, 800_000), cfg.tau_start))
+                add_measurements(
+                    fit, draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, i, 800_000), cfg.tau_start)
+                )
             fit.fit(cfg.surrogate_updates * 10, gen=gen)
             run["evals"] = (cfg.heldout_steps + cfg.warmup_steps) * cfg.batch_size + len(pool)
             save(0)
             if interrupt.requested:
-                raise KeyboardInterrupt(f"dynamic routers interrupted after the warm-up; checkpoint saved in {ckpt.root}")
+                raise KeyboardInterrupt(
+                    f"dynamic routers interrupted after the warm-up; checkpoint saved in {ckpt.root}"
+                )
         else:
             try:
                 run.update(state["run"])
@@ -211,11 +259,14 @@ def train_dynamic(
                 gen.set_state(state["tensors"]["generator"])
                 full = state["tensors"]["full_nll"]
                 if "budget_targets" in state["tensors"]:
-                    budgets = dict(zip(state["tensors"]["budget_targets"].tolist(),
-                                       state["tensors"]["budget_values"].tolist()))
+                    budgets = dict(
+                        zip(state["tensors"]["budget_targets"].tolist(), state["tensors"]["budget_values"].tolist())
+                    )
             except (KeyError, ValueError, TypeError, RuntimeError) as e:
-                raise ModelError(f"checkpoint {ckpt.root} lacks the dynamic stage's state ({type(e).__name__}: {e}); "
-                                 f"delete {ckpt.root} to restart this stage") from None
+                raise ModelError(
+                    f"checkpoint {ckpt.root} lacks the dynamic stage's state ({type(e).__name__}: {e}); "
+                    f"delete {ckpt.root} to restart this stage"
+                ) from None
         start = state["step"] if state else 0
         summary = run["summary"]
         if state is not None:
@@ -225,48 +276,105 @@ def train_dynamic(
             router.train()
 
             def step_fn(step: int) -> dict:
-                d = draw_dynamic(fx, router, pool, full, cfg, _step_gen(seed, step, 0),
-                                 tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end), direct=not cfg.surrogate)
-                rec = router_update(d, opt=opt, fit=fit, surrogate=surrogate, table=table, space=sp,
-                                    objective=objective, gen=gen)
+                d = draw_dynamic(
+                    fx,
+                    router,
+                    pool,
+                    full,
+                    cfg,
+                    _step_gen(seed, step, 0),
+                    tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end),
+                    direct=not cfg.surrogate,
+                )
+                rec = router_update(
+                    d, opt=opt, fit=fit, surrogate=surrogate, table=table, space=sp, objective=objective, gen=gen
+                )
                 run["evals"] += 0 if d.delta is None else len(d.delta)
                 run["grad_steps"] += int(rec["surrogate_grad"])
                 return {**d.record, **rec, "router_steps_with_surrogate_grad": run["grad_steps"]}
 
-            run_router_steps(stage="dynamic_routers", start=start, steps=cfg.steps, step_fn=step_fn, save=save,
-                             checkpoint_every=cfg.checkpoint_every, interrupt=interrupt, accelerator=acc,
-                             metrics=metrics, progress=progress, where=f"in {ckpt.root}")
+            run_router_steps(
+                stage="dynamic_routers",
+                start=start,
+                steps=cfg.steps,
+                step_fn=step_fn,
+                save=save,
+                checkpoint_every=cfg.checkpoint_every,
+                interrupt=interrupt,
+                accelerator=acc,
+                metrics=metrics,
+                progress=progress,
+                where=f"in {ckpt.root}",
+            )
             router.eval()
             ev = fit.evaluate()
             summary["routers"] = {
-                "steps": cfg.steps, "warmup_steps": cfg.warmup_steps, "heldout_steps": cfg.heldout_steps,
-                "router_steps_with_surrogate_grad": run["grad_steps"], "llm_evaluations": run["evals"],
-                "surrogate_heldout_mae": ev["heldout_mae"], "surrogate_spearman": ev["heldout_spearman"],
+                "steps": cfg.steps,
+                "warmup_steps": cfg.warmup_steps,
+                "heldout_steps": cfg.heldout_steps,
+                "router_steps_with_surrogate_grad": run["grad_steps"],
+                "llm_evaluations": run["evals"],
+                "surrogate_heldout_mae": ev["heldout_mae"],
+                "surrogate_spearman": ev["heldout_spearman"],
                 "surrogate_relative_error": ev["heldout_relative_error"],
             }
             if cfg.surrogate and run["grad_steps"] == 0:
-                log.warning("dynamic routers: the surrogate never passed its gate (held-out Spearman %.3f); the router "
-                            "learned from the latency term only", ev["heldout_spearman"])
+                log.warning(
+                    "dynamic routers: the surrogate never passed its gate (held-out Spearman %.3f); the router "
+                    "learned from the latency term only",
+                    ev["heldout_spearman"],
+                )
             # 3) validation against the warm start, both calibrated on the predicted latency
             trained = {k: v.clone() for k, v in router.state_dict().items()}
             scores = {}
             for name, sd in (("warm_start", warm), ("trained", trained)):
                 router.load_state_dict(sd)
-                calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size, iters=cfg.calibrate_iters,
-                                per_token=cfg.per_token)
+                calibrate_price(
+                    fx,
+                    router,
+                    table,
+                    cal,
+                    batch_size=cfg.batch_size,
+                    iters=cfg.calibrate_iters,
+                    per_token=cfg.per_token,
+                )
                 scores[name] = routed_nll(fx, router, cal, cfg.batch_size, cfg.per_token)
             kept = "trained" if scores["trained"] < scores["warm_start"] else "warm_start"
             router.load_state_dict(trained if kept == "trained" else warm)
             summary["validation"] = {"nll": scores, "kept": kept, "blocks": len(cal)}
-            log.info("dynamic routers: routed NLL %.4f (trained) vs %.4f (warm start) on %d blocks; kept %s",
-                     scores["trained"], scores["warm_start"], len(cal), kept)
+            log.info(
+                "dynamic routers: routed NLL %.4f (trained) vs %.4f (warm start) on %d blocks; kept %s",
+                scores["trained"],
+                scores["warm_start"],
+                len(cal),
+                kept,
+            )
             run["phase"] = "joint" if cfg.joint_steps else "calibrate"
             save(cfg.steps + 1)
         if run["phase"] == "joint":
-            joint = JointConfig(steps=cfg.joint_steps, batch_size=cfg.batch_size, seq_len=pool.shape[1], model_lr=cfg.model_lr,
-                                router_lr=cfg.router_lr, kd_alpha=0.0, checkpoint_every=cfg.checkpoint_every)
-            summary["joint"] = train_joint(fx, None, router, table, pool, joint, cfg, out_dir, seed=seed,
-                                           accelerator=acc, progress=progress, stage="dynamic_joint")
+            joint = JointConfig(
+                steps=cfg.joint_steps,
+                batch_size=cfg.batch_size,
+                seq_len=pool.shape[1],
+                model_lr=cfg.model_lr,
+                router_lr=cfg.router_lr,
+                kd_alpha=0.0,
+                checkpoint_every=cfg.checkpoint_every,
+            )
+            summary["joint"] = train_joint(
+                fx,
+                None,
+                router,
+                table,
+                pool,
+                joint,
+                cfg,
+                out_dir,
+                seed=seed,
+                accelerator=acc,
+                progress=progress,
+                stage="dynamic_joint",
+            )
             fx.set_arch(None)
             save_elastic(fx, out_dir / MODEL_DIR, tokenizer=tokenizer, overwrite=True)
             summary["model"] = MODEL_DIR
@@ -276,17 +384,36 @@ def train_dynamic(
             fx.load_state_dict(load_elastic(out_dir / MODEL_DIR).state_dict())
         # 5) calibration on this device
         summary["price_before_calibration"] = router.price.tolist()
-        summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size,
-                                                 iters=cfg.calibrate_iters, per_token=cfg.per_token, progress=progress)
+        summary["calibration"] = calibrate_price(
+            fx,
+            router,
+            table,
+            cal,
+            batch_size=cfg.batch_size,
+            iters=cfg.calibrate_iters,
+            per_token=cfg.per_token,
+            progress=progress,
+        )
         if cfg.timing_repeats and not cfg.per_token:
             if budgets is None:
-                summary["timing"], budgets = timed_budgets(fx, router, table, cal[:1], cfg.timing_repeats,
-                                                           progress=progress)
+                summary["timing"], budgets = timed_budgets(
+                    fx, router, table, cal[:1], cfg.timing_repeats, progress=progress
+                )
                 save(cfg.steps + 3)
-            summary["calibration"] = calibrate_price(fx, router, table, cal, batch_size=cfg.batch_size,
-                                                     iters=cfg.calibrate_iters, budgets=budgets, progress=progress)
+            summary["calibration"] = calibrate_price(
+                fx,
+                router,
+                table,
+                cal,
+                batch_size=cfg.batch_size,
+                iters=cfg.calibrate_iters,
+                budgets=budgets,
+                progress=progress,
+            )
     summary["wall_s"] = round(time.time() - t0, 1)
     save_dynamic(out_dir, router, surrogate, summary)
-    log.info("dynamic routers: calibrated average latency %s",
-             {k: round(v["mean_fraction"], 4) for k, v in summary["calibration"].items()})
+    log.info(
+        "dynamic routers: calibrated average latency %s",
+        {k: round(v["mean_fraction"], 4) for k, v in summary["calibration"].items()},
+    )
     return router, summary

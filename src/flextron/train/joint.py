@@ -73,8 +73,9 @@ def train_joint(
         elif router.reads_input:  # one target for the step; every sequence routed by its hidden state
             below = targets[targets < 1]
             t = below[torch.randint(len(below), (1,), generator=gen)].expand(batch.shape[0]).to(batch.device)
-            routing = DynamicRouting(fx, router, float(t[0]), tau=router_cfg.tau_end, generator=gen, masked=True,
-                                     grad=True)
+            routing = DynamicRouting(
+                fx, router, float(t[0]), tau=router_cfg.tau_end, generator=gen, masked=True, grad=True
+            )
         else:
             t = targets[torch.randint(len(targets), (n_rows,), generator=gen)].to(batch.device)  # the step's targets
             mlp_logits, head_logits = wrapped["router"](t)

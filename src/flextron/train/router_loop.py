@@ -153,7 +153,11 @@ def run_router_steps(
     (``interrupt.requested`` on any process), after which :class:`KeyboardInterrupt` is raised
     (its message names ``where``, the checkpoint folder)."""
     bar = tqdm(
-        range(start, steps), desc=stage, disable=not (progress and accelerator.is_main_process), initial=start, total=steps
+        range(start, steps),
+        desc=stage,
+        disable=not (progress and accelerator.is_main_process),
+        initial=start,
+        total=steps,
     )
     for step in bar:
         rec = step_fn(step)

@@ -204,8 +204,12 @@ def train_routers(
             )
         router.train()
         objective = RouterObjective(
-            cfg.latency_weight, cfg.latency_tol, cfg.surrogate_gate_spearman, cfg.surrogate_gate_error,
-            cfg.surrogate_updates, surrogate=cfg.surrogate,
+            cfg.latency_weight,
+            cfg.latency_tol,
+            cfg.surrogate_gate_spearman,
+            cfg.surrogate_gate_error,
+            cfg.surrogate_updates,
+            surrogate=cfg.surrogate,
         )
 
         def draw(step: int, tau: float) -> RouterDraw:
@@ -213,7 +217,10 @@ def train_routers(
             g = step_generator(seed, step, salt=1)
             t = grid[torch.randint(len(grid), (cfg.batch_size,), generator=g)]
             mlp_logits, head_logits = wrapped(t)
-            mlp_c, head_c = gumbel_choice(mlp_logits, tau, g), gumbel_choice(head_logits, tau, g)  # (B, L, K), same on every rank
+            mlp_c, head_c = (
+                gumbel_choice(mlp_logits, tau, g),
+                gumbel_choice(head_logits, tau, g),
+            )  # (B, L, K), same on every rank
             deltas = measure(choices_to_archs(sp, mlp_c, head_c))
             lm = None
             if not cfg.surrogate:  # the direct-gradient ablation: LM loss through the soft masks
@@ -224,22 +231,42 @@ def train_routers(
                 with torch.enable_grad():
                     lm = lm_kd_loss(fx(input_ids=batch, use_cache=False).logits, batch, None, 0.0)[0]
                 fx.set_masks(None, None)
-            return RouterDraw(t, mlp_c, head_c, delta=torch.tensor(deltas, dtype=torch.float64), lm=lm,
-                              record={"tau": tau, "lm_delta": sum(deltas) / len(deltas)})
+            return RouterDraw(
+                t,
+                mlp_c,
+                head_c,
+                delta=torch.tensor(deltas, dtype=torch.float64),
+                lm=lm,
+                record={"tau": tau, "lm_delta": sum(deltas) / len(deltas)},
+            )
 
         def step_fn(step: int) -> dict:
             nonlocal ev
             d = draw(step, tau_at(step, cfg.steps, cfg.tau_start, cfg.tau_end))
-            rec = router_update(d, opt=opt, fit=fit, surrogate=surrogate, table=table, space=sp, objective=objective,
-                                gen=gen, mine=mine)
+            rec = router_update(
+                d, opt=opt, fit=fit, surrogate=surrogate, table=table, space=sp, objective=objective, gen=gen, mine=mine
+            )
             run["grad_steps"] += int(rec["surrogate_grad"] or d.lm is not None)
-            ev = {"heldout_mae": rec["surrogate_heldout_mae"], "heldout_spearman": rec["surrogate_spearman"],
-                  "heldout_relative_error": rec["surrogate_relative_error"]}
+            ev = {
+                "heldout_mae": rec["surrogate_heldout_mae"],
+                "heldout_spearman": rec["surrogate_spearman"],
+                "heldout_relative_error": rec["surrogate_relative_error"],
+            }
             return {**d.record, **rec, "router_steps_with_surrogate_grad": run["grad_steps"]}
 
-        run_router_steps(stage="routers", start=start, steps=cfg.steps, step_fn=step_fn, save=save,
-                         checkpoint_every=cfg.checkpoint_every, interrupt=interrupt, accelerator=accelerator,
-                         metrics=metrics, progress=progress, where=f"in {ckpt.root}")
+        run_router_steps(
+            stage="routers",
+            start=start,
+            steps=cfg.steps,
+            step_fn=step_fn,
+            save=save,
+            checkpoint_every=cfg.checkpoint_every,
+            interrupt=interrupt,
+            accelerator=accelerator,
+            metrics=metrics,
+            progress=progress,
+            where=f"in {ckpt.root}",
+        )
     router.eval()
     warm, evals = run["warm"], run["evals"]
     validation = None

@@ -1,22 +1,13 @@
-"""Typed, validated configuration of a flextron run (all stages), with YAML in and out.
-
-One tree of frozen dataclasses. :func:`load_config` reads YAML, rejects unknown keys and wrong
-types with a :class:`~flextron.errors.ConfigError` that names the field, the value and what is
-allowed. Every **[choice]** of ``METHOD.md`` is a field here, with the project default.
+"""The sections of a run's configuration, one frozen dataclass per stage, each validated on
+construction (:func:`check_field`: the message names the field, the value and what is allowed).
+Every **[choice]** of ``METHOD.md`` is a field here, with the project default.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import math
-import types
-import typing
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 from flextron.errors import ConfigError
 
@@ -28,7 +19,7 @@ ORDERINGS = ("importance", "none", "random")
 MIXED_PRECISION = ("no", "bf16")
 
 
-def _check(cond: bool, where: str, value: Any, allowed: str) -> None:
+def check_field(cond: bool, where: str, value: Any, allowed: str) -> None:
     if not cond:
         raise ConfigError(f"{where}={value!r} is invalid: {allowed}")
 
@@ -49,20 +40,22 @@ class ElasticConfig:
     ordering: str = "importance"
 
     def __post_init__(self) -> None:
-        _check(len(self.mlp_fractions) > 0, "elastic.mlp_fractions", self.mlp_fractions, "give at least one fraction")
+        check_field(
+            len(self.mlp_fractions) > 0, "elastic.mlp_fractions", self.mlp_fractions, "give at least one fraction"
+        )
         for f in self.mlp_fractions:
-            _check(0 < f <= 1, "elastic.mlp_fractions", f, "each fraction must lie in (0, 1]")
-        _check(self.mlp_divisor >= 1, "elastic.mlp_divisor", self.mlp_divisor, "must be a positive integer")
+            check_field(0 < f <= 1, "elastic.mlp_fractions", f, "each fraction must lie in (0, 1]")
+        check_field(self.mlp_divisor >= 1, "elastic.mlp_divisor", self.mlp_divisor, "must be a positive integer")
         if self.heads_per_group is not None:
-            _check(
+            check_field(
                 len(self.heads_per_group) > 0,
                 "elastic.heads_per_group",
                 self.heads_per_group,
                 "give at least one head count or null",
             )
             for a in self.heads_per_group:
-                _check(a >= 1, "elastic.heads_per_group", a, "each head count must be >= 1")
-        _check(self.ordering in ORDERINGS, "elastic.ordering", self.ordering, f"one of {ORDERINGS}")
+                check_field(a >= 1, "elastic.heads_per_group", a, "each head count must be >= 1")
+        check_field(self.ordering in ORDERINGS, "elastic.ordering", self.ordering, f"one of {ORDERINGS}")
 
 
 @dataclass(frozen=True)
@@ -73,7 +66,7 @@ class ModelConfig:
     source: str = "smollm2"
 
     def __post_init__(self) -> None:
-        _check(bool(self.source), "model.source", self.source, "'smollm2', an HF model directory or a .gguf file")
+        check_field(bool(self.source), "model.source", self.source, "'smollm2', an HF model directory or a .gguf file")
 
 
 @dataclass(frozen=True)
@@ -87,8 +80,8 @@ class DataConfig:
     ood_plays: int = 4
 
     def __post_init__(self) -> None:
-        _check(self.heldout_articles >= 1, "data.heldout_articles", self.heldout_articles, "must be >= 1")
-        _check(self.ood_plays >= 1, "data.ood_plays", self.ood_plays, "must be >= 1")
+        check_field(self.heldout_articles >= 1, "data.heldout_articles", self.heldout_articles, "must be >= 1")
+        check_field(self.ood_plays >= 1, "data.ood_plays", self.ood_plays, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -101,7 +94,7 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         for k in ("num_sequences", "seq_len", "batch_size"):
-            _check(getattr(self, k) >= 1, f"calibration.{k}", getattr(self, k), "must be >= 1")
+            check_field(getattr(self, k) >= 1, f"calibration.{k}", getattr(self, k), "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -134,14 +127,16 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for k in ("steps", "batch_size", "grad_accum", "seq_len", "checkpoint_every", "log_every"):
-            _check(getattr(self, k) >= 1, f"train.{k}", getattr(self, k), "must be >= 1")
-        _check(self.lr > 0, "train.lr", self.lr, "must be > 0")
-        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
-        _check(0 <= self.p_full <= 1, "train.p_full", self.p_full, "must lie in [0, 1]")
-        _check(0 <= self.kd_alpha <= 1, "train.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
-        _check(self.sampling in ("budget", "homogeneous"), "train.sampling", self.sampling, "'budget' or 'homogeneous'")
-        _check(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
-        _check(
+            check_field(getattr(self, k) >= 1, f"train.{k}", getattr(self, k), "must be >= 1")
+        check_field(self.lr > 0, "train.lr", self.lr, "must be > 0")
+        check_field(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", self.min_lr_ratio, "must lie in [0, 1]")
+        check_field(0 <= self.p_full <= 1, "train.p_full", self.p_full, "must lie in [0, 1]")
+        check_field(0 <= self.kd_alpha <= 1, "train.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
+        check_field(
+            self.sampling in ("budget", "homogeneous"), "train.sampling", self.sampling, "'budget' or 'homogeneous'"
+        )
+        check_field(self.warmup_steps >= 0, "train.warmup_steps", self.warmup_steps, "must be >= 0")
+        check_field(
             self.mixed_precision in MIXED_PRECISION,
             "train.mixed_precision",
             self.mixed_precision,
@@ -171,14 +166,14 @@ class LatencyConfig:
     fit_configs: int = 12
 
     def __post_init__(self) -> None:
-        _check(self.method in ("fit", "block"), "latency.method", self.method, "'fit' or 'block'")
-        _check(self.fit_configs >= 0, "latency.fit_configs", self.fit_configs, "must be >= 0")
+        check_field(self.method in ("fit", "block"), "latency.method", self.method, "'fit' or 'block'")
+        check_field(self.fit_configs >= 0, "latency.fit_configs", self.fit_configs, "must be >= 0")
         for k in ("seq_len", "batch_size", "repeats", "block_repeats"):
-            _check(getattr(self, k) >= 1, f"latency.{k}", getattr(self, k), "must be >= 1")
-        _check(self.warmup >= 0, "latency.warmup", self.warmup, "must be >= 0")
-        _check(0 <= self.trim < 0.5, "latency.trim", self.trim, "must lie in [0, 0.5)")
-        _check(self.validate_configs >= 0, "latency.validate_configs", self.validate_configs, "must be >= 0")
-        _check(self.budget in ("latency", "params"), "latency.budget", self.budget, "'latency' or 'params'")
+            check_field(getattr(self, k) >= 1, f"latency.{k}", getattr(self, k), "must be >= 1")
+        check_field(self.warmup >= 0, "latency.warmup", self.warmup, "must be >= 0")
+        check_field(0 <= self.trim < 0.5, "latency.trim", self.trim, "must lie in [0, 0.5)")
+        check_field(self.validate_configs >= 0, "latency.validate_configs", self.validate_configs, "must be >= 0")
+        check_field(self.budget in ("latency", "params"), "latency.budget", self.budget, "'latency' or 'params'")
 
 
 @dataclass(frozen=True)
@@ -193,9 +188,9 @@ class RouterConfig:
     ``sensitivity_mlp_levels`` > 0 also measures each layer reduced alone (that many MLP widths
     per layer, every head count) and offers the knapsack allocation of those sensitivities as a
     second start, kept where it measures better (0: homogeneous starts only).
-    ``latency_weight`` is λ, ``latency_tol`` the tolerance of the latency loss. ``surrogate``: ``true`` trains through the surrogate, ``false`` is the direct
-    ablation (gradient of the LM loss through soft masks). ``checkpoint_every``: steps between
-    checkpoints (one is also written after the warm-up and at the last step).
+    ``latency_weight`` is λ, ``latency_tol`` the tolerance of the latency loss. ``surrogate``:
+    ``true`` trains through the surrogate, ``false`` is the direct ablation (gradient of the LM
+    loss through soft masks). ``checkpoint_every``: steps between checkpoints (one is also written after the warm-up and at the last step).
     """
 
     targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
@@ -221,16 +216,16 @@ class RouterConfig:
     checkpoint_every: int = 25
 
     def __post_init__(self) -> None:
-        _check(
+        check_field(
             self.sensitivity_mlp_levels >= 0,
             "routers.sensitivity_mlp_levels",
             self.sensitivity_mlp_levels,
             "must be >= 0 (0: no allocation)",
         )
-        _check(len(self.targets) >= 1, "routers.targets", self.targets, "give at least one target")
+        check_field(len(self.targets) >= 1, "routers.targets", self.targets, "give at least one target")
         for t in self.targets:
-            _check(0 < t <= 1, "routers.targets", t, "each target must lie in (0, 1]")
-        _check(
+            check_field(0 < t <= 1, "routers.targets", t, "each target must lie in (0, 1]")
+        check_field(
             tuple(sorted(self.targets)) == tuple(self.targets),
             "routers.targets",
             self.targets,
@@ -245,14 +240,16 @@ class RouterConfig:
             "heldout_configs",
             "checkpoint_every",
         ):
-            _check(getattr(self, k) >= 1, f"routers.{k}", getattr(self, k), "must be >= 1")
-        _check(self.steps >= 0, "routers.steps", self.steps, "must be >= 0")
-        _check(self.warmup_samples >= 2, "routers.warmup_samples", self.warmup_samples, "must be >= 2")
-        _check(self.tau_start >= self.tau_end > 0, "routers.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
-        _check(self.latency_weight >= 0, "routers.latency_weight", self.latency_weight, "must be >= 0")
-        _check(0 <= self.latency_tol < 1, "routers.latency_tol", self.latency_tol, "must lie in [0, 1)")
+            check_field(getattr(self, k) >= 1, f"routers.{k}", getattr(self, k), "must be >= 1")
+        check_field(self.steps >= 0, "routers.steps", self.steps, "must be >= 0")
+        check_field(self.warmup_samples >= 2, "routers.warmup_samples", self.warmup_samples, "must be >= 2")
+        check_field(
+            self.tau_start >= self.tau_end > 0, "routers.tau_end", self.tau_end, "need tau_start >= tau_end > 0"
+        )
+        check_field(self.latency_weight >= 0, "routers.latency_weight", self.latency_weight, "must be >= 0")
+        check_field(0 <= self.latency_tol < 1, "routers.latency_tol", self.latency_tol, "must lie in [0, 1)")
         for k in ("router_lr", "surrogate_lr"):
-            _check(getattr(self, k) > 0, f"routers.{k}", getattr(self, k), "must be > 0")
+            check_field(getattr(self, k) > 0, f"routers.{k}", getattr(self, k), "must be > 0")
 
 
 @dataclass(frozen=True)
@@ -274,19 +271,19 @@ class JointConfig:
     mixed_precision: str = "no"
 
     def __post_init__(self) -> None:
-        _check(0 <= self.p_full < 1, "joint.p_full", self.p_full, "must lie in [0, 1)")
+        check_field(0 <= self.p_full < 1, "joint.p_full", self.p_full, "must lie in [0, 1)")
         for k in ("batch_size", "grad_accum", "seq_len", "checkpoint_every"):
-            _check(getattr(self, k) >= 1, f"joint.{k}", getattr(self, k), "must be >= 1")
-        _check(
+            check_field(getattr(self, k) >= 1, f"joint.{k}", getattr(self, k), "must be >= 1")
+        check_field(
             self.mixed_precision in MIXED_PRECISION,
             "joint.mixed_precision",
             self.mixed_precision,
             f"one of {MIXED_PRECISION}",
         )
-        _check(self.steps >= 0, "joint.steps", self.steps, "must be >= 0")
+        check_field(self.steps >= 0, "joint.steps", self.steps, "must be >= 0")
         for k in ("model_lr", "router_lr"):
-            _check(getattr(self, k) > 0, f"joint.{k}", getattr(self, k), "must be > 0")
-        _check(0 <= self.kd_alpha <= 1, "joint.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
+            check_field(getattr(self, k) > 0, f"joint.{k}", getattr(self, k), "must be > 0")
+        check_field(0 <= self.kd_alpha <= 1, "joint.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
 
 
 @dataclass(frozen=True)
@@ -308,30 +305,32 @@ class EvalConfig:
     task_batch_size: int = 16
 
     def __post_init__(self) -> None:
-        _check(len(self.targets) >= 1, "eval.targets", self.targets, "give at least one target")
+        check_field(len(self.targets) >= 1, "eval.targets", self.targets, "give at least one target")
         for t in self.targets:
-            _check(0 < t <= 1, "eval.targets", t, "each target must lie in (0, 1]")
+            check_field(0 < t <= 1, "eval.targets", t, "each target must lie in (0, 1]")
         for k in ("seq_len", "heldout_blocks", "ood_blocks", "batch_size"):
-            _check(getattr(self, k) >= 1, f"eval.{k}", getattr(self, k), "must be >= 1")
-        _check(self.latency_repeats >= 5, "eval.latency_repeats", self.latency_repeats, "must be >= 5")
-        _check(
+            check_field(getattr(self, k) >= 1, f"eval.{k}", getattr(self, k), "must be >= 1")
+        check_field(self.latency_repeats >= 5, "eval.latency_repeats", self.latency_repeats, "must be >= 5")
+        check_field(
             0 < self.ablation_mlp_fraction <= 1,
             "eval.ablation_mlp_fraction",
             self.ablation_mlp_fraction,
             "must lie in (0, 1]",
         )
         for name in self.tasks:
-            _check(name in TASKS, "eval.tasks", name, f"each task must be one of {', '.join(TASKS)}")
-        _check(self.task_limit >= 0, "eval.task_limit", self.task_limit, "must be >= 0 (0 = every item)")
+            check_field(name in TASKS, "eval.tasks", name, f"each task must be one of {', '.join(TASKS)}")
+        check_field(self.task_limit >= 0, "eval.task_limit", self.task_limit, "must be >= 0 (0 = every item)")
         for t in self.task_targets:
-            _check(t in self.targets, "eval.task_targets", t, f"each must be one of eval.targets {list(self.targets)}")
-        _check(
+            check_field(
+                t in self.targets, "eval.task_targets", t, f"each must be one of eval.targets {list(self.targets)}"
+            )
+        check_field(
             self.task_num_fewshot >= -1,
             "eval.task_num_fewshot",
             self.task_num_fewshot,
             "must be >= 0, or -1 for each task's protocol",
         )
-        _check(self.task_batch_size >= 1, "eval.task_batch_size", self.task_batch_size, "must be >= 1")
+        check_field(self.task_batch_size >= 1, "eval.task_batch_size", self.task_batch_size, "must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -384,167 +383,48 @@ class DynamicConfig:
     checkpoint_every: int = 10
 
     def __post_init__(self) -> None:
-        _check(
+        check_field(
             len(self.targets) >= 1 and all(0 < t <= 1 for t in self.targets),
             "dynamic.targets",
             self.targets,
             "fractions in (0, 1]",
         )
-        _check(any(t < 1 for t in self.targets), "dynamic.targets", self.targets, "at least one target below 1.0")
-        for k in ("hidden", "route_every", "batch_size", "surrogate_hidden", "surrogate_updates", "heldout_steps",
-                  "calibrate_blocks", "calibrate_iters", "train_blocks", "eval_blocks", "eval_repeats",
-                  "checkpoint_every"):
-            _check(getattr(self, k) >= 1, f"dynamic.{k}", getattr(self, k), "must be >= 1")
+        check_field(any(t < 1 for t in self.targets), "dynamic.targets", self.targets, "at least one target below 1.0")
+        for k in (
+            "hidden",
+            "route_every",
+            "batch_size",
+            "surrogate_hidden",
+            "surrogate_updates",
+            "heldout_steps",
+            "calibrate_blocks",
+            "calibrate_iters",
+            "train_blocks",
+            "eval_blocks",
+            "eval_repeats",
+            "checkpoint_every",
+        ):
+            check_field(getattr(self, k) >= 1, f"dynamic.{k}", getattr(self, k), "must be >= 1")
         for k in ("steps", "warmup_steps", "joint_steps", "timing_repeats", "seq_len", "timed_blocks"):
-            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
-        _check(self.seq_len == 0 or self.seq_len >= 2, "dynamic.seq_len", self.seq_len, "0 (eval.seq_len) or >= 2")
-        _check(self.batch_size >= 2, "dynamic.batch_size", self.batch_size,
-               "must be >= 2 (the constraint is on a batch average)")
-        _check(self.tau_start >= self.tau_end > 0, "dynamic.tau_end", self.tau_end, "need tau_start >= tau_end > 0")
+            check_field(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
+        check_field(self.seq_len == 0 or self.seq_len >= 2, "dynamic.seq_len", self.seq_len, "0 (eval.seq_len) or >= 2")
+        check_field(
+            self.batch_size >= 2,
+            "dynamic.batch_size",
+            self.batch_size,
+            "must be >= 2 (the constraint is on a batch average)",
+        )
+        check_field(
+            self.tau_start >= self.tau_end > 0, "dynamic.tau_end", self.tau_end, "need tau_start >= tau_end > 0"
+        )
         for k in ("router_lr", "surrogate_lr", "model_lr"):
-            _check(getattr(self, k) > 0, f"dynamic.{k}", getattr(self, k), "must be > 0")
+            check_field(getattr(self, k) > 0, f"dynamic.{k}", getattr(self, k), "must be > 0")
         for k in ("latency_weight", "anchor_scale"):
-            _check(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
-        _check(0 <= self.latency_tol < 1, "dynamic.latency_tol", self.latency_tol, "must lie in [0, 1)")
-        _check(
+            check_field(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
+        check_field(0 <= self.latency_tol < 1, "dynamic.latency_tol", self.latency_tol, "must lie in [0, 1)")
+        check_field(
             not (self.per_token and (not self.surrogate or self.joint_steps)),
             "dynamic.per_token",
             self.per_token,
             "per-token routing trains through the surrogate only (no masked form): set surrogate=true, joint_steps=0",
         )
-
-
-@dataclass(frozen=True)
-class RunConfig:
-    """The whole conversion: one section per stage. ``threads``: torch CPU threads (0 keeps the
-    default)."""
-
-    name: str = "smollm2"
-    seed: int = 0
-    out_dir: str = "runs"
-    threads: int = 0
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    elastic: ElasticConfig = field(default_factory=ElasticConfig)
-    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    latency: LatencyConfig = field(default_factory=LatencyConfig)
-    routers: RouterConfig = field(default_factory=RouterConfig)
-    joint: JointConfig = field(default_factory=JointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    dynamic: DynamicConfig | None = None  # the dynamic stage runs only when the section is given
-
-    def __post_init__(self) -> None:
-        _check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
-        _check(self.threads >= 0, "threads", self.threads, "must be >= 0")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.out_dir) / self.name
-
-
-# --------------------------------------------------------------------------- YAML in / out
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp`` and convert lists to tuples."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a list")
-        (item_tp, _ellipsis) = typing.get_args(tp)
-        return tuple(_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value))
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a finite number")
-        return float(value)
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where}={value!r} is invalid: expected an integer")
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"{where}={value!r} is invalid: expected true or false")
-        return value
-    if tp is str:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where}={value!r} is invalid: expected a string")
-        return value
-    raise AssertionError(f"unhandled annotation {tp!r} at {where}")
-
-
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build the dataclass ``cls`` from a (YAML) mapping; unknown keys and bad types raise
-    :class:`ConfigError` naming the key and the allowed ones."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(f"unknown config key {prefix}{unknown[0]}; allowed keys here: {', '.join(names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except TypeError as e:  # pragma: no cover - all fields have defaults
-        raise ConfigError(f"{where or 'config'}: {e}") from None
-
-
-def to_dict(cfg: Any) -> dict:
-    """Plain-dict (JSON/YAML-ready) view of a config dataclass; tuples become lists."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, tuple):
-            return [conv(x) for x in v]
-        if isinstance(v, dict):
-            return {k: conv(x) for k, x in v.items()}
-        return v
-
-    return conv(dataclasses.asdict(cfg))
-
-
-def load_config(path: str | Path) -> RunConfig:
-    """Read a YAML run config.
-
-    Raises:
-        ConfigError: the file is missing, not valid YAML, or a key/value is invalid.
-    """
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} does not exist; pass the path of a YAML file such as configs/smollm2.yaml")
-    try:
-        data = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        at = f" at line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
-    return from_dict(RunConfig, data)
-
-
-def dump_config(cfg: RunConfig) -> str:
-    """YAML text of a run config (round-trips through :func:`load_config`)."""
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
-
-
-def config_from_overrides(base: DynamicConfig | None = None, **overrides) -> DynamicConfig:
-    """A :class:`DynamicConfig`: ``base`` (default: the defaults) with keyword overrides (``None``
-    values ignored).
-
-    Raises:
-        ConfigError: unknown field or invalid value (naming it)."""
-    given = {k: v for k, v in overrides.items() if v is not None}
-    try:
-        return from_dict(DynamicConfig, {**(to_dict(base) if base is not None else {}), **given}, "dynamic")
-    except TypeError as e:
-        raise ConfigError(f"dynamic: {e}") from None
