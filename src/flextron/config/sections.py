@@ -190,7 +190,8 @@ class RouterConfig:
     second start, kept where it measures better (0: homogeneous starts only).
     ``latency_weight`` is λ, ``latency_tol`` the tolerance of the latency loss. ``surrogate``:
     ``true`` trains through the surrogate, ``false`` is the direct ablation (gradient of the LM
-    loss through soft masks). ``checkpoint_every``: steps between checkpoints (one is also written after the warm-up and at the last step).
+    loss through soft masks). ``checkpoint_every``: steps between checkpoints (one is also
+    written after the warm-up and at the last step).
     """
 
     targets: tuple[float, ...] = (0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
