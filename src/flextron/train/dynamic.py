@@ -222,6 +222,20 @@ def train_dynamic(
             tensors["budget_values"] = torch.tensor(list(budgets.values()), dtype=torch.float64)
         ckpt.save(step, {"run": run}, tensors)
 
+    def calibrate(budgets: dict | None = None, show: bool = False) -> dict:
+        """The price of every target fitted on ``cal`` (on ``budgets`` of predicted latency, if given)."""
+        return calibrate_price(
+            fx,
+            router,
+            table,
+            cal,
+            batch_size=cfg.batch_size,
+            iters=cfg.calibrate_iters,
+            per_token=cfg.per_token,
+            budgets=budgets,
+            progress=show and progress,
+        )
+
     t0 = time.time()
     with deferred_interrupt() as interrupt:
         state = ckpt.resume()
@@ -329,15 +343,7 @@ def train_dynamic(
             scores = {}
             for name, sd in (("warm_start", warm), ("trained", trained)):
                 router.load_state_dict(sd)
-                calibrate_price(
-                    fx,
-                    router,
-                    table,
-                    cal,
-                    batch_size=cfg.batch_size,
-                    iters=cfg.calibrate_iters,
-                    per_token=cfg.per_token,
-                )
+                calibrate()
                 scores[name] = routed_nll(fx, router, cal, cfg.batch_size, cfg.per_token)
             kept = "trained" if scores["trained"] < scores["warm_start"] else "warm_start"
             router.load_state_dict(trained if kept == "trained" else warm)
@@ -384,32 +390,14 @@ def train_dynamic(
             fx.load_state_dict(load_elastic(out_dir / MODEL_DIR).state_dict())
         # 5) calibration on this device
         summary["price_before_calibration"] = router.price.tolist()
-        summary["calibration"] = calibrate_price(
-            fx,
-            router,
-            table,
-            cal,
-            batch_size=cfg.batch_size,
-            iters=cfg.calibrate_iters,
-            per_token=cfg.per_token,
-            progress=progress,
-        )
+        summary["calibration"] = calibrate(show=True)
         if cfg.timing_repeats and not cfg.per_token:
             if budgets is None:
                 summary["timing"], budgets = timed_budgets(
                     fx, router, table, cal[:1], cfg.timing_repeats, progress=progress
                 )
                 save(cfg.steps + 3)
-            summary["calibration"] = calibrate_price(
-                fx,
-                router,
-                table,
-                cal,
-                batch_size=cfg.batch_size,
-                iters=cfg.calibrate_iters,
-                budgets=budgets,
-                progress=progress,
-            )
+            summary["calibration"] = calibrate(budgets, show=True)
     summary["wall_s"] = round(time.time() - t0, 1)
     save_dynamic(out_dir, router, surrogate, summary)
     log.info(
