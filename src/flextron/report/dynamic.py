@@ -16,7 +16,7 @@ from pathlib import Path
 
 from flextron.report.format import fmt, md_table, new_figure, read_metrics, save_figure, write_atomically
 
-STAGES = ("dynamic_routers", "dynamic_direct", "dynamic_joint")
+STAGES = ("dynamic_routers", "dynamic_joint")
 
 
 def plot_latency_perplexity(res: dict, path: Path) -> bool:
@@ -159,6 +159,29 @@ def _ratio(v: dict) -> str:
     return f"{v['ppl_ratio']:.3f} [{v['ppl_ratio_ci'][0]:.3f}, {v['ppl_ratio_ci'][1]:.3f}]"
 
 
+def _training_lines(summary: dict) -> list[str]:
+    """How the router was trained: surrogate steps with a gradient, the surrogate's held-out
+    accuracy, and the validation against the warm start (which router was kept)."""
+    r, val = summary.get("routers") or {}, summary.get("validation") or {}
+    if not r and not val:
+        return []
+    lines = ["## Training", ""]
+    if r:
+        lines.append(
+            f"{r.get('steps')} router steps, {r.get('router_steps_with_surrogate_grad')} with the surrogate's gradient "
+            f"(held-out Spearman {fmt(r.get('surrogate_spearman'), 3)}, "
+            f"error {fmt(r.get('surrogate_relative_error'), 2)} of a constant predictor's)."
+        )
+    if val:
+        nll = val.get("nll", {})
+        lines.append(
+            f"Validation against the warm start (the static router), both calibrated, on {val.get('blocks')} blocks: "
+            f"routed NLL {fmt(nll.get('trained'), 4)} trained, {fmt(nll.get('warm_start'), 4)} warm start; "
+            f"kept: **{val.get('kept')}**."
+        )
+    return lines + [""]
+
+
 def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dict]) -> str:
     """The Markdown text of the dynamic report."""
     rows = res["dynamic"]
@@ -176,6 +199,7 @@ def render_dynamic_markdown(res: dict, plots: dict[str, bool], metrics: list[dic
         f"Evaluation took {res.get('wall_s', 0):.0f} s.",
         "",
     ]
+    md += _training_lines(res.get("router_summary") or {})
     md += [
         "## Latency targets",
         "",
