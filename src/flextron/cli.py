@@ -206,6 +206,13 @@ def cmd_dynamic(args: argparse.Namespace) -> int:
             f"target {t}: average predicted latency {c['mean_fraction']:.3f} of full, budget {c['budget']:.3f} "
             f"({100 * c['error']:+.1f}%) on the calibration blocks{tm}"
         )
+    val = summary.get("validation") or {}
+    if val:
+        nll = val["nll"]
+        print(
+            f"kept the {val['kept'].replace('_', ' ')} router: routed NLL {nll['trained']:.4f} trained against "
+            f"{nll['warm_start']:.4f} for the warm start (both calibrated)"
+        )
     print(f"dynamic router: {out / 'router'}")
     return 0
 
