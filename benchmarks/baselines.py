@@ -9,7 +9,7 @@ Methods, all evaluated on the run's held-out blocks and timed as exported sub-mo
 
 - ``flextron``: the run's final model at the router's configuration of each target.
 - ``matformer`` / ``matformer_unpermuted``: the same elastic training loop
-  (:func:`~flextron.train.loop.train_elastic`) with homogeneous sampling (uniform over the
+  (:func:`~flextron.train.elastic.train_elastic`) with homogeneous sampling (uniform over the
   deployable homogeneous configurations, :class:`~flextron.train.loop.BudgetSampler`) and no routers, from the
   importance-permuted and from the unpermuted original model, for all of Flextron's weight-training
   tokens (elastic + joint stages); deployed, per target, at the trained homogeneous configuration
@@ -130,7 +130,7 @@ def _steps_for(tokens: float, cfg: RunConfig) -> int:
 
 @dataclass
 class FixedSampler:
-    """A "sampler" for :func:`~flextron.train.loop.train_elastic` that always returns one
+    """A "sampler" for :func:`~flextron.train.elastic.train_elastic` that always returns one
     configuration: fine-tuning a single pruned sub-network with the elastic loop (only the kept
     slices get gradients, so this is training the pruned model)."""
 

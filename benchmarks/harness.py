@@ -26,7 +26,7 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 
 
 def write_json(path: str | Path, obj) -> Path:
-    """Write ``obj`` as indented JSON atomically (see :func:`flextron.train.checkpoint.atomic_write_json`)."""
+    """Write ``obj`` as indented JSON atomically (see :func:`flextron.files.atomic_write_json`)."""
     return atomic_write_json(Path(path), obj)
 
 

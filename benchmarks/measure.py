@@ -187,7 +187,7 @@ def training_step_costs(
     """Per-phase wall time of ``steps`` elastic training steps against plain fine-tuning, on the
     same batches.
 
-    Each step draws a configuration from ``sampler`` (as :func:`~flextron.train.loop.train_elastic`
+    Each step draws a configuration from ``sampler`` (as :func:`~flextron.train.elastic.train_elastic`
     does) and one batch of ``batch_size`` blocks, then times, one after the other:
 
     - **elastic**: sampling + ``set_arch``; the teacher's forward (reported separately); the

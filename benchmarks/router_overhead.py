@@ -3,7 +3,7 @@
     python benchmarks/router_overhead.py RUN --dynamic-dir DIR --out OUT [--target 0.7] [--repeats 15] [--seq-len 256]
 
 1. **Router overhead.** For one held-out prompt (batch of one, the run's latency workload
-   length), :func:`flextron.routing.runtime.measure_overhead` times the routed prefill (router forward in
+   length), :func:`flextron.routing.calibrate.measure_overhead` times the routed prefill (router forward in
    every layer + dispatch, ``dynamic``) against the *same* sub-network sliced without hooks
    (``static``) and the full model, interleaved in one session. Overhead = median of the
    per-round ratios − 1. The router's own forward (all layers, on one pooled feature vector,

@@ -115,3 +115,20 @@ def test_sigkill_during_the_calibration_resumes_to_the_same_router(tmp_path, ref
     run = _run(tmp_path, "killed", "slow_calibration", lambda run: (run / "in_calibration").exists())
     assert _outcome(run) == reference
     assert _summary(run)["resumed"] == [{"phase": "calibrate", "step": DYNAMIC["steps"] + 1}]
+
+
+def test_a_dynamic_section_added_or_changed_later_runs_only_the_dynamic_stage(tmp_path, capsys):
+    from flextron.cli import main
+
+    cfg = write_tiny_run(tmp_path)
+    assert main(["run", str(cfg), "-q"]) == 0
+    run = tmp_path / "runs" / "tiny"
+    before = json.loads((run / "stages.json").read_text())
+    for dynamic in (DYNAMIC, {**DYNAMIC, "steps": 2}):  # added, then changed: the other stages are kept
+        cfg = write_tiny_run(tmp_path, dynamic=dynamic)
+        capsys.readouterr()
+        assert main(["run", str(cfg), "-q"]) == 0
+        assert "dynamic stage runs again" in capsys.readouterr().out
+        stages = json.loads((run / "stages.json").read_text())
+        assert {k: v for k, v in stages.items() if k != "dynamic"} == before and "dynamic" in stages
+        assert _summary(run)["config"]["steps"] == dynamic["steps"]

@@ -118,8 +118,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     if args.dynamic or args.dynamic_only:
-        from flextron.pipeline.dynamic import evaluate_dynamic_run
+        from flextron.pipeline.dynamic import check_dynamic_router, evaluate_dynamic_run
 
+        check_dynamic_router(run_dir, args.dynamic_dir)  # before a long static evaluation
         if not args.dynamic_only:
             pipeline.evaluate_run(
                 run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot
@@ -297,14 +298,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("--dynamic-dir", default=None, metavar="DIR", help="dynamic router directory (default RUN/dynamic)")
     v.add_argument(
-        "--blocks-per-domain", type=_positive_int, default=8, metavar="N", help="held-out blocks per domain (default 8)"
+        "--blocks-per-domain",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="held-out blocks per domain (default: the run's dynamic.eval_blocks, else 8)",
     )
     v.add_argument(
         "--timed-blocks",
         type=_nonnegative_int,
-        default=2,
+        default=None,
         metavar="N",
-        help="blocks per domain timed for every static and dynamic point (default 2; 0 = predicted latency only)",
+        help="blocks per domain timed for every static and dynamic point (default: the run's dynamic.timed_blocks, "
+        "else 2; 0 = predicted latency only)",
     )
     v.set_defaults(func=cmd_eval)
 

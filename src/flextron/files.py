@@ -23,18 +23,24 @@ from flextron.version import __version__
 log = logging.getLogger(__name__)
 
 
-def atomic_write_text(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary sibling and ``os.replace`` (atomic on POSIX);
-    the parent folder is created, and the temporary file removed if the write fails."""
+def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp)`` on a temporary sibling of ``path``, then ``os.replace`` it onto ``path``
+    (atomic on POSIX); the parent folder is created, and the temporary file removed if the write
+    fails."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    """Write ``text`` (UTF-8) to ``path`` atomically (:func:`atomic_write_file`)."""
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 def atomic_write_json(path: Path, obj) -> Path:

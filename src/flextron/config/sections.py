@@ -424,6 +424,12 @@ class DynamicConfig:
             check_field(getattr(self, k) >= 0, f"dynamic.{k}", getattr(self, k), "must be >= 0")
         check_field(0 <= self.latency_tol < 1, "dynamic.latency_tol", self.latency_tol, "must lie in [0, 1)")
         check_field(
+            self.timed_blocks <= self.eval_blocks,
+            "dynamic.timed_blocks",
+            self.timed_blocks,
+            f"at most eval_blocks ({self.eval_blocks}): the timed blocks are held-out blocks",
+        )
+        check_field(
             not (self.per_token and (not self.surrogate or self.joint_steps)),
             "dynamic.per_token",
             self.per_token,

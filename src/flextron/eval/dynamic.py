@@ -176,7 +176,7 @@ def evaluate_dynamic(
 ) -> dict:
     """Static against dynamic routing on held-out blocks of several domains (module docstring).
 
-    ``run``: a :class:`~flextron.pipeline.LoadedRun` (its static router attached); ``held``:
+    ``run``: a :class:`~flextron.eval.deploy.LoadedRun` (its static router attached); ``held``:
     ``{domain: blocks (n, T)}``; ``targets``: dynamic targets (default: the router's targets < 1);
     ``static_targets``: points of the static curve (default: the router's and the static
     router's trained targets, floor to 1.0); ``timed_blocks`` blocks per domain are timed (batch

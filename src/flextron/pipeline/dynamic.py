@@ -72,10 +72,13 @@ def stage_dynamic(cfg: RunConfig, run_dir: Path) -> dict:
         run_dir, blocks_per_domain=d.eval_blocks, timed_blocks=d.timed_blocks, repeats=d.eval_repeats
     )
     evals = summary.get("routers", {}).get("llm_evaluations", 0)
+    router_tokens = evals * (d.seq_len or cfg.eval.seq_len)
+    joint_tokens = (summary.get("joint") or {}).get("tokens", 0)
     return {
-        "tokens": 0,
+        "tokens": router_tokens + joint_tokens,  # as the routers and joint stages count theirs
         "llm_evaluations": evals,
-        "router_tokens": evals * (d.seq_len or cfg.eval.seq_len),
+        "router_tokens": router_tokens,
+        "joint_tokens": joint_tokens,
         "router_steps_with_surrogate_grad": summary.get("routers", {}).get("router_steps_with_surrogate_grad"),
         "validation": summary.get("validation"),
         "targets": {
@@ -89,19 +92,33 @@ def stage_dynamic(cfg: RunConfig, run_dir: Path) -> dict:
     }
 
 
+def check_dynamic_router(run_dir: str | Path, dyn_dir: str | Path | None = None) -> None:
+    """Raises ModelError unless ``dyn_dir`` (default ``RUN/dynamic``) holds a dynamic router manifest."""
+    from flextron.errors import ModelError
+
+    sub = (Path(dyn_dir) if dyn_dir is not None else Path(run_dir) / "dynamic") / "router"
+    if not (sub / "routers.json").is_file():
+        raise ModelError(
+            f"no dynamic router in {sub}; train one with `flextron dynamic {run_dir}` or a `dynamic:` section in the "
+            "run's config"
+        )
+
+
 def evaluate_dynamic_run(
     run_dir: str | Path,
     dyn_dir: str | Path | None = None,
     *,
     targets: list[float] | None = None,
-    blocks_per_domain: int = 8,
-    timed_blocks: int = 2,
-    repeats: int = 3,
+    blocks_per_domain: int | None = None,
+    timed_blocks: int | None = None,
+    repeats: int | None = None,
     progress: bool = True,
 ) -> dict:
     """``flextron eval RUN --dynamic``: :func:`evaluate_dynamic` on ``blocks_per_domain`` held-out
     blocks of every domain (sequence length ``eval.seq_len``), then :func:`append_dynamic_rows`
-    and the dynamic report (``RUN/dynamic_report.md`` + PNGs). Returns the results.
+    and the dynamic report (``RUN/dynamic_report.md`` + PNGs). Returns the results. Settings left
+    ``None`` come from the run's ``dynamic:`` section (else the defaults); at most
+    ``blocks_per_domain`` blocks per domain are timed.
 
     Raises:
         ModelError: no run or no dynamic router; TargetError: a target the router was not trained for.
@@ -110,6 +127,10 @@ def evaluate_dynamic_run(
     from flextron.report.dynamic import write_dynamic_report
 
     run, router, meta = load_dynamic_run(run_dir, dyn_dir)
+    d = run.cfg.dynamic or DynamicConfig()
+    blocks_per_domain = d.eval_blocks if blocks_per_domain is None else blocks_per_domain
+    timed_blocks = min(blocks_per_domain, d.timed_blocks if timed_blocks is None else timed_blocks)
+    repeats = d.eval_repeats if repeats is None else repeats
     if targets is not None:
         for t in targets:
             router.check_target(t)

@@ -13,6 +13,7 @@ launch`` the training stages run on every process and the others on the main one
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -50,13 +51,25 @@ def _finish_stage(run_dir: Path, name: str, summary: dict, wall_s: float) -> Non
     print(f"[flextron] stage {name}: {wall_s:.1f} s, {st[name]['tokens']} tokens", flush=True)
 
 
-def _same_config(saved: Path, cfg: RunConfig) -> bool:
+def _same_config(saved: Path, cfg: RunConfig, *, ignore_dynamic: bool = False) -> bool:
     """Whether ``saved`` describes ``cfg`` (a config written before a field was added reads with
-    that field's default)."""
+    that field's default). ``ignore_dynamic``: the
+    ``dynamic:`` sections may differ (the dynamic stage is the last and runs again)."""
     try:
-        return load_config(saved) == cfg
+        old = load_config(saved)
     except FlextronError:
         return False
+    return old == cfg or (ignore_dynamic and dataclasses.replace(old, dynamic=cfg.dynamic) == cfg)
+
+
+def _restart_dynamic(run_dir: Path) -> None:
+    """Forget the dynamic stage of ``run_dir`` (its record and checkpoints; the files it wrote are
+    replaced when it runs again): the ``dynamic:`` section it ran with has changed or gone."""
+    stages = finished_stages(run_dir)
+    if "dynamic" in stages:
+        del stages["dynamic"]
+        atomic_write_json(run_dir / "stages.json", stages)
+    shutil.rmtree(run_dir / "dynamic" / "checkpoints", ignore_errors=True)
 
 
 def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
@@ -70,6 +83,14 @@ def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
         if saved.exists() and (saved.read_text() == text or _same_config(saved, cfg)):
             check_run_format(run_dir)
             log.info("resuming run in %s", run_dir)
+            return run_dir
+        if saved.exists() and _same_config(saved, cfg, ignore_dynamic=True):
+            check_run_format(run_dir)
+            _restart_dynamic(run_dir)
+            atomic_write_text(saved, text)
+            print(
+                f"[flextron] the run's dynamic: section changed; its dynamic stage runs again in {run_dir}", flush=True
+            )
             return run_dir
         if not overwrite:
             raise OutputExistsError(

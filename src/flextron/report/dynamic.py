@@ -14,7 +14,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flextron.report.format import fmt, md_table, new_figure, read_metrics, save_figure, write_atomically
+from flextron.files import atomic_write_text
+from flextron.report.format import fmt, md_table, new_figure, read_metrics, save_figure
 
 STAGES = ("dynamic_routers", "dynamic_joint")
 
@@ -386,5 +387,5 @@ def write_dynamic_report(
         plots[name] = bool(res["dynamic"]) and make(out_dir / name)
     text = render_dynamic_markdown(res, plots, metrics)
     path = out_dir / "dynamic_report.md"
-    write_atomically(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(path, text)
     return path

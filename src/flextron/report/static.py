@@ -9,16 +9,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable
 
-from flextron.report.format import (
-    DASH,
-    as_number,
-    fmt,
-    fmt_duration,
-    fmt_scalar,
-    md_table,
-    read_metrics,
-    write_atomically,
-)
+from flextron.files import atomic_write_text
+from flextron.report.format import DASH, as_number, fmt, fmt_duration, fmt_scalar, md_table, read_metrics
 from flextron.report.plots import (
     intermediate_size,
     plot_budget_histogram,
@@ -394,6 +386,6 @@ def write_report(run_dir: Path, results: dict) -> Path:
             path.unlink()
     report = run_dir / "report.md"
     text = render_markdown(results, plots, metrics)
-    write_atomically(report, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_text(report, text)
     log.info("report written to %s", report)
     return report

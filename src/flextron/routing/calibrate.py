@@ -212,7 +212,7 @@ def timed_budgets(
     progress: bool = False,
 ) -> tuple[dict, dict[float, float]]:
     """Budgets of the predicted latency under which the *timed* latency meets each target: for
-    every trained target ``t`` < 1, :func:`~flextron.routing.runtime.measure_overhead` on ``ids`` ``(1, T)``
+    every trained target ``t`` < 1, :func:`~flextron.routing.calibrate.measure_overhead` on ``ids`` ``(1, T)``
     gives the timed fraction ``τ`` and the table's prediction ``p`` of the routed sub-network; the
     budget is ``t · p / τ``, kept within ``±max_change`` of ``t`` (a noisy reading cannot move it
     further). Returns the measurements per target (JSON-ready) and ``{t: budget}``."""

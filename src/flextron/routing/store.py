@@ -15,11 +15,12 @@ from safetensors.torch import load_model, save_model
 
 from flextron.config import RunConfig
 from flextron.errors import ModelError
-from flextron.files import atomic_write_dir, check_shapes, file_hashes, verify_hashes
+from flextron.files import atomic_write_dir, check_format, check_shapes, file_hashes, verify_hashes
 from flextron.model.elastic import ElasticModel
 from flextron.routing.dynamic_router import DynamicRouter
 from flextron.routing.router import Router, StaticRouter
 from flextron.routing.surrogate import Surrogate
+from flextron.version import ROUTER_FORMAT, ROUTER_FORMATS_READ
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,6 @@ log = logging.getLogger(__name__)
 #: the files of a router directory, for either kind of router
 ROUTER_FILES = {"router": "router.safetensors", "surrogate": "surrogate.safetensors"}
 ROUTER_MANIFEST = "routers.json"
-#: format of a router directory written by this version (``routers.json`` → ``"format"``); a
-#: manifest without the key is a static router of format 1 (rebuilt from the run's config)
-ROUTER_FORMAT = 2
 MODEL_DIR = "model"  # a dynamic stage's jointly fine-tuned weights (absent without joint fine-tuning)
 
 ROUTER_KINDS: dict[str, type[Router]] = {"static": StaticRouter, "dynamic": DynamicRouter}
@@ -96,18 +94,14 @@ def load_router(
     try:
         meta = json.loads((path / ROUTER_MANIFEST).read_text())
         hashes = meta["sha256"]
-        fmt = meta.get("format", 1)
-        if fmt == 1 and legacy is not None:
+        fmt = meta.get("format")
+        check_format(path / ROUTER_MANIFEST, fmt, ROUTER_FORMATS_READ if legacy else (ROUTER_FORMAT,), fix)
+        if fmt is None:  # format 1: a static router of flextron 0.1, shapes from the run's config
             router, sm = legacy()
             meta = {**meta, "format": 1, "kind": router.kind}
-        elif fmt == ROUTER_FORMAT:
+        else:
             cls = ROUTER_KINDS[meta["kind"]]
             router, sm = cls(**meta["router_args"]), Surrogate(**meta["surrogate_args"])
-        else:
-            raise ModelError(
-                f"{path / ROUTER_MANIFEST} has router format {fmt!r}; this flextron reads format {ROUTER_FORMAT}"
-                f"{' (and 1 for static routers)' if legacy else ''}; {fix}"
-            )
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -161,7 +155,7 @@ def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dic
     Raises:
         ModelError: missing/malformed manifest, altered files, or a router built for another model.
     """
-    fix = f"train it again (the run's `dynamic` stage, or `flextron dynamic RUN --out {path}`)"
+    fix = f"train it (the run's `dynamic` stage, or `flextron dynamic RUN --out {path}`)"
     sub = Path(path) / "router"
     if not (sub / ROUTER_MANIFEST).is_file():
         old = " (its dynamic.json was written by flextron 0.1, whose router files this version does not read)"

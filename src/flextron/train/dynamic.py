@@ -52,11 +52,17 @@ from flextron.routing.store import MODEL_DIR, save_dynamic
 from flextron.routing.surrogate import Surrogate, SurrogateFit
 from flextron.train.checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from flextron.train.distributed import make_accelerator
-from flextron.train.loop import data_sha256
 from flextron.train.joint import train_joint
+from flextron.train.loop import data_sha256
 from flextron.train.losses import lm_kd_loss
-from flextron.train.router_loop import RouterDraw, RouterObjective, add_measurements, router_update, run_router_steps
-from flextron.train.router_loop import tau_at
+from flextron.train.router_loop import (
+    RouterDraw,
+    RouterObjective,
+    add_measurements,
+    router_update,
+    run_router_steps,
+    tau_at,
+)
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ checkpoints under ``run_dir/checkpoints/routers/`` and metrics in ``run_dir/metr
 
 The warm start (project choice) measures every homogeneous configuration and the one-layer
 sensitivities, and allocates each target's budget over the layers by an exact knapsack
-(:func:`~flextron.routing.router.allocate_by_sensitivity`); the surrogate-trained router is validated
+(:func:`~flextron.routing.deploy.allocate_by_sensitivity`); the surrogate-trained router is validated
 against that start at the end. Joint fine-tuning (METHOD §8) is in :mod:`flextron.train.loop`.
 Under several processes the LLM measurements are split over the ranks (see
 :func:`train_routers`).
