@@ -3,8 +3,9 @@
 ``RUN_FORMAT`` is recorded in a run directory (``flextron_run.json``, written when the directory
 is created), ``CHECKPOINT_FORMAT`` in an elastic checkpoint (``flextron.json``) and
 ``ROUTER_FORMAT`` in a router directory (``routers.json``), each under the key ``"format"``. A
-reader accepts the versions listed in ``*_FORMATS_READ`` and refuses any other, naming it (:func:`flextron.files.check_format`); a file without the key was written before
-formats were recorded and counts as version 1.
+reader accepts the versions listed in ``*_FORMATS_READ`` and refuses any other, naming it
+(:func:`flextron.files.check_format`); a file without the key was written before formats were
+recorded and counts as version 1.
 """
 
 from __future__ import annotations
