@@ -334,7 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train dynamic routers (warm start from the run's static router, training through the "
         "surrogate, kept only if better than the warm start, latency price calibrated so the average "
         "predicted latency meets each target) on Wikipedia, Shakespeare and Python source; writes OUT "
-        "(default RUN/dynamic). Settings not given here come from the run's `dynamic:` section, if any. "
+        "(default RUN/dynamic). Settings not given here come from the run's `dynamic:` section, if any "
+        "(the defaults below apply without one). "
         "Interrupted, it resumes from OUT/checkpoints.",
     )
     d.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
