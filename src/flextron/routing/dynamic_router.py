@@ -119,11 +119,27 @@ class DynamicRouter(Router):
         cm, ch = table.cost_vectors(sp.mlp_choices, sp.head_choices)
         r.cost_mlp.copy_(cm / table.full)
         r.cost_heads.copy_(ch / table.full)
-        for j, t in enumerate(r.targets.tolist()):
-            mi, hi = sp.indices(static.route(t))
-            r.anchor_mlp[j] = torch.tensor(mi)
-            r.anchor_heads[j] = torch.tensor(hi)
+        r.anchor_to(static)
         return r
+
+    @torch.no_grad()
+    def anchor_to(self, static: TargetRouter, budgets: dict[float, float] | None = None) -> None:
+        """Set the anchors to ``static``'s budget-fitted configuration at every trained target, or
+        at ``budgets[target]`` (a fraction of full latency) where given: the timed calibration
+        lowers or raises a target's budget, and the anchor follows, so that the price only
+        fine-tunes around a configuration that fits. (With the same anchor bonus and the same
+        per-layer costs in every layer, the price alone moves all layers at the same threshold: a
+        router without an input-dependent part would jump between far-apart latencies.)
+
+        Raises:
+            TargetError: a budget below the smallest sub-network (from ``static.route``).
+        """
+        sp = static.space
+        for j, t in enumerate(self.trained_targets):
+            b = (budgets or {}).get(t, t)
+            mi, hi = sp.indices(static.route(min(1.0, b)))
+            self.anchor_mlp[j] = torch.tensor(mi, device=self.anchor_mlp.device)
+            self.anchor_heads[j] = torch.tensor(hi, device=self.anchor_heads.device)
 
     def init_args(self) -> dict:
         return {

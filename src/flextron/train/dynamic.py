@@ -403,6 +403,7 @@ def train_dynamic(
                     fx, router, table, cal[:1], cfg.timing_repeats, progress=progress
                 )
                 save(cfg.steps + 3)
+            router.anchor_to(static, budgets)  # the anchors follow the budgets; the price fine-tunes
             summary["calibration"] = calibrate(budgets, show=True)
     summary["wall_s"] = round(time.time() - t0, 1)
     save_dynamic(out_dir, router, surrogate, summary)
