@@ -108,3 +108,17 @@ def test_run_directory_format(tiny_run, capsys):
     load_run(run_dir)
     assert main(["run", str(cfg), "-q"]) == 0  # resumes (complete: nothing to do)
     assert not info.exists()  # an existing run is not rewritten
+
+
+def test_a_corrupt_stage_record_is_one_clear_error(tmp_path, capsys):
+    from flextron.cli import main
+
+    from conftest import write_tiny_run
+
+    cfg = write_tiny_run(tmp_path)
+    assert main(["run", str(cfg), "-q"]) == 0
+    (tmp_path / "runs" / "tiny" / "stages.json").write_text("{not json")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "-q"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "stages.json is unreadable" in err[0] and "delete it" in err[0]

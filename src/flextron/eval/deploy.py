@@ -35,8 +35,25 @@ RUN_INFO_FILE = "flextron_run.json"
 
 
 def finished_stages(run_dir: Path) -> dict:
-    p = run_dir / "stages.json"
-    return json.loads(p.read_text()) if p.exists() else {}
+    """The finished stages recorded in ``run_dir/stages.json`` (stage → wall time, tokens, summary;
+    empty when none has finished).
+
+    Raises:
+        ModelError: the file is unreadable or not a JSON object (names the file and the fix).
+    """
+    p = Path(run_dir) / "stages.json"
+    if not p.exists():
+        return {}
+    try:
+        stages = json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        stages = e
+    if not isinstance(stages, dict):
+        raise ModelError(
+            f"{p} is unreadable or not a JSON object ({stages}); delete it to rerun every stage "
+            "(finished stages' outputs are then recomputed)"
+        )
+    return stages
 
 
 def write_run_format(run_dir: Path) -> Path:
