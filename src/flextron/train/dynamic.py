@@ -53,14 +53,14 @@ from flextron.routing.surrogate import Surrogate, SurrogateFit
 from flextron.train.checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from flextron.train.distributed import make_accelerator
 from flextron.train.joint import train_joint
-from flextron.train.loop import data_sha256
+from flextron.train.loop import data_sha256, run_steps
 from flextron.train.losses import lm_kd_loss
 from flextron.train.router_loop import (
     RouterDraw,
     RouterObjective,
     add_measurements,
+    router_postfix,
     router_update,
-    run_router_steps,
     tau_at,
 )
 
@@ -313,7 +313,7 @@ def train_dynamic(
                 run["grad_steps"] += int(rec["surrogate_grad"])
                 return {**d.record, **rec, "router_steps_with_surrogate_grad": run["grad_steps"]}
 
-            run_router_steps(
+            run_steps(
                 stage="dynamic_routers",
                 start=start,
                 steps=cfg.steps,
@@ -325,6 +325,7 @@ def train_dynamic(
                 metrics=metrics,
                 progress=progress,
                 where=f"in {ckpt.root}",
+                postfix=router_postfix,
             )
             router.eval()
             ev = fit.evaluate()

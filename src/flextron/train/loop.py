@@ -165,6 +165,46 @@ def data_sha256(blocks: torch.Tensor) -> str:
     return hashlib.sha256(blocks.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
 
 
+def run_steps(
+    *,
+    stage: str,
+    start: int,
+    steps: int,
+    step_fn: Callable[[int], dict],
+    save: Callable[[int], None],
+    checkpoint_every: int,
+    interrupt,
+    accelerator,
+    metrics,
+    progress: bool,
+    where: str = "",
+    postfix: Callable[[dict], dict] = lambda rec: {},
+) -> None:
+    """Steps ``start … steps − 1`` of a training stage, the same for every stage that trains:
+    ``step_fn(step)`` runs one step and returns its metrics, which go to ``metrics`` (and, through
+    ``postfix``, to the progress bar); a checkpoint (``save(step + 1)``) every ``checkpoint_every``
+    steps, at the last step and when SIGINT/SIGTERM was received (``interrupt.requested`` on any
+    process), after which :class:`KeyboardInterrupt` is raised (its message names ``where``, the
+    checkpoint folder)."""
+    bar = tqdm(
+        range(start, steps),
+        desc=stage,
+        disable=not (progress and accelerator.is_main_process),
+        initial=start,
+        total=steps,
+    )
+    for step in bar:
+        rec = step_fn(step)
+        metrics.write(stage=stage, step=step, **rec)
+        if progress:
+            bar.set_postfix(**postfix(rec))
+        stop = any_rank(accelerator, interrupt.requested)
+        if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
+            save(step + 1)
+        if stop:
+            raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved {where}".rstrip())
+
+
 def lm_loop(
     *,
     stage: str,
@@ -236,46 +276,47 @@ def lm_loop(
     cuda = [accelerator.device.index or 0] if accelerator.device.type == "cuda" else []
     steps_run = tokens = 0
     t0 = time.time()
-    bar = tqdm(
-        range(start, steps),
-        desc=stage,
-        disable=not (progress and accelerator.is_main_process),
-        initial=start,
-        total=steps,
-    )
+
+    def one_step(step: int) -> dict:
+        nonlocal steps_run, tokens
+        for g, base in zip(opt.param_groups, base_lrs):
+            g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
+        rec: dict = {}
+        for micro in range(grad_accum):
+            batch = batch_for_step(blocks, step * grad_accum + micro, micro_batch * world, seed, rank, world)
+            batch = batch.to(accelerator.device)
+            first = (micro * world + rank) * micro_batch
+            # the global RNG (dropout) is a function of (seed, step, rank, micro) too
+            with accelerator.accumulate(*wrapped.values()), torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(step_seed(seed, step, salt=1 + rank * grad_accum + micro))
+                with torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"):
+                    loss, rec = step_fn(
+                        step, batch, step_generator(seed, step), wrapped, slice(first, first + micro_batch), n_rows
+                    )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and max_grad_norm > 0:
+                    accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            tokens += batch.numel() * world
+        steps_run += 1
+        return {"lr": opt.param_groups[0]["lr"], **rec}
+
     with deferred_interrupt() as interrupt:
-        for step in bar:
-            for g, base in zip(opt.param_groups, base_lrs):
-                g["lr"] = cosine_lr(step, steps, warmup, base, min_lr_ratio)
-            rec: dict = {}
-            for micro in range(grad_accum):
-                batch = batch_for_step(blocks, step * grad_accum + micro, micro_batch * world, seed, rank, world)
-                batch = batch.to(accelerator.device)
-                first = (micro * world + rank) * micro_batch
-                # the global RNG (dropout) is a function of (seed, step, rank, micro) too
-                with accelerator.accumulate(*wrapped.values()), torch.random.fork_rng(devices=cuda):
-                    torch.manual_seed(step_seed(seed, step, salt=1 + rank * grad_accum + micro))
-                    with torch.autocast(
-                        accelerator.device.type, dtype=torch.bfloat16, enabled=mixed_precision == "bf16"
-                    ):
-                        loss, rec = step_fn(
-                            step, batch, step_generator(seed, step), wrapped, slice(first, first + micro_batch), n_rows
-                        )
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and max_grad_norm > 0:
-                        accelerator.clip_grad_norm_([p for g in param_groups for p in g["params"]], max_grad_norm)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-                tokens += batch.numel() * world
-            steps_run += 1
-            metrics.write(stage=stage, step=step, lr=opt.param_groups[0]["lr"], **rec)
-            if progress:
-                bar.set_postfix(loss=f"{rec.get('lm_loss', float('nan')):.3f}")
-            stop = any_rank(accelerator, interrupt.requested)
-            if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
-                ckpt.save(step + 1)
-            if stop:
-                raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved in {ckpt.root}")
+        run_steps(
+            stage=stage,
+            start=start,
+            steps=steps,
+            step_fn=one_step,
+            save=ckpt.save,
+            checkpoint_every=checkpoint_every,
+            interrupt=interrupt,
+            accelerator=accelerator,
+            metrics=metrics,
+            progress=progress,
+            where=f"in {ckpt.root}",
+            postfix=lambda rec: {"loss": f"{rec.get('lm_loss', float('nan')):.3f}"},
+        )
     return {
         "steps": steps,
         "steps_run_now": steps_run,

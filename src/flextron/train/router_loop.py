@@ -6,24 +6,22 @@ a dynamic router, of inputs) and *updates* it (:func:`router_update`): the measu
 drawn configurations joins the surrogate's buffer, the surrogate is refitted, its held-out gate is
 checked, and the router's loss is ``λ · latency_loss`` plus the surrogate's prediction once the
 gate is open (the surrogate path) or plus the LM loss through soft masks (the direct-gradient
-ablation). :func:`run_router_steps` runs the steps with metrics, checkpoints and SIGINT/SIGTERM
-deferral. What differs between the kinds is only how a step draws: a static router scores one
-fixed text batch per configuration (:mod:`flextron.train.routers`), a dynamic router routes each
-input by its hidden state (:mod:`flextron.train.dynamic`).
+ablation). The steps run through :func:`~flextron.train.loop.run_steps` with metrics, checkpoints
+and SIGINT/SIGTERM deferral, like every stage that trains. What differs between the kinds is only
+how a step draws: a static router scores one fixed text batch per configuration
+(:mod:`flextron.train.routers`), a dynamic router routes each input by its hidden state
+(:mod:`flextron.train.dynamic`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from flextron.model.space import SearchSpace
 from flextron.routing.router import latency_loss
 from flextron.routing.surrogate import Surrogate, SurrogateFit
-from flextron.train.distributed import any_rank
 
 
 @dataclass
@@ -133,39 +131,9 @@ def router_update(
     }
 
 
-def run_router_steps(
-    *,
-    stage: str,
-    start: int,
-    steps: int,
-    step_fn: Callable[[int], dict],
-    save: Callable[[int], None],
-    checkpoint_every: int,
-    interrupt,
-    accelerator,
-    metrics,
-    progress: bool,
-    where: str = "",
-) -> None:
-    """Steps ``start … steps − 1`` of a router stage: ``step_fn(step)`` draws and updates and
-    returns the step's metrics, which go to ``metrics``; a checkpoint (``save(step + 1)``) every
-    ``checkpoint_every`` steps, at the last step and when SIGINT/SIGTERM was received
-    (``interrupt.requested`` on any process), after which :class:`KeyboardInterrupt` is raised
-    (its message names ``where``, the checkpoint folder)."""
-    bar = tqdm(
-        range(start, steps),
-        desc=stage,
-        disable=not (progress and accelerator.is_main_process),
-        initial=start,
-        total=steps,
-    )
-    for step in bar:
-        rec = step_fn(step)
-        metrics.write(stage=stage, step=step, **rec)
-        lat_err, rho = rec.get("latency_error", float("nan")), rec.get("surrogate_spearman", float("nan"))
-        bar.set_postfix(lat_err=f"{lat_err:.3f}", rho=f"{rho:.2f}")
-        stop = any_rank(accelerator, interrupt.requested)
-        if (step + 1) % checkpoint_every == 0 or step + 1 == steps or stop:
-            save(step + 1)
-        if stop:
-            raise KeyboardInterrupt(f"{stage} interrupted; checkpoint of step {step + 1} saved {where}".rstrip())
+def router_postfix(rec: dict) -> dict:
+    """The progress bar of a router stage: latency error and the surrogate's held-out Spearman."""
+    return {
+        "lat_err": f"{rec.get('latency_error', float('nan')):.3f}",
+        "rho": f"{rec.get('surrogate_spearman', float('nan')):.2f}",
+    }

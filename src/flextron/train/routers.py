@@ -35,9 +35,9 @@ from flextron.routing.router import StaticRouter, choices_to_archs, choices_to_m
 from flextron.routing.surrogate import Surrogate, SurrogateFit, encode_arch
 from flextron.train.checkpoint import MetricsLog, StageCheckpoints, deferred_interrupt
 from flextron.train.distributed import any_rank, make_accelerator, split_over_ranks
-from flextron.train.loop import BudgetSampler, data_sha256, step_generator
+from flextron.train.loop import BudgetSampler, data_sha256, run_steps, step_generator
 from flextron.train.losses import lm_kd_loss
-from flextron.train.router_loop import RouterDraw, RouterObjective, router_update, run_router_steps, tau_at
+from flextron.train.router_loop import RouterDraw, RouterObjective, router_postfix, router_update, tau_at
 
 log = logging.getLogger(__name__)
 
@@ -254,7 +254,7 @@ def train_routers(
             }
             return {**d.record, **rec, "router_steps_with_surrogate_grad": run["grad_steps"]}
 
-        run_router_steps(
+        run_steps(
             stage="routers",
             start=start,
             steps=cfg.steps,
@@ -266,6 +266,7 @@ def train_routers(
             metrics=metrics,
             progress=progress,
             where=f"in {ckpt.root}",
+            postfix=router_postfix,
         )
     router.eval()
     warm, evals = run["warm"], run["evals"]
