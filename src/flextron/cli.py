@@ -118,9 +118,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     if args.dynamic or args.dynamic_only:
-        from flextron.pipeline.dynamic import check_dynamic_router, evaluate_dynamic_run
+        from flextron.pipeline.dynamic import evaluate_dynamic_run
+        from flextron.routing.store import require_dynamic
 
-        check_dynamic_router(run_dir, args.dynamic_dir)  # before a long static evaluation
+        require_dynamic(args.dynamic_dir or run_dir / "dynamic")  # before a long static evaluation
         if not args.dynamic_only:
             pipeline.evaluate_run(
                 run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot

@@ -92,18 +92,6 @@ def stage_dynamic(cfg: RunConfig, run_dir: Path) -> dict:
     }
 
 
-def check_dynamic_router(run_dir: str | Path, dyn_dir: str | Path | None = None) -> None:
-    """Raises ModelError unless ``dyn_dir`` (default ``RUN/dynamic``) holds a dynamic router manifest."""
-    from flextron.errors import ModelError
-
-    sub = (Path(dyn_dir) if dyn_dir is not None else Path(run_dir) / "dynamic") / "router"
-    if not (sub / "routers.json").is_file():
-        raise ModelError(
-            f"no dynamic router in {sub}; train one with `flextron dynamic {run_dir}` or a `dynamic:` section in the "
-            "run's config"
-        )
-
-
 def evaluate_dynamic_run(
     run_dir: str | Path,
     dyn_dir: str | Path | None = None,

@@ -148,6 +148,27 @@ def save_dynamic(out_dir: str | Path, router: DynamicRouter, surrogate: Surrogat
     return save_router(Path(out_dir) / "router", router, surrogate, summary)
 
 
+def dynamic_fix(path: str | Path) -> str:
+    """How to get a dynamic router into ``path`` (the end of every refusal about it)."""
+    return f"train it (the run's `dynamic` stage, or `flextron dynamic RUN --out {path}`)"
+
+
+def require_dynamic(path: str | Path) -> Path:
+    """The router folder ``path/router`` of a dynamic router directory (:func:`save_dynamic`).
+
+    Raises:
+        ModelError: it holds no router manifest (naming a flextron 0.1 one, whose files this version
+        does not read).
+    """
+    sub = Path(path) / "router"
+    if not (sub / ROUTER_MANIFEST).is_file():
+        old = " (its dynamic.json was written by flextron 0.1, whose router files this version does not read)"
+        raise ModelError(
+            f"no readable dynamic router in {sub}{old if (sub / 'dynamic.json').exists() else ''}; {dynamic_fix(path)}"
+        )
+    return sub
+
+
 def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dict]:
     """The dynamic router saved by :func:`save_dynamic` under ``path``: ``(router, manifest)``, with
     the training summary and ``per_token`` in the manifest.
@@ -155,12 +176,8 @@ def load_dynamic(path: str | Path, fx: ElasticModel) -> tuple[DynamicRouter, dic
     Raises:
         ModelError: missing/malformed manifest, altered files, or a router built for another model.
     """
-    fix = f"train it (the run's `dynamic` stage, or `flextron dynamic RUN --out {path}`)"
-    sub = Path(path) / "router"
-    if not (sub / ROUTER_MANIFEST).is_file():
-        old = " (its dynamic.json was written by flextron 0.1, whose router files this version does not read)"
-        raise ModelError(f"no readable dynamic router in {sub}{old if (sub / 'dynamic.json').exists() else ''}; {fix}")
-    router, _, meta = load_router(sub, fx, kind="dynamic", fix=fix)
+    fix = dynamic_fix(path)
+    router, _, meta = load_router(require_dynamic(path), fx, kind="dynamic", fix=fix)
     if router.hidden_size != fx.space.hidden_size:
         raise ModelError(f"the dynamic router in {path} was trained for another model geometry; {fix}")
     meta["per_token"] = bool(meta.get("summary", {}).get("config", {}).get("per_token", False))

@@ -70,11 +70,10 @@ STAGES = ("dynamic_routers", "dynamic_joint")  # metrics stages of this module
 
 
 def _draw_inputs(cfg: DynamicConfig, router: DynamicRouter, pool: torch.Tensor, gen: torch.Generator):
-    """One step's target (index into the router's targets, value; never 1.0) and batch indices ``(B,)``."""
-    cands = [j for j, t in enumerate(router.trained_targets) if t < 1.0]
-    j = cands[int(torch.randint(len(cands), (1,), generator=gen))]
-    idx = torch.randint(pool.shape[0], (cfg.batch_size,), generator=gen)
-    return j, router.trained_targets[j], idx
+    """One step's target (one of the router's trained targets, never 1.0) and batch indices ``(B,)``."""
+    cands = [t for t in router.trained_targets if t < 1.0]
+    t = cands[int(torch.randint(len(cands), (1,), generator=gen))]
+    return t, torch.randint(pool.shape[0], (cfg.batch_size,), generator=gen)
 
 
 def _step_gen(seed: int, step: int, salt: int) -> torch.Generator:
@@ -96,7 +95,7 @@ def draw_dynamic(
     Gumbel choices: ``delta`` = each input's NLL at its routed sub-network − its full-model NLL
     (``full`` (N,)), ``features`` = the full-model NLL ``(B, 1)``; ``direct``: the LM loss through
     soft masks instead (gradient to the router), no measurement."""
-    j, t, idx = _draw_inputs(cfg, router, pool, gen)
+    t, idx = _draw_inputs(cfg, router, pool, gen)
     batch = pool[idx].to(next(fx.parameters()).device)
     targets = torch.full((batch.shape[0],), t)
     if direct:
