@@ -395,7 +395,6 @@ def train_dynamic(
         elif cfg.joint_steps:  # resumed after joint fine-tuning: its weights
             fx.load_state_dict(load_elastic(out_dir / MODEL_DIR).state_dict())
         # 5) calibration on this device
-        summary["price_before_calibration"] = router.price.tolist()
         summary["calibration"] = calibrate(show=True)
         if cfg.timing_repeats and not cfg.per_token:
             if budgets is None:
