@@ -16,6 +16,7 @@ from flextron.model.space import ArchConfig, SearchSpace
 from flextron.model.elastic import ElasticModel
 from flextron.errors import ConfigError
 from flextron.cost.timing import time_models
+from flextron.eval.perplexity import generate_fn
 from benchmarks.harness import load_exported, sync_device
 
 
@@ -52,31 +53,6 @@ def forward_flops(
         total += 2 * t * 3 * d * m  # gate, up, down
     total += 2 * lm_head_tokens * d * vocab_size
     return batch * total
-
-
-def generate_fn(model: torch.nn.Module, ids: torch.Tensor, k: int) -> Callable[[], object]:
-    """A callable running greedy ``generate`` of exactly ``k`` new tokens from ``ids (B, P)``
-    with the KV cache (no grad)."""
-    mask = torch.ones_like(ids)
-    pad = getattr(model.config, "pad_token_id", None)
-    pad = 0 if pad is None else pad
-
-    def run():
-        with torch.inference_mode():
-            return model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                do_sample=False,
-                max_new_tokens=k,
-                min_new_tokens=k,
-                pad_token_id=pad,
-                use_cache=True,
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-
-    return run
 
 
 def time_prefill_decode(

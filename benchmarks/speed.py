@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
 
         import flextron
         from benchmarks.harness import export_targets, format_table, load_exported, resolve_device, write_json
-        from benchmarks.measure import forward_flops, generate_fn, profile_ops, time_prefill_decode
+        from benchmarks.measure import forward_flops, profile_ops, time_prefill_decode
+        from flextron.eval.perplexity import generate_fn
         from flextron.errors import ConfigError
         from flextron.cost.timing import prefill_fn
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -40,6 +41,34 @@ def perplexity(model: nn.Module, blocks: torch.Tensor, *, batch_size: int = 8, p
     }
 
 
+def generate_fn(model: nn.Module, ids: torch.Tensor, k: int) -> Callable[[], torch.Tensor]:
+    """A callable running greedy ``generate`` of exactly ``k`` new tokens from ``ids (B, P)`` with the
+    KV cache (no grad), for a plain HF causal LM or an elastic model at its active configuration;
+    it returns ``(B, P + k)`` token ids."""
+    mask = torch.ones_like(ids)
+    pad = getattr(hf_model(model).config, "pad_token_id", None)
+    pad = 0 if pad is None else pad
+
+    def run() -> torch.Tensor:
+        with torch.inference_mode():
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=k,
+                min_new_tokens=k,
+                pad_token_id=pad,
+                use_cache=True,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+            )
+        assert out.shape[1] == ids.shape[1] + k, (out.shape, ids.shape, k)
+        return out
+
+    return run
+
+
 def decode_tokens_per_s(
     model: nn.Module, *, prompt_len: int = 32, new_tokens: int = 32, repeats: int = 3, seed: int = 0
 ) -> float:
@@ -58,34 +87,11 @@ def decode_tokens_per_s(
     device = next(model.parameters()).device
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, hf.config.vocab_size, (1, prompt_len), generator=gen).to(device)
-    mask = torch.ones_like(ids)
-    pad = hf.config.pad_token_id if getattr(hf.config, "pad_token_id", None) is not None else 0
     was_training = model.training
     model.eval()
-
-    def gen_fn(k: int):
-        def run():
-            with torch.inference_mode():
-                out = model.generate(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    do_sample=False,
-                    max_new_tokens=k,
-                    min_new_tokens=k,
-                    pad_token_id=pad,
-                    use_cache=True,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                )
-            assert out.shape[1] == prompt_len + k, (out.shape, prompt_len, k)
-            return out
-
-        return run
-
-    fns = {"n": gen_fn(new_tokens)}
+    fns = {"n": generate_fn(model, ids, new_tokens)}
     if new_tokens > 1:
-        fns["1"] = gen_fn(1)
+        fns["1"] = generate_fn(model, ids, 1)
     try:
         res = time_models(fns, repeats=repeats, warmup=1)
     finally:
