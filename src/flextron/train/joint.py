@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -65,13 +66,14 @@ def train_joint(
 
     full_steps: set[int] = set()
 
+    below = targets[targets < 1]  # a dynamic router's step targets (1.0 is the full model)
+
     def step_fn(step: int, batch: torch.Tensor, gen: torch.Generator, wrapped: dict, rows: slice, n_rows: int):
         full = torch.rand((), generator=gen).item() < cfg.p_full  # the full model alone; the router is not run
         routing = None
         if full:
             full_steps.add(step)
         elif router.reads_input:  # one target for the step; every sequence routed by its hidden state
-            below = targets[targets < 1]
             t = below[torch.randint(len(below), (1,), generator=gen)].expand(batch.shape[0]).to(batch.device)
             routing = DynamicRouting(
                 fx, router, float(t[0]), tau=router_cfg.tau_end, generator=gen, masked=True, grad=True
@@ -83,12 +85,10 @@ def train_joint(
             head_c = gumbel_choice(head_logits, router_cfg.tau_end, gen)[rows]
             t = t[rows]
             fx.set_masks(*choices_to_masks(sp, mlp_c, head_c))
-        if routing is not None:
-            with routing:
-                out = wrapped["model"](input_ids=batch, use_cache=False)
-                mlp_c, head_c = routing.stacked()
-        else:
+        with routing or nullcontext():
             out = wrapped["model"](input_ids=batch, use_cache=False)
+            if routing is not None:
+                mlp_c, head_c = routing.stacked()
         fx.set_masks(None, None)
         loss, ce, kd = lm_kd_loss(out.logits, batch, teacher_logits(teacher, batch, cfg.kd_alpha), cfg.kd_alpha)
         rec = {"lm_loss": float(ce), "kd_loss": float(kd), "full_model": full}
