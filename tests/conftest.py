@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+from transformers import (
+    AutoModelForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    MistralConfig,
+    Phi3Config,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 FAMILIES = {
     # GQA (4 query heads in 2 groups) and tied embeddings, like SmolLM2
@@ -43,6 +51,89 @@ FAMILIES = {
         tie_word_embeddings=True,
         max_position_embeddings=128,
     ),
+    # Llama 3.x: rope_scaling of type llama3, sequences (16) beyond original_max_position_embeddings (8)
+    "llama3_rope": lambda: LlamaConfig(
+        vocab_size=97,
+        hidden_size=48,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        head_dim=8,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 10000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8,
+        },
+    ),
+    # Mistral: a sliding window (4) shorter than the test sequences
+    "mistral_window": lambda: MistralConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        sliding_window=4,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    ),
+    # Gemma 3: query_pre_attn_scalar != head_dim, mixed local/global layers, local RoPE base != global,
+    # head_dim * heads (32) != hidden_size (40), gelu_pytorch_tanh, pre/post norms, scaled embedding
+    "gemma3_mixed": lambda: Gemma3TextConfig(
+        vocab_size=97,
+        hidden_size=40,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_local_base_freq=10.0,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # Phi-3 with GQA: fused qkv_proj / gate_up_proj, partial rotary (half of head_dim), sliding window 6
+    "phi3_gqa": lambda: Phi3Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        partial_rotary_factor=0.5,
+        sliding_window=6,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
+    # Phi-3-mini style multi-head attention: one query head per KV group
+    "phi3_mha": lambda: Phi3Config(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        original_max_position_embeddings=128,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    ),
 }
 
 
@@ -53,6 +144,9 @@ def make_tiny(name: str, dtype=torch.float64, seed: int = 0):
     cfg._attn_implementation = "sdpa"
     model = AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
     with torch.no_grad():
+        for mod in model.modules():  # Gemma's embed_scale is built in float32; loading re-inits it exactly
+            if hasattr(mod, "scalar_embed_scale"):
+                mod.embed_scale.fill_(mod.scalar_embed_scale)
         for n, p in model.named_parameters():
             if "norm" in n:
                 p.add_(0.1 * torch.randn_like(p))

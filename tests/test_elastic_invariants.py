@@ -128,5 +128,5 @@ def test_bad_candidates_are_refused():
 def test_unsupported_family_is_refused():
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    with pytest.raises(UnsupportedModelError, match="supports: llama"):
+    with pytest.raises(UnsupportedModelError, match="supports: gemma3_text, llama"):
         convert(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)))

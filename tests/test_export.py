@@ -57,10 +57,16 @@ def _assert_sliced(sub, fx, arch):
     assert sum(p.numel() for p in sub.parameters()) == fx.space.num_parameters(arch)
     G, hd = fx.space.num_key_value_heads, fx.space.head_dim
     for layer, m, a in zip(sub.model.layers, arch.mlp, arch.heads):
-        assert layer.mlp.gate_proj.weight.shape[0] == m and layer.mlp.down_proj.weight.shape[1] == m
-        assert layer.self_attn.q_proj.weight.shape[0] == G * a * hd
-        assert layer.self_attn.o_proj.weight.shape[1] == G * a * hd
-        assert layer.self_attn.k_proj.weight.shape[0] == G * hd
+        mlp, attn = layer.mlp, layer.self_attn
+        if hasattr(mlp, "gate_up_proj"):  # Phi-3: fused layout written back
+            assert mlp.gate_up_proj.weight.shape[0] == 2 * m
+            assert attn.qkv_proj.weight.shape[0] == G * a * hd + 2 * G * hd
+        else:
+            assert mlp.gate_proj.weight.shape[0] == m
+            assert attn.q_proj.weight.shape[0] == G * a * hd
+            assert attn.k_proj.weight.shape[0] == G * hd
+        assert mlp.down_proj.weight.shape[1] == m
+        assert attn.o_proj.weight.shape[1] == G * a * hd
     assert subnetwork_arch(sub) == arch
 
 

@@ -19,33 +19,36 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from flextron.config import ElasticConfig, from_dict
 from flextron.errors import TargetError
-from flextron.model.families import FamilyAdapter, Geometry, adapter_for
+from flextron.model.families import FamilyAdapter, adapter_for
 from flextron.model.ranking import Importance, apply_permutation, compute_importance, make_permutation
 from flextron.model.space import ArchConfig, SearchSpace
-
-
-def _slice_bias(lin: nn.Linear, n: int) -> torch.Tensor | None:
-    return None if lin.bias is None else lin.bias[:n]
 
 
 class ElasticMLP(nn.Module):
     """Gated MLP whose intermediate width is elastic (METHOD §3).
 
-    Holds the original ``gate_proj``/``up_proj``/``down_proj``/``act_fn``. Sliced mode uses the first
-    ``width`` neurons; masked mode (``mask`` set, shape ``(B or 1, intermediate_size)``) multiplies the
-    ``down_proj`` input by the mask: ``Σ_k π_k MLP_{m_k}(x)`` for nested candidates. Grouped mode
-    (``token_widths`` set, shape ``(B, T)``, set by :mod:`flextron.routing.runtime`): every token runs at its
-    own width, tokens grouped by width so each group computes only its slice.
+    Owns the original MLP's modules under their own names (``gate_proj``/``up_proj``/``down_proj``,
+    or Phi-3's fused ``gate_up_proj``), so state-dict keys do not change; the gate and up
+    projections are :class:`~flextron.model.families.Rows` of them. Sliced mode uses the first
+    ``width`` neurons; masked mode (``mask`` set, shape ``(B or 1, intermediate_size)``) multiplies
+    the ``down_proj`` input by the mask: ``Σ_k π_k MLP_{m_k}(x)`` for nested candidates. Grouped mode
+    (``token_widths`` set, shape ``(B, T)``, set by :mod:`flextron.routing.runtime`): every token runs
+    at its own width, tokens grouped by width so each group computes only its slice.
     """
 
-    def __init__(self, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act: nn.Module) -> None:
+    def __init__(self, mlp: nn.Module, adapter: FamilyAdapter) -> None:
         super().__init__()
-        self.gate_proj, self.up_proj, self.down_proj, self.act_fn = gate, up, down, act
-        self.full_width = gate.out_features
+        for name, child in mlp.named_children():
+            self.add_module(name, child)
+        p = adapter.mlp_projections(self)
+        # plain attributes (a dict is not registered), so no parameter gets a second state-dict key
+        self.proj = {"gate": p["gate"], "up": p["up"], "down": p["down"], "act": p["act"]}
+        self.fused = p["gate"].linear is p["up"].linear
+        self.full_width = p["gate"].size
         self.width = self.full_width
         self.mask: torch.Tensor | None = None
         self.token_widths: torch.Tensor | None = None
@@ -54,18 +57,26 @@ class ElasticMLP(nn.Module):
         if self.token_widths is not None and self.mask is None:
             return self._grouped(x, self.token_widths)
         m = self.width
-        if self.mask is not None or m == self.full_width:
-            z = self.act_fn(self.gate_proj(x)) * self.up_proj(x)  # (B, T, D)
-            if self.mask is not None:
-                z = z * self.mask[:, None, :].to(z.dtype)
-            return self.down_proj(z)
+        if self.mask is not None:
+            z = self._hidden(x, self.full_width) * self.mask[:, None, :].to(x.dtype)  # (B, T, D)
+            return self.proj["down"](z)
         return self._sliced(x, m)
+
+    def _hidden(self, x: torch.Tensor, m: int) -> torch.Tensor:
+        """``act(gate(x)) * up(x)`` of the first ``m`` neurons: ``(..., d) → (..., m)``."""
+        g, u, act = self.proj["gate"], self.proj["up"], self.proj["act"]
+        if m == self.full_width and self.fused:  # one matmul over the fused projection
+            gu = g.linear(x)
+            return act(gu[..., g.start : g.start + m]) * gu[..., u.start : u.start + m]
+        gb, ub = g.bias, u.bias
+        gate = F.linear(x, g.weight[:m], None if gb is None else gb[:m])
+        return act(gate) * F.linear(x, u.weight[:m], None if ub is None else ub[:m])
 
     def _grouped(self, x: torch.Tensor, widths: torch.Tensor) -> torch.Tensor:
         """Per-token widths ``(B, T)``: gather the tokens of each width, run that slice, scatter back."""
         B, T, d = x.shape
         flat, w = x.reshape(B * T, d), widths.reshape(B * T)
-        out = x.new_empty(B * T, self.down_proj.out_features)
+        out = x.new_empty(B * T, self.proj["down"].out_features)
         for m in torch.unique(w).tolist():
             idx = (w == m).nonzero().squeeze(1)  # (n_m,)
             out.index_copy_(0, idx, self._sliced(flat.index_select(0, idx), int(m)))
@@ -73,44 +84,66 @@ class ElasticMLP(nn.Module):
 
     def _sliced(self, x: torch.Tensor, m: int) -> torch.Tensor:
         """The first ``m`` neurons only: ``(..., d) → (..., d)``."""
+        down = self.proj["down"]
         if m == self.full_width:
-            return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
-        g = F.linear(x, self.gate_proj.weight[:m], _slice_bias(self.gate_proj, m))  # (B, T, m)
-        u = F.linear(x, self.up_proj.weight[:m], _slice_bias(self.up_proj, m))
-        return F.linear(self.act_fn(g) * u, self.down_proj.weight[:, :m], self.down_proj.bias)  # (B, T, d)
+            return down(self._hidden(x, m))
+        return F.linear(self._hidden(x, m), down.weight[:, :m], down.bias)  # (..., d)
 
 
 class ElasticAttention(nn.Module):
-    """GQA attention with an elastic number of query heads per KV group (METHOD §1, §3).
+    """Attention with an elastic number of query heads per KV group (METHOD §1, §3).
 
-    Holds the original ``q/k/v/o_proj`` (and ``q_norm``/``k_norm`` when the family has them).
-    Called like the HF attention it replaces; returns ``(output (B, T, d), None)``. Masked mode:
-    ``mask`` of shape ``(B or 1, num_attention_heads)`` scales each head's output before ``o_proj``.
+    Owns the original attention module's children under their own names (``q/k/v/o_proj`` or
+    Phi-3's fused ``qkv_proj``, ``q_norm``/``k_norm``) and runs the family's own pieces
+    (:class:`~flextron.model.families.AttentionCall`: rotary embedding, scaling, sliding window,
+    softcap), then transformers' attention function for ``config._attn_implementation`` — only
+    the query rows and ``o_proj`` columns are sliced. Called like the HF attention it replaces;
+    returns ``(output (B, T, d), attention weights or None)``. Masked mode: ``mask`` of shape
+    ``(B or 1, num_attention_heads)`` scales each head's output before ``o_proj``.
     """
 
-    def __init__(
-        self, projections: dict[str, nn.Linear], norms: dict[str, nn.Module], geo: Geometry, layer_idx: int
-    ) -> None:
+    def __init__(self, attn: nn.Module, adapter: FamilyAdapter, layer_idx: int) -> None:
         super().__init__()
-        self.q_proj, self.k_proj, self.v_proj, self.o_proj = (projections[k] for k in "qkvo")
-        for name, mod in norms.items():
-            self.add_module(name, mod)
-        self.has_qk_norm = bool(norms)
+        for name, child in attn.named_children():
+            self.add_module(name, child)
+        geo = adapter.geometry
+        self.proj = adapter.attention_projections(self)  # plain dict: no second state-dict key
+        self.norms = adapter.qk_norms(self)
+        self.call = adapter.attention_call(attn)
+        self.config = attn.config
         self.layer_idx = layer_idx
+        self.layer_type = adapter.layer_type(layer_idx)
         self.head_dim = geo.head_dim
         self.num_key_value_heads = geo.num_key_value_heads
         self.full_heads_per_group = geo.heads_per_group
         self.heads_per_group = geo.heads_per_group
-        self.scaling = geo.head_dim**-0.5
+        self.num_key_value_groups = geo.heads_per_group  # read by transformers' attention functions
+        self.scaling = self.call.scaling
+        self.is_causal = self.call.is_causal
+        self.sliding_window = self.call.kwargs.get("sliding_window")
+        q = self.proj["q"]
+        self.fused_qkv = q.linear is self.proj["k"].linear is self.proj["v"].linear
         self.mask: torch.Tensor | None = None
 
-    def _q_o_weights(self, a: int):
-        """q_proj rows and o_proj columns of the first ``a`` heads of every group."""
+    def _head_rows(self, a: int) -> torch.Tensor | slice:
+        """Query rows (``o_proj`` columns) of the first ``a`` heads of every group."""
         G, R, hd = self.num_key_value_heads, self.full_heads_per_group, self.head_dim
-        wq = self.q_proj.weight.view(G, R, hd, -1)[:, :a].reshape(G * a * hd, -1)  # (G·a·hd, d)
-        bq = None if self.q_proj.bias is None else self.q_proj.bias.view(G, R, hd)[:, :a].reshape(-1)
-        wo = self.o_proj.weight.view(-1, G, R, hd)[:, :, :a].reshape(-1, G * a * hd)  # (d, G·a·hd)
-        return wq, bq, wo
+        if a == R:
+            return slice(None)
+        return torch.arange(G * R * hd, device=self.proj["o"].weight.device).view(G, R, hd)[:, :a].reshape(-1)
+
+    def _qkv(self, x: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(B, T, d)`` → q ``(B, T, G·a, hd)``, k and v ``(B, T, G, hd)``."""
+        B, T, _ = x.shape
+        p, hd = self.proj, self.head_dim
+        if self.fused_qkv and a == self.full_heads_per_group:
+            qkv = p["q"].linear(x)
+            q, k, v = (qkv[..., r.start : r.start + r.size] for r in (p["q"], p["k"], p["v"]))
+        else:
+            rows, qr = self._head_rows(a), p["q"]
+            q = F.linear(x, qr.weight[rows], None if qr.bias is None else qr.bias[rows])
+            k, v = (F.linear(x, r.weight, r.bias) for r in (p["k"], p["v"]))
+        return q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
 
     def forward(
         self,
@@ -119,46 +152,37 @@ class ElasticAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         past_key_values=None,
         **kwargs,
-    ) -> tuple[torch.Tensor, None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         B, T, _ = hidden_states.shape
         a = self.full_heads_per_group if self.mask is not None else self.heads_per_group
-        full = a == self.full_heads_per_group
-        if full:
-            q = self.q_proj(hidden_states)
-        else:
-            wq, bq, wo = self._q_o_weights(a)
-            q = F.linear(hidden_states, wq, bq)
-        q = q.view(B, T, -1, self.head_dim)  # (B, T, G·a, hd)
-        k = self.k_proj(hidden_states).view(B, T, -1, self.head_dim)  # (B, T, G, hd)
-        v = self.v_proj(hidden_states).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, G, T, hd)
-        if self.has_qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        q, k, v = self._qkv(hidden_states, a)
+        if self.norms:
+            q, k = self.norms["q_norm"](q), self.norms["k_norm"](k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = self.call.rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        # Same dispatch as transformers' sdpa path: causal flag without a mask, else the 4-D mask.
-        is_causal = attention_mask is None and T > 1
-        if is_causal and k.shape[2] > T:  # prefill into an empty static cache
-            k, v = k[:, :, :T], v[:, :, :T]
-        if attention_mask is not None:
-            attention_mask = attention_mask[:, :, :, : k.shape[2]]
-            k = k.repeat_interleave(a, dim=1)  # (B, G·a, S, hd)
-            v = v.repeat_interleave(a, dim=1)
-            gqa = {}
-        else:
-            gqa = {"enable_gqa": a > 1}
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, is_causal=is_causal, scale=self.scaling, **gqa
-        )
-        out = out.transpose(1, 2)  # (B, T, G·a, hd)
+        self.num_key_value_groups = a
+        attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.call.eager)
+        out, weights = attention(
+            self,
+            q,
+            k,
+            v,
+            attention_mask,
+            dropout=self.call.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            **self.call.kwargs,
+            **kwargs,
+        )  # out: (B, T, G·a, hd)
         if self.mask is not None:
             out = out * self.mask[:, None, :, None].to(out.dtype)
         out = out.reshape(B, T, -1)
-        if full:
-            return self.o_proj(out), None
-        return F.linear(out, wo, self.o_proj.bias), None
+        o = self.proj["o"]
+        if a == self.full_heads_per_group:
+            return o(out), weights
+        return F.linear(out, o.weight[:, self._head_rows(a)], o.bias), weights
 
 
 class ElasticModel(nn.Module):
@@ -286,13 +310,10 @@ def convert(model: nn.Module, elastic_config: ElasticConfig | None = None) -> El
     for i, layer in enumerate(adapter.layers(model)):
         attn = adapter.attention(layer)
         if not isinstance(attn, ElasticAttention):
-            adapter.set_attention(
-                layer, ElasticAttention(adapter.attention_projections(attn), adapter.qk_norms(attn), geo, i)
-            )
+            adapter.set_attention(layer, ElasticAttention(attn, adapter, i))
         mlp = adapter.mlp(layer)
         if not isinstance(mlp, ElasticMLP):
-            p = adapter.mlp_projections(mlp)
-            adapter.set_mlp(layer, ElasticMLP(p["gate"], p["up"], p["down"], p["act"]))
+            adapter.set_mlp(layer, ElasticMLP(mlp, adapter))
     return ElasticModel(model, adapter, space, elastic_config)
 
 

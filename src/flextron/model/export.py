@@ -50,31 +50,42 @@ def _head_index(G: int, R: int, hd: int, a: int, device) -> torch.Tensor:
     return idx.reshape(-1)  # (G·a·hd,)
 
 
+def _cut_rows(sd: dict, key_of: dict[int, str], parts: list) -> None:
+    """Write into ``sd`` every owning ``nn.Linear`` of ``parts`` (``(Rows, row index)`` pairs) cut
+    to the selected rows, its row blocks re-fused in order (Phi-3's ``qkv_proj``/``gate_up_proj``)."""
+    owners: dict[int, list] = {}
+    for rows, sel in parts:
+        owners.setdefault(id(rows.linear), []).append((rows, sel))
+    for blocks in owners.values():
+        blocks.sort(key=lambda b: b[0].start)
+        linear = blocks[0][0].linear
+        key = key_of[id(linear)]
+        sd[f"{key}.weight"] = torch.cat([r.weight.detach()[sel] for r, sel in blocks])  # (rows kept, d)
+        if linear.bias is not None:
+            sd[f"{key}.bias"] = torch.cat([r.bias.detach()[sel] for r, sel in blocks])
+
+
 def _sliced_state_dict(fx: ElasticModel, arch: ArchConfig) -> dict[str, torch.Tensor]:
     """The wrapped model's state dict with q/o and MLP projections cut to ``arch``.
 
-    Projections are found through the family adapter (by module identity), never by name.
+    Projections are found through the family adapter (by module identity), never by name; fused
+    projections are written back in the family's fused layout.
     """
     sd = fx.model.state_dict()
-    name_of: dict[int, str] = {}
-    for n, p in fx.model.named_parameters(remove_duplicate=False):
-        name_of.setdefault(id(p), n)
+    key_of: dict[int, str] = {}
+    for n, mod in fx.model.named_modules(remove_duplicate=False):
+        key_of.setdefault(id(mod), n)
     sp = fx.space
     G, R, hd = sp.num_key_value_heads, sp.heads_per_group, sp.head_dim
+    everything = slice(None)
     for mlp, attn, m, a in zip(fx.mlps, fx.attns, arch.mlp, arch.heads):
         p = fx.adapter.mlp_projections(mlp)
-        for key in ("gate", "up"):
-            sd[name_of[id(p[key].weight)]] = p[key].weight.detach()[:m]  # (m, d)
-            if p[key].bias is not None:
-                sd[name_of[id(p[key].bias)]] = p[key].bias.detach()[:m]
-        sd[name_of[id(p["down"].weight)]] = p["down"].weight.detach()[:, :m]  # (d, m)
+        _cut_rows(sd, key_of, [(p["gate"], slice(0, m)), (p["up"], slice(0, m))])  # (m, d) each
+        sd[f"{key_of[id(p['down'])]}.weight"] = p["down"].weight.detach()[:, :m]  # (d, m)
         proj = fx.adapter.attention_projections(attn)
-        q, o = proj["q"], proj["o"]
-        idx = _head_index(G, R, hd, a, q.weight.device)
-        sd[name_of[id(q.weight)]] = q.weight.detach().index_select(0, idx)  # (G·a·hd, d)
-        if q.bias is not None:
-            sd[name_of[id(q.bias)]] = q.bias.detach().index_select(0, idx)
-        sd[name_of[id(o.weight)]] = o.weight.detach().index_select(1, idx)  # (d, G·a·hd)
+        idx = _head_index(G, R, hd, a, proj["o"].weight.device)
+        _cut_rows(sd, key_of, [(proj["q"], idx), (proj["k"], everything), (proj["v"], everything)])
+        sd[f"{key_of[id(proj['o'])]}.weight"] = proj["o"].weight.detach().index_select(1, idx)  # (d, G·a·hd)
     return sd
 
 
@@ -136,6 +147,12 @@ def export_subnetwork(fx: ElasticModel, arch: ArchConfig | None = None):
     model.to(dtype=ref.dtype)
     result = model.load_state_dict(_sliced_state_dict(fx, arch), strict=True)
     assert not result.missing_keys and not result.unexpected_keys  # strict=True raises otherwise
+    source_buffers = dict(fx.model.named_buffers())
+    with torch.no_grad():  # non-persistent buffers (RoPE tables, Gemma's embed_scale): the source's values
+        for name, buf in model.named_buffers():
+            src = source_buffers.get(name)
+            if src is not None and src.shape == buf.shape:
+                buf.copy_(src)
     if getattr(fx.model, "generation_config", None) is not None:
         model.generation_config = copy.deepcopy(fx.model.generation_config)
     return model.eval()

@@ -18,6 +18,8 @@ the family's own (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
@@ -92,19 +94,18 @@ class FlextronForCausalLM(FlextronPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def _resize_layers(self) -> None:
+        """Rebuild every layer whose sizes differ from the maxima with the family's own decoder-layer
+        class and a per-layer copy of the config (``num_attention_heads``, ``intermediate_size``),
+        so fused projections (Phi-3's ``qkv_proj``/``gate_up_proj``), head counts and the attention
+        code's own reads of the config all agree with the layer's sizes."""
         c = self.config
-        d, hd, kv = c.hidden_size, c.head_dim, c.num_key_value_heads
         for i, layer in enumerate(self.model.layers):
-            attn, mlp = layer.self_attn, layer.mlp
             nq, m = c.num_attention_heads_per_layer[i], c.intermediate_sizes[i]
-            if attn.q_proj.out_features != nq * hd:
-                attn.q_proj = nn.Linear(d, nq * hd, bias=attn.q_proj.bias is not None)
-                attn.o_proj = nn.Linear(nq * hd, d, bias=attn.o_proj.bias is not None)
-            attn.num_key_value_groups = nq // kv  # query heads per KV group (repeat_kv / SDPA GQA)
-            if mlp.gate_proj.out_features != m:
-                mlp.gate_proj = nn.Linear(d, m, bias=mlp.gate_proj.bias is not None)
-                mlp.up_proj = nn.Linear(d, m, bias=mlp.up_proj.bias is not None)
-                mlp.down_proj = nn.Linear(m, d, bias=mlp.down_proj.bias is not None)
+            if nq == c.num_attention_heads and m == c.intermediate_size:
+                continue
+            layer_config = copy.copy(c)
+            layer_config.num_attention_heads, layer_config.intermediate_size = nq, m
+            self.model.layers[i] = type(layer)(layer_config, i)
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
@@ -137,6 +138,9 @@ class FlextronForCausalLM(FlextronPreTrainedModel, GenerationMixin):
         hidden_states = outputs.last_hidden_state  # (B, T, d)
         slice_indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         logits = self.lm_head(hidden_states[:, slice_indices, :])  # (B, T', V)
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2 style final softcapping
+            logits = torch.tanh(logits / cap) * cap
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
