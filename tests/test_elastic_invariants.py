@@ -75,13 +75,7 @@ def test_sliced_equals_masked_one_hot(family):
             for i in mi
         ]
         head_masks = [
-            nested_mask(
-                torch.nn.functional.one_hot(torch.tensor([i]), len(sp.head_choices)).double(),
-                sp.head_choices,
-                sp.heads_per_group,
-                sp.num_key_value_heads,
-            )
-            for i in hi
+            sp.head_mask(torch.nn.functional.one_hot(torch.tensor([i]), len(sp.head_choices)).double()) for i in hi
         ]
         fx.set_masks(mlp_masks, head_masks)
         masked = fx(input_ids=ids).logits

@@ -55,18 +55,19 @@ def _logits(model, ids):
 def _assert_sliced(sub, fx, arch):
     """No zero padding: every projection has exactly the kept size; the count matches the space."""
     assert sum(p.numel() for p in sub.parameters()) == fx.space.num_parameters(arch)
-    G, hd = fx.space.num_key_value_heads, fx.space.head_dim
+    sp, hd = fx.space, fx.space.head_dim
     for layer, m, a in zip(sub.model.layers, arch.mlp, arch.heads):
         mlp, attn = layer.mlp, layer.self_attn
+        q, kv = sp.query_heads(a) * hd, sp.kv_heads(a) * hd
         if hasattr(mlp, "gate_up_proj"):  # Phi-3: fused layout written back
             assert mlp.gate_up_proj.weight.shape[0] == 2 * m
-            assert attn.qkv_proj.weight.shape[0] == G * a * hd + 2 * G * hd
+            assert attn.qkv_proj.weight.shape[0] == q + 2 * kv
         else:
             assert mlp.gate_proj.weight.shape[0] == m
-            assert attn.q_proj.weight.shape[0] == G * a * hd
-            assert attn.k_proj.weight.shape[0] == G * hd
+            assert attn.q_proj.weight.shape[0] == q
+            assert attn.k_proj.weight.shape[0] == kv
         assert mlp.down_proj.weight.shape[1] == m
-        assert attn.o_proj.weight.shape[1] == G * a * hd
+        assert attn.o_proj.weight.shape[1] == q
     assert subnetwork_arch(sub) == arch
 
 
@@ -113,7 +114,7 @@ def test_homogeneous_export_is_plain_family_model(family, tmp_path):
         cfg = json.loads((out / "config.json").read_text())
         assert "auto_map" not in cfg and not (out / "hf_modeling.py").exists()
         assert cfg["head_dim"] == fx.space.head_dim
-        assert cfg["num_attention_heads"] == fx.space.num_key_value_heads * arch.heads[0]
+        assert cfg["num_attention_heads"] == fx.space.query_heads(arch.heads[0])
         re = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float64)  # no trust_remote_code
         assert type(re) is type(fx.model)
         assert (_logits(re, ids) - ref).abs().max() < 1e-9

@@ -12,6 +12,7 @@ fused projections re-fused), in memory and from disk; cached decoding equals unc
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -27,6 +28,8 @@ from flextron.model.hf_modeling import FlextronForCausalLM
 from flextron.model.space import nested_mask, sample_arch
 
 CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8)
+# every family on its default head axis, plus whole-KV-group elasticity on GQA models (with k/v biases)
+CASES = [(name, "auto") for name in sorted(FAMILIES)] + [("llama_gqa_tied", "kv_groups"), ("qwen2_bias", "kv_groups")]
 T = 16  # longer than every sliding window below (4 or 6)
 TOL = 1e-9
 
@@ -42,23 +45,12 @@ def _logits(model, ids, **kw):
 
 def _one_hot_masks(sp, arch):
     mi, hi = sp.indices(arch)
+    hot = torch.nn.functional.one_hot
     mlp = [
-        nested_mask(
-            torch.nn.functional.one_hot(torch.tensor([i]), len(sp.mlp_choices)).double(),
-            sp.mlp_choices,
-            sp.intermediate_size,
-        )
+        nested_mask(hot(torch.tensor([i]), len(sp.mlp_choices)).double(), sp.mlp_choices, sp.intermediate_size)
         for i in mi
     ]
-    heads = [
-        nested_mask(
-            torch.nn.functional.one_hot(torch.tensor([i]), len(sp.head_choices)).double(),
-            sp.head_choices,
-            sp.heads_per_group,
-            sp.num_key_value_heads,
-        )
-        for i in hi
-    ]
+    heads = [sp.head_mask(hot(torch.tensor([i]), len(sp.head_choices)).double()) for i in hi]
     return mlp, heads
 
 
@@ -67,11 +59,18 @@ def test_every_supported_family_is_in_the_contract():
     assert set(supported_model_types()) <= types
 
 
-@pytest.mark.parametrize("name", sorted(FAMILIES))
+def _convert(name, axis):
+    fx = convert(make_tiny(name), dataclasses.replace(CFG, head_axis=axis))
+    expected = "kv_groups" if axis == "kv_groups" or fx.space.heads_per_group == 1 else "heads_per_group"
+    assert fx.space.head_axis == expected
+    return fx
+
+
+@pytest.mark.parametrize(("name", "axis"), CASES)
 class TestFamilyContract:
-    def test_features_are_active(self, name):
+    def test_features_are_active(self, name, axis):
         cfg = FAMILIES[name]()
-        fx = convert(make_tiny(name), CFG)
+        fx = _convert(name, axis)
         window = getattr(cfg, "sliding_window", None)
         if window is not None:
             assert window < T
@@ -92,18 +91,18 @@ class TestFamilyContract:
             rp = cfg.rope_parameters
             assert rp["rope_type"] == "llama3" and T > rp["original_max_position_embeddings"]
 
-    def test_permutation_and_full_configuration_preserve_the_function(self, name):
+    def test_permutation_and_full_configuration_preserve_the_function(self, name, axis):
         model = make_tiny(name)
         ref = copy.deepcopy(model)
-        fx = convert(model, CFG)
+        fx = convert(model, dataclasses.replace(CFG, head_axis=axis))
         ids = _ids()
         before = _logits(ref, ids)
         assert (_logits(fx, ids) - before).abs().max() < TOL  # full configuration = original
         fx.rank([_ids(2, T, seed=s) for s in range(3)], progress=False)
         assert (_logits(fx, ids) - before).abs().max() < TOL  # permutation preserves the function
 
-    def test_sliced_equals_masked_one_hot(self, name):
-        fx = convert(make_tiny(name), CFG)
+    def test_sliced_equals_masked_one_hot(self, name, axis):
+        fx = _convert(name, axis)
         fx.rank([_ids(2, T, seed=s) for s in range(2)], progress=False)
         sp, ids, gen = fx.space, _ids(), torch.Generator().manual_seed(0)
         for _ in range(3):
@@ -115,8 +114,8 @@ class TestFamilyContract:
             fx.set_masks(None, None)
             assert (sliced - masked).abs().max() < TOL
 
-    def test_exports_equal_the_elastic_model(self, name, tmp_path):
-        fx = convert(make_tiny(name), CFG)
+    def test_exports_equal_the_elastic_model(self, name, axis, tmp_path):
+        fx = _convert(name, axis)
         fx.rank([_ids(2, T, seed=s) for s in range(2)], progress=False)
         sp, ids = fx.space, _ids()
         homo = sp.homogeneous(sp.mlp_choices[1], sp.head_choices[0])
@@ -127,6 +126,7 @@ class TestFamilyContract:
             sub = export_subnetwork(fx, arch)
             assert (type(sub) is type(fx.model)) == plain and isinstance(sub, FlextronForCausalLM) != plain
             assert (_logits(sub, ids) - ref).abs().max() < TOL
+            assert sum(p.numel() for p in sub.parameters()) == sp.num_parameters(arch)
             out = save_subnetwork(sub, tmp_path / f"{name}-{plain}")
             re = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=not plain, dtype=torch.float64)
             assert type(re).__name__ == type(sub).__name__
@@ -136,8 +136,8 @@ class TestFamilyContract:
             if hasattr(sub.model.layers[0].mlp, "gate_up_proj"):  # fused layout written back
                 assert not hasattr(re.model.layers[0].mlp, "gate_proj")
 
-    def test_cached_decoding_crosses_the_window(self, name):
-        fx = convert(make_tiny(name), CFG)
+    def test_cached_decoding_crosses_the_window(self, name, axis):
+        fx = _convert(name, axis)
         fx.rank([_ids(2, T, seed=s) for s in range(2)], progress=False)
         arch = sample_arch(fx.space, torch.Generator().manual_seed(3))
         ids = _ids(1)
@@ -165,3 +165,20 @@ def test_a_norm_over_the_whole_projection_is_refused():
     )
     with pytest.raises(UnsupportedModelError, match="q/k norms normalise the whole q/k projection"):
         adapter_for(cfg)
+
+
+def test_kv_groups_are_ranked_and_dropped_least_important_first():
+    fx = convert(make_tiny("llama_gqa_tied"), dataclasses.replace(CFG, head_axis="kv_groups"))
+    calib = [_ids(2, T, seed=s) for s in range(3)]
+    fx.rank(calib, progress=False)
+    again = fx.rank(calib, progress=False)  # scores measured after the first permutation
+    G = fx.space.num_key_value_heads
+    for s in again.heads:
+        per_group = s.view(G, -1).sum(1)
+        assert torch.all(per_group[:-1] >= per_group[1:] - 1e-9)
+    sp = fx.space
+    assert sp.head_choices == tuple(range(1, G + 1))
+    small = sp.homogeneous(sp.mlp_choices[-1], 1)
+    fx.set_arch(small)
+    sub = export_subnetwork(fx, small)
+    assert sub.config.num_key_value_heads == 1 and sub.config.num_attention_heads == sp.heads_per_group

@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 #: The paper's six downstream tasks, in the paper's order (defined in :mod:`flextron.eval.tasks`).
 TASKS: tuple[str, ...] = ("arc_easy", "lambada", "piqa", "winogrande", "mmlu", "hellaswag")
 ORDERINGS = ("importance", "none", "random")
+HEAD_AXES = ("auto", "heads_per_group", "kv_groups")
 MIXED_PRECISION = ("no", "bf16")
 
 
@@ -29,15 +30,23 @@ class ElasticConfig:
     """What is elastic and how units are ordered (METHOD §1, §2).
 
     ``mlp_fractions``: fractions of ``intermediate_size`` offered to every layer, rounded to a
-    multiple of ``mlp_divisor`` (1.0 is always added). ``heads_per_group``: query heads kept per KV
-    group (``None``: every value 1 … ``num_attention_heads / num_key_value_heads``).
-    ``ordering``: ``importance`` (activation-based, §2), ``none`` (identity) or ``random``.
+    multiple of ``mlp_divisor`` (1.0 is always added). ``head_axis``: what the attention axis
+    drops (METHOD §1, §2): ``heads_per_group`` (query heads inside every KV group, K/V kept),
+    ``kv_groups`` (whole KV groups, least important first: their query heads and ``k_proj``/``v_proj``
+    rows), or ``auto`` (``kv_groups`` for a model with one query head per group, i.e. multi-head
+    attention such as Phi-3-mini or Llama-2-7B, which has no other head axis; else
+    ``heads_per_group``). ``heads_per_group``: query heads kept per KV group (``None``: every value
+    1 … ``num_attention_heads / num_key_value_heads``). ``kv_groups``: KV groups kept (``None``:
+    every value 1 … ``num_key_value_heads``). ``ordering``: ``importance`` (activation-based, §2),
+    ``none`` (identity) or ``random``.
     """
 
     mlp_fractions: tuple[float, ...] = (0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
     mlp_divisor: int = 64
     heads_per_group: tuple[int, ...] | None = None
     ordering: str = "importance"
+    head_axis: str = "auto"
+    kv_groups: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         check_field(
@@ -56,6 +65,11 @@ class ElasticConfig:
             for a in self.heads_per_group:
                 check_field(a >= 1, "elastic.heads_per_group", a, "each head count must be >= 1")
         check_field(self.ordering in ORDERINGS, "elastic.ordering", self.ordering, f"one of {ORDERINGS}")
+        check_field(self.head_axis in HEAD_AXES, "elastic.head_axis", self.head_axis, f"one of {HEAD_AXES}")
+        if self.kv_groups is not None:
+            check_field(len(self.kv_groups) > 0, "elastic.kv_groups", self.kv_groups, "give at least one count or null")
+            for g in self.kv_groups:
+                check_field(g >= 1, "elastic.kv_groups", g, "each group count must be >= 1")
 
 
 @dataclass(frozen=True)

@@ -140,11 +140,10 @@ class CostTable:
     @classmethod
     def from_parameters(cls, space: SearchSpace) -> "CostTable":
         """Exact parameter costs (unit ``"params"``): ``predict(arch) == space.num_parameters(arch)``."""
-        d, hd, G = space.hidden_size, space.head_dim, space.num_key_value_heads
-        per_neuron = 3 * d + (2 if space.mlp_bias else 0)
-        per_head = hd * (2 * d + (1 if space.q_bias else 0))
+        per_neuron = 3 * space.hidden_size + (2 if space.mlp_bias else 0)
+        per_unit = space.params_per_head_unit()
         mlp = {int(m): float(m * per_neuron) for m in space.mlp_choices}
-        attn = {int(a): float(G * a * per_head) for a in space.head_choices}
+        attn = {int(a): float(a * per_unit) for a in space.head_choices}
         D, R, L = space.mlp_choices[-1], space.head_choices[-1], space.num_layers
         const = float(space.total_params) - L * (mlp[D] + attn[R])
         return cls(

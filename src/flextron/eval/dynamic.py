@@ -246,7 +246,7 @@ def evaluate_dynamic(
             ) / sp.intermediate_size  # (L,)
             heads = (r["heads"][ix] * torch.tensor(sp.head_choices, dtype=torch.float32)).sum(-1).mean(
                 0
-            ) / sp.heads_per_group
+            ) / sp.head_choices[-1]
             per_domain[d] = {
                 "mean_fraction": domain_mean(r["fraction"], d),
                 "perplexity": math.exp(domain_mean(r["nll"], d)),

@@ -298,6 +298,8 @@ def _results(run: LoadedRun, rows: list, orig_ppl: float, orig_ood: float, eval_
             "head_choices": list(sp.head_choices),
             "intermediate_size": sp.intermediate_size,
             "heads_per_group": sp.heads_per_group,
+            "head_axis": sp.head_axis,
+            "head_units": sp.head_choices[-1],
             "num_layers": sp.num_layers,
         },
         "training": {k: st[k]["summary"] for k in ("elastic", "routers", "joint") if k in st},

@@ -102,7 +102,7 @@ class ElasticAttention(nn.Module):
     ``(B or 1, num_attention_heads)`` scales each head's output before ``o_proj``.
     """
 
-    def __init__(self, attn: nn.Module, adapter: FamilyAdapter, layer_idx: int) -> None:
+    def __init__(self, attn: nn.Module, adapter: FamilyAdapter, layer_idx: int, head_axis: str) -> None:
         super().__init__()
         for name, child in attn.named_children():
             self.add_module(name, child)
@@ -115,8 +115,11 @@ class ElasticAttention(nn.Module):
         self.layer_type = adapter.layer_type(layer_idx)
         self.head_dim = geo.head_dim
         self.num_key_value_heads = geo.num_key_value_heads
-        self.full_heads_per_group = geo.heads_per_group
-        self.heads_per_group = geo.heads_per_group
+        self.query_heads_per_group = geo.heads_per_group
+        self.groups_axis = head_axis == "kv_groups"
+        # attention units: query heads per KV group, or whole KV groups on the kv_groups axis
+        self.full_heads_per_group = geo.num_key_value_heads if self.groups_axis else geo.heads_per_group
+        self.heads_per_group = self.full_heads_per_group  # the active number of units
         self.num_key_value_groups = geo.heads_per_group  # read by transformers' attention functions
         self.scaling = self.call.scaling
         self.is_causal = self.call.is_causal
@@ -126,10 +129,13 @@ class ElasticAttention(nn.Module):
         self.mask: torch.Tensor | None = None
 
     def _head_rows(self, a: int) -> torch.Tensor | slice:
-        """Query rows (``o_proj`` columns) of the first ``a`` heads of every group."""
-        G, R, hd = self.num_key_value_heads, self.full_heads_per_group, self.head_dim
-        if a == R:
+        """Query rows (``o_proj`` columns) of the first ``a`` units: the first ``a`` heads of every
+        group, or every head of the first ``a`` groups (a prefix)."""
+        G, R, hd = self.num_key_value_heads, self.query_heads_per_group, self.head_dim
+        if a == self.full_heads_per_group:
             return slice(None)
+        if self.groups_axis:
+            return slice(0, a * R * hd)
         return torch.arange(G * R * hd, device=self.proj["o"].weight.device).view(G, R, hd)[:, :a].reshape(-1)
 
     def _qkv(self, x: torch.Tensor, a: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -142,7 +148,8 @@ class ElasticAttention(nn.Module):
         else:
             rows, qr = self._head_rows(a), p["q"]
             q = F.linear(x, qr.weight[rows], None if qr.bias is None else qr.bias[rows])
-            k, v = (F.linear(x, r.weight, r.bias) for r in (p["k"], p["v"]))
+            kv = slice(0, a * hd) if self.groups_axis else slice(None)  # K/V rows of the kept groups
+            k, v = (F.linear(x, r.weight[kv], None if r.bias is None else r.bias[kv]) for r in (p["k"], p["v"]))
         return q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
 
     def forward(
@@ -163,7 +170,7 @@ class ElasticAttention(nn.Module):
         q, k = self.call.rotary(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
-        self.num_key_value_groups = a
+        self.num_key_value_groups = self.query_heads_per_group if self.groups_axis else a
         attention = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, self.call.eager)
         out, weights = attention(
             self,
@@ -273,7 +280,8 @@ class ElasticModel(nn.Module):
         self.set_masks(None, None)
         self.set_arch(None)
         imp = compute_importance(self.model, self.adapter, batches, progress=progress)
-        apply_permutation(self.model, self.adapter, make_permutation(imp, self.adapter, ordering, seed))
+        perm = make_permutation(imp, self.adapter, ordering, seed, head_axis=self.space.head_axis)
+        apply_permutation(self.model, self.adapter, perm)
         self.ranking = {"ordering": ordering, "applied": True, "seed": seed}
         return imp
 
@@ -310,7 +318,7 @@ def convert(model: nn.Module, elastic_config: ElasticConfig | None = None) -> El
     for i, layer in enumerate(adapter.layers(model)):
         attn = adapter.attention(layer)
         if not isinstance(attn, ElasticAttention):
-            adapter.set_attention(layer, ElasticAttention(attn, adapter, i))
+            adapter.set_attention(layer, ElasticAttention(attn, adapter, i, space.head_axis))
         mlp = adapter.mlp(layer)
         if not isinstance(mlp, ElasticMLP):
             adapter.set_mlp(layer, ElasticMLP(mlp, adapter))

@@ -31,7 +31,7 @@ from flextron.errors import ConfigError, FlextronError, ModelError, OutputExists
 from flextron.files import atomic_write_dir, check_format, file_hashes, verify_hashes
 from flextron.model.elastic import ElasticModel, convert, elastic_config_from_metadata
 from flextron.model.families import adapter_for
-from flextron.model.space import ArchConfig
+from flextron.model.space import ArchConfig, SearchSpace
 from flextron.version import CHECKPOINT_FORMAT, CHECKPOINT_FORMATS_READ
 
 log = logging.getLogger(__name__)
@@ -77,14 +77,17 @@ def _sliced_state_dict(fx: ElasticModel, arch: ArchConfig) -> dict[str, torch.Te
         key_of.setdefault(id(mod), n)
     sp = fx.space
     G, R, hd = sp.num_key_value_heads, sp.heads_per_group, sp.head_dim
-    everything = slice(None)
     for mlp, attn, m, a in zip(fx.mlps, fx.attns, arch.mlp, arch.heads):
         p = fx.adapter.mlp_projections(mlp)
         _cut_rows(sd, key_of, [(p["gate"], slice(0, m)), (p["up"], slice(0, m))])  # (m, d) each
         sd[f"{key_of[id(p['down'])]}.weight"] = p["down"].weight.detach()[:, :m]  # (d, m)
         proj = fx.adapter.attention_projections(attn)
-        idx = _head_index(G, R, hd, a, proj["o"].weight.device)
-        _cut_rows(sd, key_of, [(proj["q"], idx), (proj["k"], everything), (proj["v"], everything)])
+        if sp.groups_axis:  # the first a whole groups: a prefix of q rows and of k/v rows
+            idx = torch.arange(a * R * hd, device=proj["o"].weight.device)
+            kv = slice(0, a * hd)
+        else:
+            idx, kv = _head_index(G, R, hd, a, proj["o"].weight.device), slice(None)
+        _cut_rows(sd, key_of, [(proj["q"], idx), (proj["k"], kv), (proj["v"], kv)])
         sd[f"{key_of[id(proj['o'])]}.weight"] = proj["o"].weight.detach().index_select(1, idx)  # (d, G·a·hd)
     return sd
 
@@ -103,12 +106,15 @@ def _homogeneous_config(fx: ElasticModel, arch: ArchConfig):
     d = base.to_dict()
     for k in ("transformers_version", "auto_map"):
         d.pop(k, None)
+    sp = fx.space
     d.update(
         intermediate_size=arch.mlp[0],
-        num_attention_heads=fx.space.num_key_value_heads * arch.heads[0],
-        num_key_value_heads=fx.space.num_key_value_heads,
-        head_dim=fx.space.head_dim,
+        num_attention_heads=sp.query_heads(arch.heads[0]),
+        num_key_value_heads=sp.kv_heads(arch.heads[0]),
+        head_dim=sp.head_dim,
     )
+    if sp.groups_axis:
+        d["flextron_head_axis"] = sp.head_axis
     try:
         cfg = type(base).from_dict(d)
     except (ValueError, TypeError, *_STRICT_ERRORS):  # e.g. hidden_size % num_attention_heads != 0
@@ -136,8 +142,12 @@ def export_subnetwork(fx: ElasticModel, arch: ArchConfig | None = None):
     else:
         from flextron.model.hf_modeling import FlextronConfig, FlextronForCausalLM
 
-        G = fx.space.num_key_value_heads
-        cfg = FlextronConfig.from_base(base, list(arch.mlp), [G * a for a in arch.heads])
+        sp = fx.space
+        cfg = FlextronConfig.from_base(
+            base, list(arch.mlp), [sp.query_heads(a) for a in arch.heads], [sp.kv_heads(a) for a in arch.heads]
+        )
+        if sp.groups_axis:
+            cfg.flextron_head_axis = sp.head_axis
         cfg.auto_map = dict(AUTO_MAP)
         model_cls = FlextronForCausalLM
     if attn_impl in ("sdpa", "eager"):
@@ -159,15 +169,18 @@ def export_subnetwork(fx: ElasticModel, arch: ArchConfig | None = None):
 
 
 def subnetwork_arch(model: nn.Module) -> ArchConfig:
-    """The per-layer (MLP width, query heads per KV group) of an exported model, from its config."""
+    """The per-layer (MLP width, attention units) of an exported model, from its config: query
+    heads per KV group, or KV groups kept when the export records ``flextron_head_axis: kv_groups``."""
     c = model.config
-    kv = int(c.num_key_value_heads)
-    if getattr(c, "model_type", None) == "flextron_elastic":
-        return ArchConfig(
-            mlp=tuple(c.intermediate_sizes), heads=tuple(h // kv for h in c.num_attention_heads_per_layer)
-        )
     L = int(c.num_hidden_layers)
-    return ArchConfig(mlp=(int(c.intermediate_size),) * L, heads=(int(c.num_attention_heads) // kv,) * L)
+    groups = getattr(c, "flextron_head_axis", None) == "kv_groups"
+    if getattr(c, "model_type", None) == "flextron_elastic":
+        kv = c.num_key_value_heads_per_layer or [int(c.num_key_value_heads)] * L
+        q = c.num_attention_heads_per_layer
+        return ArchConfig(mlp=tuple(c.intermediate_sizes), heads=tuple(g if groups else h // g for h, g in zip(q, kv)))
+    kv = int(c.num_key_value_heads)
+    units = kv if groups else int(c.num_attention_heads) // kv
+    return ArchConfig(mlp=(int(c.intermediate_size),) * L, heads=(units,) * L)
 
 
 # -- atomic directory writes ------------------------------------------------------------------
@@ -340,7 +353,7 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
         diff = [
             f"{k}: {recorded.get(k)!r} recorded vs {v!r} from the weights"
             for k, v in now.items()
-            if recorded.get(k) != v
+            if recorded.get(k, SearchSpace.__dataclass_fields__[k].default) != v  # fields added later: defaults
         ]
         if diff:
             raise ModelError(f"{meta_file} does not match the model in {path} ({'; '.join(diff[:3])}); {fix}")

@@ -4,16 +4,18 @@ Copied next to an exported checkpoint and loaded by ``AutoModelForCausalLM.from_
 trust_remote_code=True)``, so it imports only ``torch`` and ``transformers`` (never ``flextron``).
 
 :class:`FlextronConfig` is the base family's config, flattened (``base_model_type`` names the
-family: llama, qwen2, qwen3, mistral ...), plus per-layer ``intermediate_sizes`` and
-``num_attention_heads_per_layer`` (query heads, a multiple of ``num_key_value_heads``; ``head_dim``
-is explicit). The global ``intermediate_size`` / ``num_attention_heads`` are the per-layer maxima.
+family: llama, qwen2, qwen3, mistral, gemma3_text, phi3 ...), plus per-layer ``intermediate_sizes``,
+``num_attention_heads_per_layer`` and, when whole KV groups were dropped,
+``num_key_value_heads_per_layer`` (``head_dim`` is explicit). The global sizes are the per-layer
+maxima.
 
-:class:`FlextronForCausalLM` builds the family's own decoder (``LlamaModel``, ``Qwen2Model`` ...)
-from that config, then swaps each layer's ``q_proj``/``o_proj``/``gate_proj``/``up_proj``/
-``down_proj`` for correctly sized ``nn.Linear`` and sets the attention module's
-``num_key_value_groups`` (query heads per KV group), which transformers' attention code uses for
-``repeat_kv`` / SDPA GQA; it infers the head count from the projection shapes. State-dict keys are
-the family's own (``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``).
+:class:`FlextronForCausalLM` builds the family's own decoder (``LlamaModel``, ``Phi3Model`` ...)
+from that config, then rebuilds every smaller layer with the family's own decoder-layer class from
+a per-layer copy of the config, so fused projections and the attention code's reads of the config
+agree with the layer's sizes. State-dict keys are the family's own
+(``model.layers.0.self_attn.q_proj.weight``, ``lm_head.weight``). Attention implementation: the
+per-layer configs are copied when the model is built, so choose it at load time
+(``attn_implementation=...``).
 """
 
 from __future__ import annotations
@@ -27,42 +29,58 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-_OWN_KEYS = ("base_model_type", "intermediate_sizes", "num_attention_heads_per_layer")
+_OWN_KEYS = ("base_model_type", "intermediate_sizes", "num_attention_heads_per_layer", "num_key_value_heads_per_layer")
 _DROP_FROM_BASE = ("model_type", "transformers_version", "architectures", "auto_map", "_name_or_path")
 
 
 class FlextronConfig(PretrainedConfig):
-    """The base family's config (flattened) plus per-layer MLP widths and query-head counts."""
+    """The base family's config (flattened) plus per-layer MLP widths, query-head counts and
+    (when whole KV groups were dropped) KV-head counts."""
 
     model_type = "flextron_elastic"
 
-    def __init__(self, base_model_type=None, intermediate_sizes=None, num_attention_heads_per_layer=None, **kwargs):
+    def __init__(
+        self,
+        base_model_type=None,
+        intermediate_sizes=None,
+        num_attention_heads_per_layer=None,
+        num_key_value_heads_per_layer=None,
+        **kwargs,
+    ):
+        def ints(xs):
+            return None if xs is None else [int(x) for x in xs]
+
         self.base_model_type = base_model_type
-        self.intermediate_sizes = None if intermediate_sizes is None else [int(x) for x in intermediate_sizes]
-        self.num_attention_heads_per_layer = (
-            None if num_attention_heads_per_layer is None else [int(x) for x in num_attention_heads_per_layer]
-        )
+        self.intermediate_sizes = ints(intermediate_sizes)
+        self.num_attention_heads_per_layer = ints(num_attention_heads_per_layer)
+        self.num_key_value_heads_per_layer = ints(num_key_value_heads_per_layer)
         super().__init__(**kwargs)
 
     @classmethod
-    def from_base(cls, base_config, intermediate_sizes, num_attention_heads_per_layer) -> "FlextronConfig":
+    def from_base(
+        cls, base_config, intermediate_sizes, num_attention_heads_per_layer, num_key_value_heads_per_layer=None
+    ) -> "FlextronConfig":
         """Flatten ``base_config`` (a family config) and attach the per-layer sizes."""
         d = base_config.to_dict()
         for k in _DROP_FROM_BASE + _OWN_KEYS:
             d.pop(k, None)
         n_layers = int(d["num_hidden_layers"])
-        if len(intermediate_sizes) != n_layers or len(num_attention_heads_per_layer) != n_layers:
-            raise ValueError(f"per-layer sizes need {n_layers} entries")
         kv = int(d.get("num_key_value_heads") or d["num_attention_heads"])
-        if any(int(h) % kv for h in num_attention_heads_per_layer):
-            raise ValueError(f"query heads per layer must be multiples of num_key_value_heads={kv}")
+        kv_per_layer = list(num_key_value_heads_per_layer or [kv] * n_layers)
+        sizes = (intermediate_sizes, num_attention_heads_per_layer, kv_per_layer)
+        if any(len(x) != n_layers for x in sizes):
+            raise ValueError(f"per-layer sizes need {n_layers} entries")
+        if any(int(h) % int(g) for h, g in zip(num_attention_heads_per_layer, kv_per_layer)):
+            raise ValueError("query heads per layer must be multiples of the layer's KV heads")
         d["head_dim"] = int(d.get("head_dim") or d["hidden_size"] // d["num_attention_heads"])
         d["intermediate_size"] = max(int(x) for x in intermediate_sizes)
         d["num_attention_heads"] = max(int(x) for x in num_attention_heads_per_layer)
+        d["num_key_value_heads"] = max(int(x) for x in kv_per_layer)
         return cls(
             base_model_type=base_config.model_type,
             intermediate_sizes=intermediate_sizes,
             num_attention_heads_per_layer=num_attention_heads_per_layer,
+            num_key_value_heads_per_layer=None if num_key_value_heads_per_layer is None else kv_per_layer,
             **d,
         )
 
@@ -99,12 +117,14 @@ class FlextronForCausalLM(FlextronPreTrainedModel, GenerationMixin):
         so fused projections (Phi-3's ``qkv_proj``/``gate_up_proj``), head counts and the attention
         code's own reads of the config all agree with the layer's sizes."""
         c = self.config
+        kv_per_layer = c.num_key_value_heads_per_layer or [c.num_key_value_heads] * c.num_hidden_layers
         for i, layer in enumerate(self.model.layers):
-            nq, m = c.num_attention_heads_per_layer[i], c.intermediate_sizes[i]
-            if nq == c.num_attention_heads and m == c.intermediate_size:
+            nq, m, kv = c.num_attention_heads_per_layer[i], c.intermediate_sizes[i], kv_per_layer[i]
+            if nq == c.num_attention_heads and m == c.intermediate_size and kv == c.num_key_value_heads:
                 continue
             layer_config = copy.copy(c)
             layer_config.num_attention_heads, layer_config.intermediate_size = nq, m
+            layer_config.num_key_value_heads = kv
             self.model.layers[i] = type(layer)(layer_config, i)
 
     def get_input_embeddings(self):

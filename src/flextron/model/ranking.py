@@ -33,10 +33,12 @@ class Importance:
 @dataclass
 class Permutation:
     """New order of units, per layer: ``mlp[l]`` indexes intermediate neurons, ``heads[l]`` query
-    heads (a permutation that keeps every head inside its KV group)."""
+    heads (every head stays with its KV group's keys and values); ``groups[l]`` (``kv_groups``
+    axis only, else None) the KV groups themselves, whose ``k_proj``/``v_proj`` rows move with them."""
 
     mlp: list[torch.Tensor]
     heads: list[torch.Tensor]
+    groups: list[torch.Tensor] | None = None
 
 
 class _Accumulator:
@@ -125,29 +127,39 @@ def compute_importance(
 
 
 def make_permutation(
-    importance: Importance, adapter: FamilyAdapter, ordering: str = "importance", seed: int = 0
+    importance: Importance,
+    adapter: FamilyAdapter,
+    ordering: str = "importance",
+    seed: int = 0,
+    head_axis: str = "heads_per_group",
 ) -> Permutation:
     """Order units by descending importance (``importance``), keep them (``none``) or shuffle them
     (``random``, seeded) — the last two are the ablations of METHOD §2. Heads move only within
-    their KV group, so GQA stays valid."""
+    their KV group, so GQA stays valid; on the ``kv_groups`` axis the groups are ordered too
+    (group score = the sum of its heads' scores, METHOD §2) and carry their heads along."""
     geo = adapter.geometry
     G, R = geo.num_key_value_heads, geo.heads_per_group
     gen = torch.Generator().manual_seed(seed)
-    mlp, heads = [], []
+    mlp, heads, groups = [], [], []
     for s_mlp, s_head in zip(importance.mlp, importance.heads):
         if ordering == "importance":
             mlp.append(torch.argsort(s_mlp, descending=True, stable=True))
             within = torch.argsort(s_head.view(G, R), dim=1, descending=True, stable=True)  # (G, R)
+            order = torch.argsort(s_head.view(G, R).sum(1), descending=True, stable=True)  # (G,)
         elif ordering == "none":
             mlp.append(torch.arange(s_mlp.numel()))
-            within = torch.arange(R).expand(G, R)
+            within, order = torch.arange(R).expand(G, R), torch.arange(G)
         elif ordering == "random":
             mlp.append(torch.randperm(s_mlp.numel(), generator=gen))
             within = torch.stack([torch.randperm(R, generator=gen) for _ in range(G)])
+            order = torch.randperm(G, generator=gen) if head_axis == "kv_groups" else torch.arange(G)
         else:
             raise ValueError(f"unknown ordering {ordering!r}")
-        heads.append((within + torch.arange(G)[:, None] * R).reshape(-1))  # (H,)
-    return Permutation(mlp=mlp, heads=heads)
+        if head_axis != "kv_groups":
+            order = torch.arange(G)
+        groups.append(order)
+        heads.append((within[order] + order[:, None] * R).reshape(-1))  # (H,)
+    return Permutation(mlp=mlp, heads=heads, groups=groups if head_axis == "kv_groups" else None)
 
 
 def _rows(weight: torch.Tensor, idx: torch.Tensor) -> None:
@@ -161,7 +173,7 @@ def apply_permutation(model: torch.nn.Module, adapter: FamilyAdapter, perm: Perm
     ``perm.heads``. K/V projections, norms and ``head_dim`` are untouched, so the function is
     unchanged (invariant 1)."""
     hd = adapter.geometry.head_dim
-    for layer, pm, ph in zip(adapter.layers(model), perm.mlp, perm.heads):
+    for i, (layer, pm, ph) in enumerate(zip(adapter.layers(model), perm.mlp, perm.heads)):
         mp = adapter.mlp_projections(adapter.mlp(layer))
         for name in ("gate", "up"):
             _rows(mp[name].weight, pm)
@@ -176,3 +188,10 @@ def apply_permutation(model: torch.nn.Module, adapter: FamilyAdapter, perm: Perm
             _rows(ap["q"].bias, rows)
         o = ap["o"].weight  # (d, H*hd)
         o.data.copy_(o.data.index_select(1, rows.to(o.device)))
+        if perm.groups is not None:  # whole KV groups move: their key and value rows too
+            pg = perm.groups[i]
+            kv_rows = (pg[:, None] * hd + torch.arange(hd)).reshape(-1)
+            for name in ("k", "v"):
+                _rows(ap[name].weight, kv_rows)
+                if ap[name].bias is not None:
+                    _rows(ap[name].bias, kv_rows)

@@ -80,8 +80,10 @@ def archs_from_json(obj):
 class SearchSpace:
     """Choices offered to every layer and the exact parameter accounting.
 
-    ``mlp_choices``: sorted intermediate sizes (full size last); ``head_choices``: sorted query
-    heads per KV group (full last).
+    ``mlp_choices``: sorted intermediate sizes (full size last); ``head_choices``: sorted counts of
+    attention units (full last) along ``head_axis``: query heads per KV group
+    (``heads_per_group``; K/V kept) or whole KV groups (``kv_groups``: a group's query heads and its
+    K/V rows). :class:`ArchConfig` ``heads`` entries count those units.
     """
 
     num_layers: int
@@ -95,10 +97,33 @@ class SearchSpace:
     total_params: int
     q_bias: bool
     mlp_bias: bool
+    head_axis: str = "heads_per_group"
 
     @property
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def groups_axis(self) -> bool:
+        """True when the attention units are whole KV groups."""
+        return self.head_axis == "kv_groups"
+
+    def query_heads(self, units: int) -> int:
+        """Query heads kept at ``units`` attention units."""
+        return units * self.heads_per_group if self.groups_axis else self.num_key_value_heads * units
+
+    def kv_heads(self, units: int) -> int:
+        """KV heads (groups) kept at ``units`` attention units."""
+        return units if self.groups_axis else self.num_key_value_heads
+
+    def head_mask(self, probs: torch.Tensor) -> torch.Tensor:
+        """Query-head mask ``(B, num_attention_heads)`` from probabilities ``(B, K_heads)`` over
+        ``head_choices`` (METHOD §3): nested over the units, then tiled over the KV groups
+        (``heads_per_group`` axis) or spread over each group's query heads (``kv_groups`` axis)."""
+        if self.groups_axis:
+            units = nested_mask(probs, self.head_choices, self.num_key_value_heads)  # (B, G)
+            return units.repeat_interleave(self.heads_per_group, dim=1)
+        return nested_mask(probs, self.head_choices, self.heads_per_group, self.num_key_value_heads)
 
     @classmethod
     def build(cls, geo: Geometry, cfg: ElasticConfig, total_params: int) -> "SearchSpace":
@@ -122,14 +147,27 @@ class SearchSpace:
                 )
             mlp.add(min(m, D))
         mlp.add(D)
-        heads = set(cfg.heads_per_group) if cfg.heads_per_group is not None else set(range(1, R + 1))
-        if max(heads) > R:
-            raise ConfigError(
-                f"elastic.heads_per_group={sorted(heads)} asks for {max(heads)} query heads per KV group, "
-                f"but the model has {R} (num_attention_heads={geo.num_attention_heads}, "
-                f"num_key_value_heads={geo.num_key_value_heads})"
-            )
-        heads.add(R)
+        G = geo.num_key_value_heads
+        axis = cfg.head_axis
+        if axis == "auto":
+            axis = "kv_groups" if R == 1 and G > 1 else "heads_per_group"
+        if axis == "kv_groups":
+            heads = set(cfg.kv_groups) if cfg.kv_groups is not None else set(range(1, G + 1))
+            if max(heads) > G:
+                raise ConfigError(
+                    f"elastic.kv_groups={sorted(heads)} asks for {max(heads)} KV groups, but the model has "
+                    f"num_key_value_heads={G}"
+                )
+            heads.add(G)
+        else:
+            heads = set(cfg.heads_per_group) if cfg.heads_per_group is not None else set(range(1, R + 1))
+            if max(heads) > R:
+                raise ConfigError(
+                    f"elastic.heads_per_group={sorted(heads)} asks for {max(heads)} query heads per KV group, "
+                    f"but the model has {R} (num_attention_heads={geo.num_attention_heads}, "
+                    f"num_key_value_heads={geo.num_key_value_heads})"
+                )
+            heads.add(R)
         return cls(
             num_layers=geo.num_hidden_layers,
             hidden_size=geo.hidden_size,
@@ -142,6 +180,7 @@ class SearchSpace:
             total_params=total_params,
             q_bias=geo.attention_bias,
             mlp_bias=geo.mlp_bias,
+            head_axis=axis,
         )
 
     def full(self) -> ArchConfig:
@@ -175,18 +214,26 @@ class SearchSpace:
                 raise ConfigError(f"MLP width {m} is not a candidate; candidates: {list(self.mlp_choices)}")
         for a in arch.heads:
             if a not in self.head_choices:
-                raise ConfigError(f"{a} heads per group is not a candidate; candidates: {list(self.head_choices)}")
+                unit = "KV groups" if self.groups_axis else "heads per group"
+                raise ConfigError(f"{a} {unit} is not a candidate; candidates: {list(self.head_choices)}")
         return arch
 
     def num_parameters(self, arch: ArchConfig) -> int:
         """Exact parameter count of the sliced sub-network (embeddings and LM head included)."""
-        d, hd, G, D = self.hidden_size, self.head_dim, self.num_key_value_heads, self.intermediate_size
-        per_neuron = 3 * d + (2 if self.mlp_bias else 0)  # gate row, up row, down column
-        per_head = hd * (2 * d + (1 if self.q_bias else 0))  # q rows, o columns
-        removed = sum(
-            (D - m) * per_neuron + (self.num_attention_heads - G * a) * per_head for m, a in zip(arch.mlp, arch.heads)
-        )
+        D, full = self.intermediate_size, self.head_choices[-1]
+        per_neuron = 3 * self.hidden_size + (2 if self.mlp_bias else 0)  # gate row, up row, down column
+        per_unit = self.params_per_head_unit()
+        removed = sum((D - m) * per_neuron + (full - a) * per_unit for m, a in zip(arch.mlp, arch.heads))
         return self.total_params - removed
+
+    def params_per_head_unit(self) -> int:
+        """Parameters of one attention unit: a query head (q rows, o columns), or a KV group (its
+        query heads plus its ``k_proj``/``v_proj`` rows)."""
+        d, hd, b = self.hidden_size, self.head_dim, (1 if self.q_bias else 0)
+        per_head = hd * (2 * d + b)
+        if self.groups_axis:
+            return self.heads_per_group * per_head + 2 * hd * (d + b)
+        return self.num_key_value_heads * per_head
 
     def to_dict(self) -> dict:
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()}

@@ -34,8 +34,14 @@ def intermediate_size(results: dict) -> int | None:
     return _full_size(results, "intermediate_size", "mlp_choices")
 
 
-def _heads_per_group(results: dict) -> int | None:
-    return _full_size(results, "heads_per_group", "head_choices")
+def _head_units(results: dict) -> int | None:
+    """Full count of attention units (query heads per group, or KV groups on the kv_groups axis)."""
+    return _full_size(results, "head_units", "head_choices")
+
+
+def _head_axis_title(results: dict) -> str:
+    groups = (results.get("search_space") or {}).get("head_axis") == "kv_groups"
+    return "KV groups kept" if groups else "query heads per KV group"
 
 
 def summarize_config(cfg: Any, inter: int | None) -> tuple[float | None, float | None]:
@@ -120,7 +126,7 @@ def plot_latency_perplexity(results: dict, path: Path) -> bool:
 
 def plot_layer_widths(results: dict, path: Path) -> bool:
     rows = [r for r in results.get("rows") or [] if isinstance(r.get("config"), dict)]
-    inter, hpg = intermediate_size(results), _heads_per_group(results)
+    inter, hpg = intermediate_size(results), _head_units(results)
     if not rows:
         return False
     mlp = [[float(m) / inter if inter else float(m) for m in r["config"].get("mlp") or []] for r in rows]
@@ -139,7 +145,7 @@ def plot_layer_widths(results: dict, path: Path) -> bool:
             "MLP width (fraction of intermediate_size)" if inter else "MLP width (neurons)",
             1.0 if inter else None,
         ),
-        (axes[1], heads, "query heads per KV group", float(hpg) if hpg else None),
+        (axes[1], heads, _head_axis_title(results), float(hpg) if hpg else None),
     ):
         im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax, interpolation="nearest")
         ax.set_yticks(range(len(labels)), labels)

@@ -114,10 +114,7 @@ def choices_to_masks(
     """(B, L, K) choice probabilities → per-layer masks for :meth:`ElasticModel.set_masks`:
     ``(B, intermediate_size)`` and ``(B, num_attention_heads)`` (METHOD §3)."""
     mlp_masks = [nested_mask(mlp[:, l], space.mlp_choices, space.intermediate_size) for l in range(space.num_layers)]
-    head_masks = [
-        nested_mask(heads[:, l], space.head_choices, space.heads_per_group, space.num_key_value_heads)
-        for l in range(space.num_layers)
-    ]
+    head_masks = [space.head_mask(heads[:, l]) for l in range(space.num_layers)]
     return mlp_masks, head_masks
 
 

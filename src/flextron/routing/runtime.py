@@ -207,7 +207,7 @@ class DynamicRouting:
         if self.masked:
             mlp.width, attn.heads_per_group, mlp.token_widths = sp.mlp_choices[-1], sp.head_choices[-1], None
             mlp.mask = nested_mask(mlp_c, sp.mlp_choices, sp.intermediate_size)  # (B, D)
-            attn.mask = nested_mask(head_c, sp.head_choices, sp.heads_per_group, sp.num_key_value_heads)  # (B, H)
+            attn.mask = sp.head_mask(head_c)  # (B, H)
             return
         mi, hi = self._index(mlp_c), self._index(head_c)  # (B,) or (B, T); (B,)
         self._set_layer(l, self._distinct(mi), self._distinct(hi), mi, hi, T)
@@ -246,12 +246,7 @@ class DynamicRouting:
                 attn.heads_per_group = sp.head_choices[distinct[0]]
         else:  # rows disagree: hard masks give each row exactly its sliced output
             attn.heads_per_group = sp.head_choices[-1]
-            attn.mask = nested_mask(
-                F.one_hot(hi, len(sp.head_choices)).to(self._dtype),
-                sp.head_choices,
-                sp.heads_per_group,
-                sp.num_key_value_heads,
-            )
+            attn.mask = sp.head_mask(F.one_hot(hi, len(sp.head_choices)).to(self._dtype))  # (B, H)
 
     # -- results -------------------------------------------------------------------------------
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
