@@ -255,3 +255,19 @@ def _write_tiny_llama_gguf(path, add_bos: bool):
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def test_lm_eval_adapter_follows_the_policy():
+    from conftest import make_tiny
+
+    from flextron.config import ElasticConfig
+    from flextron.eval.lm_eval_model import FlextronLM
+    from flextron.model.elastic import convert
+
+    fx = convert(
+        make_tiny("llama_gqa_tied", dtype=torch.float32), ElasticConfig(mlp_fractions=(0.5, 1.0), mlp_divisor=8)
+    )
+    for template, add_bos in (("<|begin_of_text|> $A", True), ("$A", False)):
+        lm = FlextronLM(fx=fx, tokenizer=_tokenizer(template), target=1.0, device="cpu", batch_size=2)
+        assert lm.add_bos_token is add_bos
+        assert lm.tok_encode("w1 w2") == ([BOT, 4, 5] if add_bos else [4, 5])

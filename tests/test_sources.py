@@ -101,7 +101,7 @@ def test_an_unsupported_model_asset_is_refused_before_any_download(tmp_path, mon
     cfg = write_tiny_run(tmp_path)
     _point_config_at(cfg, "fake-asset")
     code, lines, _ = _run_cli(cfg)
+    supported = ", ".join(supported_model_types())
     assert code == 2 and lines == [
-        f"error: model_type 'olmo2' of model asset 'fake-asset' is not supported; "
-        f"flextron supports: {', '.join(supported_model_types())}"
+        f"error: model_type 'olmo2' of model asset 'fake-asset' is not supported; flextron supports: {supported}"
     ]
