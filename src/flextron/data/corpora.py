@@ -5,7 +5,8 @@ evaluation.
 Inputs: the embedded Wikipedia lead sections and Shakespeare plays (via :func:`fetch_asset`), or
 the user's ``.txt`` / ``.jsonl`` files; a tokenizer with the Hugging Face calling convention.
 Outputs: :class:`Document` lists; a seeded train / held-out split plus an out-of-domain held-out
-set (:class:`Corpora`); and ``(N, seq_len)`` LongTensors of token ids (:func:`tokenize_blocks`).
+set (:class:`Corpora`); and ``(N, seq_len)`` LongTensors of token ids (:func:`tokenize_blocks`),
+each block starting with the BOS token when the tokenizer declares one (:mod:`flextron.data.bos`).
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ def split_documents(docs: list[Document], heldout: int, seed: int) -> tuple[list
 
 
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    # No special tokens: transformers versions differ in what they prepend to SmolLM2 text.
+    # No special tokens: transformers versions differ in what they prepend to SmolLM2 text; a BOS
+    # the model declares is added by tokenize_blocks (flextron.data.bos).
     # verbose=False silences the "longer than model_max_length" warning; blocks are cut later.
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
