@@ -254,6 +254,17 @@ def write_tiny_run(tmp_path, name: str = "tiny", **overrides):
     return path
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gemma`` download the Gemma-3-270M asset: skipped (also by ``make test`` and
+    ``pytest -m "not slow"``) unless the ``-m`` expression names the marker (``pytest -m gemma``)."""
+    if "gemma" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="downloads the Gemma-3-270M asset; run with: pytest -m gemma")
+    for item in items:
+        if item.get_closest_marker("gemma") is not None:
+            item.add_marker(skip)
+
+
 def pytest_terminal_summary(terminalreporter):
     """State how many cases the fuzz tests (tests/test_untrusted.py) tried."""
     import sys

@@ -27,6 +27,10 @@ def test_run_writes_results_report_and_metrics(tiny_run):
     res = json.loads((run_dir / "results.json").read_text())
     for key in ("original_perplexity", "original_ood_perplexity", "rows", "ablation", "provenance"):
         assert key in res
+    # the tiny tokenizer declares no BOS (its template is "$A"); the policy is recorded where it was resolved
+    policy = {"add_bos": False, "bos_token_id": None, "declared_by": "tokenizer.json post-processor template"}
+    assert res["bos"] == policy
+    assert json.loads((run_dir / "stages.json").read_text())["rank"]["summary"]["bos"] == policy
     row = {r["target"]: r for r in res["rows"]}
     for k in (
         "target",

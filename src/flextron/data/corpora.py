@@ -5,7 +5,8 @@ evaluation.
 Inputs: the embedded Wikipedia lead sections and Shakespeare plays (via :func:`fetch_asset`), or
 the user's ``.txt`` / ``.jsonl`` files; a tokenizer with the Hugging Face calling convention.
 Outputs: :class:`Document` lists; a seeded train / held-out split plus an out-of-domain held-out
-set (:class:`Corpora`); and ``(N, seq_len)`` LongTensors of token ids (:func:`tokenize_blocks`).
+set (:class:`Corpora`); and ``(N, seq_len)`` LongTensors of token ids (:func:`tokenize_blocks`),
+each block starting with the BOS token when the tokenizer declares one (:mod:`flextron.data.bos`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import torch
 
 from flextron.data.assets import fetch_asset
+from flextron.data.bos import BosPolicy, resolve_bos_policy
 from flextron.errors import AssetError, DataError
 
 WIKIPEDIA_FILE = "summaries_en-us.json"
@@ -169,13 +171,20 @@ def split_documents(docs: list[Document], heldout: int, seed: int) -> tuple[list
 
 
 def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
-    # No special tokens: transformers versions differ in what they prepend to SmolLM2 text.
+    # No special tokens: transformers versions differ in what they prepend to SmolLM2 text; a BOS
+    # the model declares is added by tokenize_blocks (flextron.data.bos).
     # verbose=False silences the "longer than model_max_length" warning; blocks are cut later.
     return tokenizer(texts, add_special_tokens=False, return_attention_mask=False, verbose=False)["input_ids"]
 
 
 def tokenize_blocks(
-    tokenizer: Any, docs: list[Document], seq_len: int, num_blocks: int | None, *, seed: int | None = None
+    tokenizer: Any,
+    docs: list[Document],
+    seq_len: int,
+    num_blocks: int | None,
+    *,
+    seed: int | None = None,
+    bos: BosPolicy | None = None,
 ) -> torch.Tensor:
     """Tokenize ``docs`` into non-overlapping blocks of token ids, shape ``(N, seq_len)``, int64.
 
@@ -186,12 +195,21 @@ def tokenize_blocks(
     ``N`` is ``num_blocks``, or every full block when ``num_blocks`` is None. Tokenization stops
     as soon as enough tokens are collected, so a few blocks from a large corpus are cheap.
 
+    ``bos`` (default: the policy the tokenizer declares, :func:`resolve_bos_policy`): when it adds
+    a BOS, every document starts with it (the stream reads ``BOS d1 EOS BOS d2 ...``) and so does
+    every block: a block that would start inside a document gets the BOS plus ``seq_len - 1``
+    stream tokens. Without BOS the blocks are exactly the plain cut above.
+
     Raises:
-        DataError: ``seq_len`` or ``num_blocks`` not positive, no documents, the tokenizer has no
-            EOS token, fewer tokens than one block, or fewer blocks than ``num_blocks``.
+        DataError: ``seq_len`` or ``num_blocks`` not positive (``seq_len`` < 2 with a BOS), no
+            documents, the tokenizer has no EOS token, fewer tokens than one block, or fewer
+            blocks than ``num_blocks``.
     """
     if seq_len <= 0 or (num_blocks is not None and num_blocks <= 0):
         raise DataError(f"seq_len ({seq_len}) and num_blocks ({num_blocks}) must be positive")
+    bos = resolve_bos_policy(tokenizer) if bos is None else bos
+    if bos.add_bos and seq_len < 2:
+        raise DataError(f"seq_len {seq_len} leaves no room for text after the BOS token; use seq_len >= 2")
     if not docs:
         raise DataError("no documents to tokenize; provide at least one document")
     eos = getattr(tokenizer, "eos_token_id", None)
@@ -214,11 +232,16 @@ def tokenize_blocks(
             if pieces:
                 pieces.append([eos])
                 total += 1
+            ids = bos.prepend(ids)
             pieces.append(ids)
             total += len(ids)
             if needed is not None and total >= needed:
                 break
 
+    if bos.add_bos:
+        return _blocks_with_bos(
+            list(chain.from_iterable(pieces)), seq_len, num_blocks, int(bos.bos_token_id), len(docs)
+        )
     available = total // seq_len
     if available == 0:
         raise DataError(
@@ -234,6 +257,33 @@ def tokenize_blocks(
     n = available if num_blocks is None else num_blocks
     stream = torch.tensor(list(chain.from_iterable(pieces))[: n * seq_len], dtype=torch.long)
     return stream.view(n, seq_len)
+
+
+def _blocks_with_bos(stream: list[int], seq_len: int, num_blocks: int | None, bos_id: int, n_docs: int) -> torch.Tensor:
+    """Cut ``stream`` into ``(N, seq_len)`` blocks that each start with ``bos_id``: a block taken
+    at a document start (already a BOS) is ``seq_len`` stream tokens, any other the BOS plus
+    ``seq_len - 1`` of them. Raises DataError as :func:`tokenize_blocks`."""
+    blocks: list[list[int]] = []
+    pos = 0
+    while num_blocks is None or len(blocks) < num_blocks:
+        take = seq_len if pos < len(stream) and stream[pos] == bos_id else seq_len - 1
+        if pos + take > len(stream):
+            break
+        chunk = stream[pos : pos + take]
+        blocks.append(chunk if take == seq_len else [bos_id, *chunk])
+        pos += take
+    if not blocks:
+        raise DataError(
+            f"only {len(stream)} tokens available from {n_docs} documents, fewer than "
+            f"one block of seq_len={seq_len}; use a shorter seq_len or more text"
+        )
+    if num_blocks is not None and len(blocks) < num_blocks:
+        raise DataError(
+            f"only {len(blocks)} blocks of {seq_len} tokens available ({len(stream)} tokens "
+            f"from {n_docs} documents), {num_blocks} needed; request fewer blocks, "
+            f"a shorter seq_len, or more text"
+        )
+    return torch.tensor(blocks, dtype=torch.long)
 
 
 def build_corpora(

@@ -16,6 +16,7 @@ import torch
 
 from flextron.config import RunConfig, load_config
 from flextron.cost.table import CostTable
+from flextron.data.bos import NO_BOS, encode_text, resolve_bos_policy
 from flextron.errors import ConfigError, ModelError, OutputExistsError
 from flextron.files import atomic_write_json, check_format
 from flextron.model.elastic import ElasticModel
@@ -166,8 +167,10 @@ def generate_text(run_dir: str | Path, target: float, prompt: str, *, max_new_to
     """Greedy generation with the routed sub-network for ``target``; returns the new text."""
     run = load_run(run_dir)
     run.fx.set_target(target)
-    enc = run.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    if enc["input_ids"].shape[1] == 0:
+    text_ids = encode_text(run.tokenizer, prompt, NO_BOS)
+    if not text_ids:
         raise ConfigError("the prompt is empty; give some text to continue")
+    ids = torch.tensor([resolve_bos_policy(run.tokenizer).prepend(text_ids)])  # BOS: as the tokenizer declares
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     return run.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)

@@ -8,6 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
+from flextron.data.bos import NO_BOS, encode_text, resolve_bos_policy
 from flextron.errors import ConfigError
 from flextron.routing.runtime import DynamicRouting
 from flextron.routing.store import MODEL_DIR, load_dynamic
@@ -37,9 +40,11 @@ def generate_dynamic(
     """Greedy generation where the prompt chooses its sub-network (``flextron generate --dynamic``);
     the choice is made at prefill and kept for every decode step (the KV cache stays valid)."""
     run, router, meta = load_dynamic_run(run_dir, dyn_dir)
-    enc = run.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    if enc["input_ids"].shape[1] == 0:
+    text_ids = encode_text(run.tokenizer, prompt, NO_BOS)
+    if not text_ids:
         raise ConfigError("the prompt is empty; give some text to continue")
+    ids = torch.tensor([resolve_bos_policy(run.tokenizer).prepend(text_ids)])  # BOS: as the tokenizer declares
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if target >= 1.0:
         out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     else:

@@ -23,6 +23,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from flextron.data.bos import resolve_bos_policy
 from flextron.errors import ConfigError, TargetError
 from flextron.model.elastic import ElasticModel
 from flextron.model.export import export_subnetwork
@@ -47,7 +48,8 @@ class FlextronLM(HFLM):
     choice for ``target`` (``1.0`` is the full model, also without a router). The sub-model is a
     sliced copy (the elastic model is not changed) in float32 on ``device`` (default: CUDA if
     available, else CPU). Other keyword arguments go to ``HFLM`` (``batch_size``, ``max_length``,
-    ``add_bos_token``, ...).
+    ...); ``add_bos_token`` defaults to the BOS policy the tokenizer declares
+    (:func:`~flextron.data.bos.resolve_bos_policy`).
 
     Attributes: ``target``, ``arch`` (the evaluated :class:`ArchConfig`), ``params`` (its
     parameter count).
@@ -96,6 +98,8 @@ class FlextronLM(HFLM):
         sub = export_subnetwork(fx, arch).to(device=_device(device), dtype=dtype).eval()
         self.target, self.arch, self.params = target, arch, fx.space.num_parameters(arch)
         kwargs.pop("pretrained", None)
+        # the BOS policy the tokenizer declares (flextron.data.bos), as for every other text we score
+        kwargs.setdefault("add_bos_token", resolve_bos_policy(tokenizer).add_bos)
         # the exported sub-model is causal; a per-layer one has a model type lm-eval does not know
         super().__init__(pretrained=sub, tokenizer=tokenizer, backend="causal", batch_size=batch_size, **kwargs)
 

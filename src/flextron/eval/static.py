@@ -184,6 +184,7 @@ def evaluate_targets(
         )
         fx.set_arch(None)
     results = _results(run, rows, orig_ppl, orig_ood, time.time() - t0)
+    results["bos"] = inp.bos.to_dict()  # the BOS policy of every evaluated block and prompt
     results["exported_check"] = _exported_check(run, min(targets), ids)
     atomic_write_json(run.run_dir / "results.json", results)
     return results

@@ -27,10 +27,14 @@ import torch
 from torch import nn
 
 from flextron.config import RunConfig
+from flextron.data.assets import MODEL_ASSETS, model_asset_dir
+from flextron.data.bos import declare_bos
+from flextron.data.gguf_header import read_gguf_metadata
 from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError
 from flextron.files import atomic_write_dir, check_format, file_hashes, verify_hashes
 from flextron.model.elastic import ElasticModel, convert, elastic_config_from_metadata
 from flextron.model.families import adapter_for
+from flextron.model.sources import check_model_source
 from flextron.model.space import ArchConfig, SearchSpace
 from flextron.version import CHECKPOINT_FORMAT, CHECKPOINT_FORMATS_READ
 
@@ -372,6 +376,10 @@ def _plain_from_gguf(path: Path, dtype: torch.dtype):
 
     gguf_model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    # transformers' GGUF tokenizer conversion drops the header's BOS policy; write it back
+    declared = read_gguf_metadata(path).get("tokenizer.ggml.add_bos_token")
+    if declared is not None:
+        declare_bos(tokenizer, bool(declared))
     config = gguf_model.config
     if hasattr(config, "quantization_config"):
         delattr(config, "quantization_config")
@@ -385,7 +393,11 @@ def _plain_from_gguf(path: Path, dtype: torch.dtype):
 def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
     """A user model source → ``(model, tokenizer or None)``.
 
-    ``path_or_dir``: a Hugging Face directory (safetensors only) or a local ``.gguf`` file.
+    ``path_or_dir``: a Hugging Face directory (safetensors only) or a local ``.gguf`` file. The
+    family is checked first, from the GGUF header or ``config.json``
+    (:func:`~flextron.model.sources.check_model_source`), before any weight is read. A GGUF's
+    tokenizer declares the header's ``tokenizer.ggml.add_bos_token``
+    (:func:`~flextron.data.bos.declare_bos`).
 
     Raises:
         ModelError: missing or corrupt path; UnsupportedModelError: a family without adapter.
@@ -393,6 +405,7 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
     from transformers import AutoConfig, AutoTokenizer
 
     path = Path(path_or_dir).expanduser()
+    check_model_source(path)  # UnsupportedModelError in milliseconds, nothing loaded
     if path.is_file() and path.suffix.lower() == ".gguf":
         try:
             return _plain_from_gguf(path, dtype)
@@ -428,10 +441,15 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
 
 
 def model_source(cfg: RunConfig) -> Path:
-    if cfg.model.source == "smollm2":
-        from flextron.data.assets import smollm2_model_dir
+    """The local path of ``cfg.model.source``: an embedded model asset (``smollm2``,
+    ``gemma3-270m``: fetched and converted once, after its family is checked) or the path given.
 
-        return smollm2_model_dir()
+    Raises:
+        UnsupportedModelError: the asset's family has no adapter. AssetError: it cannot be fetched.
+    """
+    if cfg.model.source in MODEL_ASSETS:
+        check_model_source(cfg.model.source)  # before a download
+        return model_asset_dir(cfg.model.source)
     return Path(cfg.model.source).expanduser()
 
 

@@ -55,6 +55,7 @@ def stage_rank(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     return {
         "tokens": inp.calibration.numel(),
         "calibration_sequences": inp.calibration.shape[0],
+        "bos": inp.bos.to_dict(),  # the BOS policy every token block of the run was built under
         "ablation": {"mlp_width": width, "mlp_fraction": width / fx.space.intermediate_size, "perplexity": ablation},
     }
 

@@ -1,0 +1,65 @@
+"""What a model source is, known before any weight is read: the fast refusal of an unsupported family.
+
+Stage: the first step of loading (:func:`flextron.model.export.load_hf_model`, ``flextron run``
+before the pipeline is imported). Input: a config's ``model.source``: an embedded model asset name
+(``smollm2``, ``gemma3-270m``), a ``.gguf`` file or a Hugging Face directory. Output: its
+transformers ``model_type``, read from the asset table, the GGUF metadata header
+(:func:`~flextron.data.gguf_header.read_gguf_metadata`, milliseconds, nothing dequantized) or
+``config.json``; a family without adapter is refused in one line listing the supported ones.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from flextron.data.assets import MODEL_ASSETS
+from flextron.data.gguf_header import gguf_model_type, read_gguf_metadata
+from flextron.errors import ModelError, UnsupportedModelError
+from flextron.model.families import supported_model_types
+
+
+def source_model_type(source: str | Path) -> tuple[str, str] | None:
+    """``(model_type, where it was read)`` of a model source, or ``None`` for a path that is neither
+    a ``.gguf`` file nor a directory with ``config.json`` (loading reports those).
+
+    Raises:
+        ModelError: an unreadable GGUF header or ``config.json``, or one without a model type.
+    """
+    if isinstance(source, str) and source in MODEL_ASSETS:
+        return MODEL_ASSETS[source].model_type, f"model asset {source!r}"
+    path = Path(source).expanduser()
+    if path.is_file() and path.suffix.lower() == ".gguf":
+        meta = read_gguf_metadata(path, ("general.architecture", "general.name"))
+        arch = meta.get("general.architecture")
+        return gguf_model_type(meta), f"{path} (GGUF architecture {arch!r})"
+    config = path / "config.json"
+    if not (path.is_dir() and config.is_file()):
+        return None
+    try:
+        model_type = json.loads(config.read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError) as e:
+        raise ModelError(f"cannot read {config} ({type(e).__name__}: {e}); fix or replace the file") from None
+    if not isinstance(model_type, str) or not model_type:
+        raise ModelError(f"{config} names no model_type; it is not a transformers model config: fix or replace it")
+    return model_type, str(config)
+
+
+def check_model_source(source: str | Path) -> str | None:
+    """Refuse an unsupported family from what the source declares, before loading anything;
+    return its ``model_type`` (``None`` when :func:`source_model_type` cannot tell).
+
+    Raises:
+        UnsupportedModelError: no adapter for the model type (one line: where it was read, the
+            supported types). ModelError: as :func:`source_model_type`.
+    """
+    found = source_model_type(source)
+    if found is None:
+        return None
+    model_type, where = found
+    supported = supported_model_types()
+    if model_type not in supported:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r} of {where} is not supported; flextron supports: {', '.join(supported)}"
+        )
+    return model_type
