@@ -58,7 +58,8 @@ def test_unsupported_gguf_is_refused_from_its_header_through_the_cli(tmp_path, a
     code, lines, elapsed = _run_cli(cfg)
     assert code == 2 and len(lines) == 1, lines
     assert lines[0].startswith("error: model_type ") and f"'{arch}'" in lines[0]
-    assert "not supported; flextron supports: " + ", ".join(supported_model_types()) in lines[0]
+    why = "cannot be made elastic: its q/k norms" if arch == "olmo2" else "not supported"
+    assert why in lines[0] and "; flextron supports: " + ", ".join(supported_model_types()) in lines[0]
     assert elapsed < 5, f"refusal took {elapsed:.1f} s"
     assert not (tmp_path / "runs").exists()  # nothing written
 
@@ -73,8 +74,9 @@ def test_unsupported_hf_directory_is_refused_from_its_config_through_the_cli(tmp
         _point_config_at(cfg, model_dir)
         code, lines, elapsed = _run_cli(cfg)
         assert code == 2 and len(lines) == 1, lines
-        assert f"model_type '{model_type}' of {model_dir / 'config.json'} is not supported" in lines[0]
-        assert "flextron supports: llama" in lines[0] and elapsed < 5
+        why = "cannot be made elastic: its q/k norms" if model_type == "olmo2" else "is not supported"
+        assert f"model_type '{model_type}' of {model_dir / 'config.json'} {why}" in lines[0]
+        assert "flextron supports: gemma3_text, llama" in lines[0] and elapsed < 5
 
 
 def test_load_hf_model_refuses_a_gguf_before_dequantizing(tmp_path, no_loading):
@@ -91,7 +93,7 @@ def test_supported_sources_pass_and_others_are_left_to_loading(tmp_path):
 
 
 def test_an_unsupported_model_asset_is_refused_before_any_download(tmp_path, monkeypatch):
-    fake = assets.ModelAsset("x", "x.gguf", ("smollm2",), "olmo2")
+    fake = assets.ModelAsset("x", "x.gguf", ("smollm2",), "bert")
     monkeypatch.setitem(assets.MODEL_ASSETS, "fake-asset", fake)
 
     def no_download(*a, **k):
@@ -103,5 +105,5 @@ def test_an_unsupported_model_asset_is_refused_before_any_download(tmp_path, mon
     code, lines, _ = _run_cli(cfg)
     supported = ", ".join(supported_model_types())
     assert code == 2 and lines == [
-        f"error: model_type 'olmo2' of model asset 'fake-asset' is not supported; flextron supports: {supported}"
+        f"error: model_type 'bert' of model asset 'fake-asset' is not supported; flextron supports: {supported}"
     ]

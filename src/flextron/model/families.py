@@ -290,20 +290,30 @@ class Phi3Adapter(FamilyAdapter):
         }
 
 
+def check_model_type(model_type, where: str | None = None) -> None:
+    """Refuse a ``model_type`` without adapter (one line listing the supported ones) or one whose
+    structure breaks head slicing (one line saying why); ``where`` names the file it was read from.
+
+    Raises:
+        UnsupportedModelError: as above.
+    """
+    of = f" of {where}" if where else ""
+    supported = ", ".join(supported_model_types())
+    if model_type in REFUSED_FAMILIES:
+        raise UnsupportedModelError(
+            f"model_type {model_type!r}{of} cannot be made elastic: {REFUSED_FAMILIES[model_type]}; "
+            f"flextron supports: {supported}"
+        )
+    if model_type not in _REGISTRY:
+        raise UnsupportedModelError(f"model_type {model_type!r}{of} is not supported; flextron supports: {supported}")
+
+
 def adapter_for(config) -> FamilyAdapter:
     """The adapter for ``config.model_type``.
 
     Raises:
-        UnsupportedModelError: no adapter for this model type (the message lists the supported
-            ones), or a family whose structure breaks head slicing (the message says why).
+        UnsupportedModelError: as :func:`check_model_type`.
     """
     mt = getattr(config, "model_type", None)
-    supported = ", ".join(supported_model_types())
-    if mt in REFUSED_FAMILIES:
-        raise UnsupportedModelError(
-            f"model_type {mt!r} cannot be made elastic: {REFUSED_FAMILIES[mt]}; flextron supports: {supported}"
-        )
-    cls = _REGISTRY.get(mt)
-    if cls is None:
-        raise UnsupportedModelError(f"model_type {mt!r} is not supported; flextron supports: {supported}")
-    return cls(config)
+    check_model_type(mt)
+    return _REGISTRY[mt](config)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from flextron.data.assets import MODEL_ASSETS
 from flextron.data.gguf_header import gguf_model_type, read_gguf_metadata
-from flextron.errors import ModelError, UnsupportedModelError
-from flextron.model.families import supported_model_types
+from flextron.errors import ModelError
+from flextron.model.families import check_model_type
 
 
 def source_model_type(source: str | Path) -> tuple[str, str] | None:
@@ -57,9 +57,5 @@ def check_model_source(source: str | Path) -> str | None:
     if found is None:
         return None
     model_type, where = found
-    supported = supported_model_types()
-    if model_type not in supported:
-        raise UnsupportedModelError(
-            f"model_type {model_type!r} of {where} is not supported; flextron supports: {', '.join(supported)}"
-        )
+    check_model_type(model_type, where)
     return model_type
