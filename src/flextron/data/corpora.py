@@ -11,6 +11,7 @@ set (:class:`Corpora`); and ``(N, seq_len)`` LongTensors of token ids (:func:`to
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from itertools import chain
@@ -23,6 +24,11 @@ from flextron.data.assets import fetch_asset
 from flextron.errors import AssetError, DataError
 
 WIKIPEDIA_FILE = "summaries_en-us.json"
+#: Share of each document's text (its end) held out when user text has too few documents to hold
+#: out ``heldout_articles`` whole ones (a single long ``.txt`` file, for instance).
+HELDOUT_SHARE = 0.1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -160,11 +166,32 @@ def split_documents(docs: list[Document], heldout: int, seed: int) -> tuple[list
     if heldout < 0 or heldout >= len(docs):
         raise DataError(
             f"cannot hold out {heldout} of {len(docs)} documents; choose a number "
-            f"from 0 to {len(docs) - 1} or add more documents"
+            f"from 1 to {len(docs) - 1} or add more documents"
+            if len(docs) > 1
+            else f"cannot hold out {heldout} of {len(docs)} documents; add more documents"
         )
     chosen = set(random.Random(seed).sample(range(len(docs)), heldout))
     held = [d for i, d in enumerate(docs) if i in chosen]
     rest = [d for i, d in enumerate(docs) if i not in chosen]
+    return held, rest
+
+
+def split_tails(docs: list[Document], share: float = HELDOUT_SHARE) -> tuple[list[Document], list[Document]]:
+    """Split every document's text into ``(heldout_docs, rest)``: the last ``share`` of its
+    characters (from the first whitespace at or after the cut, so no word is split when there is
+    one) is held out, the text before it is kept. For corpora of too few documents to hold out
+    whole ones; parts that are empty after stripping are dropped. Deterministic, no seed.
+    """
+    held, rest = [], []
+    for d in docs:
+        cut = len(d.text) - max(1, round(share * len(d.text)))
+        space = min((i for i in (d.text.find(c, cut) for c in " \n\t") if i != -1), default=-1)
+        cut = space if space != -1 else cut
+        head, tail = d.text[:cut].strip(), d.text[cut:].strip()
+        if tail:
+            held.append(Document(title=f"{d.title} (last {share:.0%})", text=tail, domain=d.domain))
+        if head:
+            rest.append(Document(title=d.title, text=head, domain=d.domain))
     return held, rest
 
 
@@ -175,7 +202,14 @@ def _encode_batch(tokenizer: Any, texts: list[str]) -> list[list[int]]:
 
 
 def tokenize_blocks(
-    tokenizer: Any, docs: list[Document], seq_len: int, num_blocks: int | None, *, seed: int | None = None
+    tokenizer: Any,
+    docs: list[Document],
+    seq_len: int,
+    num_blocks: int | None,
+    *,
+    seed: int | None = None,
+    what: str = "",
+    fix: str = "request fewer blocks, a shorter seq_len, or more text",
 ) -> torch.Tensor:
     """Tokenize ``docs`` into non-overlapping blocks of token ids, shape ``(N, seq_len)``, int64.
 
@@ -186,9 +220,13 @@ def tokenize_blocks(
     ``N`` is ``num_blocks``, or every full block when ``num_blocks`` is None. Tokenization stops
     as soon as enough tokens are collected, so a few blocks from a large corpus are cheap.
 
+    ``what`` names the set in the error (e.g. ``"the calibration set"``), ``fix`` says what to
+    change when the text is too short.
+
     Raises:
         DataError: ``seq_len`` or ``num_blocks`` not positive, no documents, the tokenizer has no
-            EOS token, fewer tokens than one block, or fewer blocks than ``num_blocks``.
+            EOS token, fewer tokens than one block, or fewer blocks than ``num_blocks`` (the
+            message gives the tokens needed and available).
     """
     if seq_len <= 0 or (num_blocks is not None and num_blocks <= 0):
         raise DataError(f"seq_len ({seq_len}) and num_blocks ({num_blocks}) must be positive")
@@ -220,16 +258,11 @@ def tokenize_blocks(
                 break
 
     available = total // seq_len
-    if available == 0:
+    if available == 0 or (num_blocks is not None and available < num_blocks):
+        blocks = num_blocks or 1
         raise DataError(
-            f"only {total} tokens available from {len(docs)} documents, fewer than "
-            f"one block of seq_len={seq_len}; use a shorter seq_len or more text"
-        )
-    if num_blocks is not None and available < num_blocks:
-        raise DataError(
-            f"only {available} blocks of {seq_len} tokens available ({total} tokens "
-            f"from {len(docs)} documents), {num_blocks} needed; request fewer blocks, "
-            f"a shorter seq_len, or more text"
+            f"{what or 'the text'} needs {blocks * seq_len} tokens ({blocks} blocks of seq_len={seq_len}); "
+            f"only {total} tokens ({available} blocks) are available from {len(docs)} documents; {fix}"
         )
     n = available if num_blocks is None else num_blocks
     stream = torch.tensor(list(chain.from_iterable(pieces))[: n * seq_len], dtype=torch.long)
@@ -248,14 +281,26 @@ def build_corpora(
 
     Train and held-out come from Wikipedia, or from ``text_files`` when given (see
     :func:`load_text_files`), split by :func:`split_documents` with ``heldout_articles`` and
-    ``seed``. ``ood_heldout`` is a seeded choice of ``ood_plays`` Shakespeare works (Shakespeare is
+    ``seed``; user text of at most ``heldout_articles`` documents (too few to hold out whole ones,
+    e.g. one long file) is split by :func:`split_tails` instead: the last :data:`HELDOUT_SHARE` of
+    every document is held out. ``ood_heldout`` is a seeded choice of ``ood_plays`` Shakespeare works (Shakespeare is
     not fetched when ``ood_plays`` is 0).
 
     Raises:
         DataError: bad split sizes or bad user files. AssetError: an asset cannot be fetched.
     """
     base = load_text_files(list(text_files)) if text_files else load_wikipedia(cache_dir)
-    heldout, train = split_documents(base, heldout_articles, seed)
+    if text_files and len(base) <= heldout_articles:
+        heldout, train = split_tails(base)
+        log.warning(
+            "%d document(s) are too few to hold out data.heldout_articles=%d whole ones; "
+            "the last %.0f%% of each document's text is held out instead",
+            len(base),
+            heldout_articles,
+            100 * HELDOUT_SHARE,
+        )
+    else:
+        heldout, train = split_documents(base, heldout_articles, seed)
     ood: list[Document] = []
     if ood_plays:
         plays = load_shakespeare(cache_dir)

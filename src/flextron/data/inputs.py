@@ -10,6 +10,7 @@ import torch
 
 from flextron.config import RunConfig
 from flextron.data.corpora import Corpora, build_corpora, load_text_files, tokenize_blocks
+from flextron.errors import DataError
 
 # --------------------------------------------------------------------------- inputs
 
@@ -24,11 +25,34 @@ class Inputs:
     router: torch.Tensor  # (N_r, T_r)
     heldout: torch.Tensor  # (N_eval, T_eval)
     ood: torch.Tensor  # (N_ood, T_eval)
+    guard: torch.Tensor  # (N_guard, T_eval), N_guard <= guard.blocks (0 when the held-out text has no more)
+
+
+def _guard_blocks(tokenizer, docs, seq_len: int, skip: int, wanted: int) -> torch.Tensor:
+    """The training guard's validation blocks ``(≤ wanted, seq_len)``: the held-out stream's
+    blocks after the first ``skip`` (the reported held-out blocks), as many as there are up to
+    ``wanted`` (none when ``wanted`` is 0 or the held-out text holds no more)."""
+    if wanted == 0:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    try:
+        return tokenize_blocks(tokenizer, docs, seq_len, skip + wanted)[skip:]
+    except DataError:  # fewer blocks than wanted: take what follows the reported ones
+        return tokenize_blocks(tokenizer, docs, seq_len, None)[skip : skip + wanted]
 
 
 def make_inputs(cfg: RunConfig, tokenizer, processes: int = 1) -> Inputs:
     """The token blocks of a run; ``processes``: how many train it (each takes ``train.batch_size``
-    sequences per micro-batch, so the training blocks cover the global batch of every step)."""
+    sequences per micro-batch, so the training blocks cover the global batch of every step).
+
+    Calibration, training and router blocks come from the training documents, the held-out and
+    guard blocks from the in-domain held-out documents (the guard's follow the reported held-out
+    blocks in the same stream, so they are disjoint from them), the out-of-domain blocks from the
+    out-of-domain documents.
+
+    Raises:
+        DataError: the text is too short for a set (the message names the set, the tokens it needs
+            and those available, and the fields to change).
+    """
     ood_files = list(cfg.data.ood_text_files)
     corp: Corpora = build_corpora(
         heldout_articles=cfg.data.heldout_articles,
@@ -38,17 +62,53 @@ def make_inputs(cfg: RunConfig, tokenizer, processes: int = 1) -> Inputs:
     )
     if ood_files:
         corp = Corpora(train=corp.train, heldout=corp.heldout, ood_heldout=load_text_files(ood_files))
-    t = cfg.train
-    n_train = t.steps * t.batch_size * processes * t.grad_accum
+    t, e = cfg.train, cfg.eval
+    n_train = min(t.steps * t.batch_size * processes * t.grad_accum, 4096)
+    more = "add text or lower "
     return Inputs(
         tokenizer=tokenizer,
         calibration=tokenize_blocks(
-            tokenizer, corp.train, cfg.calibration.seq_len, cfg.calibration.num_sequences, seed=cfg.seed + 1
+            tokenizer,
+            corp.train,
+            cfg.calibration.seq_len,
+            cfg.calibration.num_sequences,
+            seed=cfg.seed + 1,
+            what="the calibration set (calibration.num_sequences x seq_len)",
+            fix=more + "calibration.num_sequences or calibration.seq_len",
         ),
-        train=tokenize_blocks(tokenizer, corp.train, t.seq_len, min(n_train, 4096), seed=cfg.seed + 2),
+        train=tokenize_blocks(
+            tokenizer,
+            corp.train,
+            t.seq_len,
+            n_train,
+            seed=cfg.seed + 2,
+            what="elastic training (train.steps x batch_size x processes x grad_accum sequences, at most 4096)",
+            fix=more + "train.steps, train.batch_size or train.seq_len",
+        ),
         router=tokenize_blocks(
-            tokenizer, corp.train, cfg.routers.seq_len, 4 * cfg.routers.batch_size, seed=cfg.seed + 3
+            tokenizer,
+            corp.train,
+            cfg.routers.seq_len,
+            4 * cfg.routers.batch_size,
+            seed=cfg.seed + 3,
+            what="router training (4 x routers.batch_size sequences)",
+            fix=more + "routers.batch_size or routers.seq_len",
         ),
-        heldout=tokenize_blocks(tokenizer, corp.heldout, cfg.eval.seq_len, cfg.eval.heldout_blocks),
-        ood=tokenize_blocks(tokenizer, corp.ood_heldout, cfg.eval.seq_len, cfg.eval.ood_blocks),
+        heldout=tokenize_blocks(
+            tokenizer,
+            corp.heldout,
+            e.seq_len,
+            e.heldout_blocks,
+            what="the held-out set (eval.heldout_blocks)",
+            fix=more + "eval.heldout_blocks or eval.seq_len",
+        ),
+        ood=tokenize_blocks(
+            tokenizer,
+            corp.ood_heldout,
+            e.seq_len,
+            e.ood_blocks,
+            what="the out-of-domain set (eval.ood_blocks)",
+            fix=more + "eval.ood_blocks or eval.seq_len",
+        ),
+        guard=_guard_blocks(tokenizer, corp.heldout, e.seq_len, e.heldout_blocks, cfg.guard.blocks),
     )
