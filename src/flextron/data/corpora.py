@@ -178,15 +178,16 @@ def split_documents(docs: list[Document], heldout: int, seed: int) -> tuple[list
 
 def split_tails(docs: list[Document], share: float = HELDOUT_SHARE) -> tuple[list[Document], list[Document]]:
     """Split every document's text into ``(heldout_docs, rest)``: the last ``share`` of its
-    characters (from the first whitespace at or after the cut, so no word is split when there is
-    one) is held out, the text before it is kept. For corpora of too few documents to hold out
+    characters (from the first whitespace at or after the cut, else the last one before it, so no
+    word is split when there is whitespace) is held out, the text before it is kept. For corpora of too few documents to hold out
     whole ones; parts that are empty after stripping are dropped. Deterministic, no seed.
     """
     held, rest = [], []
     for d in docs:
         cut = len(d.text) - max(1, round(share * len(d.text)))
-        space = min((i for i in (d.text.find(c, cut) for c in " \n\t") if i != -1), default=-1)
-        cut = space if space != -1 else cut
+        after = [i for i in (d.text.find(c, cut) for c in " \n\t") if i != -1]
+        before = [i for i in (d.text.rfind(c, 0, cut) for c in " \n\t") if i > 0]
+        cut = min(after) if after else max(before) if before else cut
         head, tail = d.text[:cut].strip(), d.text[cut:].strip()
         if tail:
             held.append(Document(title=f"{d.title} (last {share:.0%})", text=tail, domain=d.domain))

@@ -124,7 +124,9 @@ class TrainingGuard:
             TrainingError: ``action: stop``.
         """
         msg = self.message(step, loss)
-        self.fired = {"step": step, "loss": loss, "start": self.start, "action": self.cfg.action}
+        if self.fired is None:  # the first time it fired (``warn`` goes on and may fire again)
+            self.fired = {"step": step, "loss": loss, "start": self.start, "action": self.cfg.action, "times": 0}
+        self.fired["times"] += 1
         if self.cfg.action == "stop":
             raise TrainingError(
                 msg + "; the last checkpoint is kept (set guard.action: warn to continue, rollback to keep the best)"
