@@ -4,19 +4,23 @@ on a tiny run and checks the fixed behaviour."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
 import pytest
 import torch
-from conftest import _WORDS_A, _docs, write_tiny_run
+from conftest import _WORDS_A, _docs, make_tiny, write_tiny_run
 from safetensors.torch import load_file
 
+import flextron.cost.timing as timing
 import flextron.pipeline.stages as stage_module
 from flextron.cli import main
-from flextron.config import load_config
+from flextron.config import ElasticConfig, LatencyConfig, load_config
+from flextron.cost.measure import measure_latency_table
 from flextron.cost.table import CostTable
 from flextron.data.corpora import Document, split_tails
+from flextron.errors import MeasurementError
 from flextron.model.elastic import convert
 from flextron.model.export import load_original
 from flextron.report.static import quality_flags, render_markdown
@@ -186,3 +190,52 @@ def test_a_finished_run_keeps_what_it_needs_and_reruns_a_deleted_stage(tmp_path,
     after = load_file(run_dir / "final" / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)  # elastic and joint ran again, identically
     assert set(_stages(run_dir)) >= {"elastic", "joint", "evaluate"} and not (run_dir / "elastic").exists()
+
+
+# --------------------------------------------------------------------------- item 11: a busy machine
+
+
+class FakeClock:
+    """A clock for :func:`flextron.cost.timing.time_models`: every timed call lasts 1 ms times
+    ``load(i)``, ``i`` the number of calls timed before it (so no assertion depends on real time)."""
+
+    def __init__(self, load):
+        self.load, self.now, self.timed, self.started = load, 0.0, 0, False
+
+    def __call__(self) -> float:
+        if self.started:  # the end of a timed call
+            self.now += 1e-3 * self.load(self.timed)
+            self.timed += 1
+        self.started = not self.started
+        return self.now
+
+
+LUT = LatencyConfig(seq_len=8, warmup=1, repeats=3, block_repeats=3, fit_configs=2, busy_retries=2)
+
+
+def _tiny_fx():
+    return convert(make_tiny("llama_gqa_tied", dtype=torch.float32), ElasticConfig((0.5, 1.0), mlp_divisor=8))
+
+
+def test_steady_timings_pass_the_busy_check(monkeypatch):
+    monkeypatch.setattr(timing, "clock", FakeClock(lambda i: 1.0))
+    check = measure_latency_table(_tiny_fx(), LUT, progress=False).workload["busy_check"]
+    assert len(check["attempts"]) == 1 and check["attempts"][0]["busy"] == [] and not check["accepted_busy"]
+    assert check["attempts"][0]["drift"] < 1e-9 and check["attempts"][0]["spread"] < 1e-9
+
+
+def test_a_machine_that_becomes_busy_is_measured_again(monkeypatch):
+    clock = FakeClock(lambda i: 1.0 if i < 10 else 3.0)  # busy from the 11th timed call on, to the end
+    monkeypatch.setattr(timing, "clock", clock)
+    check = measure_latency_table(_tiny_fx(), LUT, progress=False).workload["busy_check"]
+    first, second = check["attempts"]  # the second attempt, steadily busy, gives consistent fractions
+    assert first["drift"] == pytest.approx(2.0) and "drifted by 200%" in first["busy"][0]
+    assert second["busy"] == [] and not check["accepted_busy"]
+
+
+def test_a_machine_busy_throughout_stops_the_measurement(monkeypatch):
+    monkeypatch.setattr(timing, "clock", FakeClock(lambda i: 1.0 + 0.01 * i))  # ever slower
+    with pytest.raises(MeasurementError, match=r"machine was busy .* 3 attempt\(s\).*latency.allow_busy: true"):
+        measure_latency_table(_tiny_fx(), LUT, progress=False)
+    table = measure_latency_table(_tiny_fx(), dataclasses.replace(LUT, allow_busy=True), progress=False)
+    assert table.workload["busy_check"]["accepted_busy"] and len(table.workload["busy_check"]["attempts"]) == 3
