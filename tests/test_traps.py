@@ -10,13 +10,13 @@ import shutil
 
 import pytest
 import torch
-from conftest import _WORDS_A, _docs, make_tiny, write_tiny_run
+from conftest import make_tiny, write_tiny_run
 from safetensors.torch import load_file
 
-import flextron.cost.timing as timing
 import flextron.pipeline.stages as stage_module
 from flextron.cli import main
 from flextron.config import ElasticConfig, LatencyConfig, load_config
+from flextron.cost import timing
 from flextron.cost.measure import measure_latency_table
 from flextron.cost.table import CostTable
 from flextron.data.corpora import Document, split_tails
@@ -64,7 +64,8 @@ def test_a_ten_character_file_is_refused_with_the_tokens_needed(tmp_path, capsys
 
 def test_a_single_long_file_trains_and_evaluates(tmp_path):
     one = tmp_path / "book.txt"
-    one.write_text("\n".join(_docs(_WORDS_A, 60, 100, 3)))  # one file of 6,000 words
+    words = "the river city old king north south war trade music art people land sea island year".split()
+    one.write_text(" ".join(words[(7 * i) % len(words)] for i in range(6000)))  # one file of 6,000 words
     cfg = write_tiny_run(tmp_path, data={"text_files": [str(one)]})
     assert main(["run", str(cfg), "-q"]) == 0
     res = json.loads((tmp_path / "runs" / "tiny" / "results.json").read_text())

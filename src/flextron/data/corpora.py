@@ -179,8 +179,9 @@ def split_documents(docs: list[Document], heldout: int, seed: int) -> tuple[list
 def split_tails(docs: list[Document], share: float = HELDOUT_SHARE) -> tuple[list[Document], list[Document]]:
     """Split every document's text into ``(heldout_docs, rest)``: the last ``share`` of its
     characters (from the first whitespace at or after the cut, else the last one before it, so no
-    word is split when there is whitespace) is held out, the text before it is kept. For corpora of too few documents to hold out
-    whole ones; parts that are empty after stripping are dropped. Deterministic, no seed.
+    word is split when there is whitespace) is held out, the text before it is kept. For corpora
+    of too few documents to hold out whole ones; parts that are empty after stripping are dropped.
+    Deterministic, no seed.
     """
     held, rest = [], []
     for d in docs:
