@@ -66,10 +66,10 @@ def test_tokenize_blocks_stops_early(tokenizer, monkeypatch):
 
 def test_tokenize_blocks_too_short(tokenizer):
     docs = [Document("a", "w1 w2 w3", "user")]
-    with pytest.raises(DataError, match="3 tokens.*seq_len=8"):
+    with pytest.raises(DataError, match=r"needs 8 tokens \(1 blocks of seq_len=8\); only 3 tokens \(0 blocks\)"):
         data.tokenize_blocks(tokenizer, docs, seq_len=8, num_blocks=None)
-    with pytest.raises(DataError, match="only 1 blocks.*2 needed"):
-        data.tokenize_blocks(tokenizer, docs, seq_len=2, num_blocks=2)
+    with pytest.raises(DataError, match=r"the set needs 4 tokens .* only 3 tokens \(1 blocks\).*; fix it"):
+        data.tokenize_blocks(tokenizer, docs, seq_len=2, num_blocks=2, what="the set", fix="fix it")
 
 
 # --- split_documents ---------------------------------------------------------------------------
@@ -82,7 +82,7 @@ def test_split_documents_disjoint_and_deterministic():
     assert {d.title for d in held}.isdisjoint(d.title for d in rest)
     assert data.split_documents(docs, heldout=5, seed=1) == (held, rest)
     assert data.split_documents(docs, heldout=5, seed=2)[0] != held
-    with pytest.raises(DataError, match="hold out 30 of 30"):
+    with pytest.raises(DataError, match="hold out 30 of 30 documents; choose a number from 1 to 29"):
         data.split_documents(docs, heldout=30, seed=1)
 
 

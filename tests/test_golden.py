@@ -46,7 +46,7 @@ def test_golden_run(tmp_path, monkeypatch):
         return imp
 
     monkeypatch.setattr(stage_module, "compute_importance", spy)
-    cfg = write_tiny_run(tmp_path, train={"steps": 10, "checkpoint_every": 5})
+    cfg = write_tiny_run(tmp_path, train={"steps": 10, "checkpoint_every": 5}, keep_checkpoints=True)  # reads elastic/
     assert main(["run", str(cfg), "-q"]) == 0
     run_dir = tmp_path / "runs" / "tiny"
 

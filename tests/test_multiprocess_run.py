@@ -113,8 +113,13 @@ def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_two_processes_equal_one_with_the_same_global_batch_and_resume(tmp_path):
     joint = {"steps": JOINT_STEPS, "checkpoint_every": 2}
-    one_cfg = write_tiny_run(tmp_path / "one", name="one", train={"batch_size": 2}, joint={**joint, "batch_size": 2})
-    two_cfg = write_tiny_run(tmp_path / "two", name="two", train={"batch_size": 1}, joint={**joint, "batch_size": 1})
+    keep = {"keep_checkpoints": True}  # elastic/ is compared below
+    one_cfg = write_tiny_run(
+        tmp_path / "one", name="one", train={"batch_size": 2}, joint={**joint, "batch_size": 2}, **keep
+    )
+    two_cfg = write_tiny_run(
+        tmp_path / "two", name="two", train={"batch_size": 1}, joint={**joint, "batch_size": 1}, **keep
+    )
     one, two = tmp_path / "one" / "runs" / "one", tmp_path / "two" / "runs" / "two"
     _run(one_cfg, 1)
 

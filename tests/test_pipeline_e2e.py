@@ -162,7 +162,8 @@ def test_changed_config_is_refused_without_overwrite(tiny_run, tmp_path):
     [
         (lambda t, tmp: t.replace("source: " + str(tmp / "model"), "source: " + str(tmp / "missing")), "missing"),
         (lambda t, tmp: t + "\nbogus_key: 1\n", "unknown config key"),
-        (lambda t, tmp: t.replace("heldout_articles: 8", "heldout_articles: 5000"), "hold out"),
+        (lambda t, tmp: t.replace("heldout_articles: 8", "heldout_articles: 0"), "data.heldout_articles"),
+        (lambda t, tmp: t + "\nguard: {action: retry}\n", "guard.action"),
     ],
 )
 def test_bad_input_one_line_error(tmp_path, capsys, mutate, message):

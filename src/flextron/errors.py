@@ -43,3 +43,11 @@ class TargetError(FlextronError, ValueError):
 
 class OutputExistsError(FlextronError, FileExistsError):
     """An output directory already exists and is not empty; nothing is overwritten."""
+
+
+class TrainingError(FlextronError, RuntimeError):
+    """Training damaged the full model beyond the guard's tolerance (``guard:`` section)."""
+
+
+class MeasurementError(FlextronError, RuntimeError):
+    """A timing measurement is unreliable: the machine was busy while it was taken."""

@@ -21,6 +21,7 @@ from flextron.config.sections import (
     DynamicConfig,
     ElasticConfig,
     EvalConfig,
+    GuardConfig,
     JointConfig,
     LatencyConfig,
     ModelConfig,
@@ -34,12 +35,15 @@ from flextron.errors import ConfigError
 @dataclass(frozen=True)
 class RunConfig:
     """The whole conversion: one section per stage. ``threads``: torch CPU threads (0 keeps the
-    default)."""
+    default). ``keep_checkpoints``: keep what a finished run no longer needs, each training
+    stage's last checkpoint and the ``elastic/`` weights (by default they are deleted once the
+    stages that read them have finished)."""
 
     name: str = "smollm2"
     seed: int = 0
     out_dir: str = "runs"
     threads: int = 0
+    keep_checkpoints: bool = False
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
@@ -49,6 +53,7 @@ class RunConfig:
     routers: RouterConfig = field(default_factory=RouterConfig)
     joint: JointConfig = field(default_factory=JointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
     dynamic: DynamicConfig | None = None  # the dynamic stage runs only when the section is given
 
     def __post_init__(self) -> None:

@@ -18,6 +18,7 @@ TASKS: tuple[str, ...] = ("arc_easy", "lambada", "piqa", "winogrande", "mmlu", "
 ORDERINGS = ("importance", "none", "random")
 HEAD_AXES = ("auto", "heads_per_group", "kv_groups")
 MIXED_PRECISION = ("no", "bf16")
+GUARD_ACTIONS = ("stop", "warn", "rollback")
 
 
 def check_field(cond: bool, where: str, value: Any, allowed: str) -> None:
@@ -171,7 +172,11 @@ class LatencyConfig:
     ``block_repeats``: rounds of the isolated per-width block timings. ``method``: ``fit`` scales
     the block timings by least squares over ``fit_configs`` + all homogeneous exported
     sub-models timed against the full model, ``block`` uses the block timings as they are
-    (see :func:`flextron.cost.measure.measure_latency_table`)."""
+    (see :func:`flextron.cost.measure.measure_latency_table`). A measurement whose full-model
+    time drifts, whose full-model timings spread, or whose fit residuals exceed ``busy_tolerance``
+    (fractions of the full latency; :func:`flextron.cost.measure.busy_figures`) was taken on a
+    busy machine: it is repeated up to ``busy_retries`` times, then refused unless
+    ``allow_busy``."""
 
     seq_len: int = 256
     batch_size: int = 1
@@ -183,8 +188,13 @@ class LatencyConfig:
     budget: str = "latency"
     method: str = "fit"
     fit_configs: int = 12
+    busy_tolerance: float = 0.1
+    busy_retries: int = 2
+    allow_busy: bool = False
 
     def __post_init__(self) -> None:
+        check_field(self.busy_tolerance > 0, "latency.busy_tolerance", self.busy_tolerance, "must be > 0")
+        check_field(self.busy_retries >= 0, "latency.busy_retries", self.busy_retries, "must be >= 0")
         check_field(self.method in ("fit", "block"), "latency.method", self.method, "'fit' or 'block'")
         check_field(self.fit_configs >= 0, "latency.fit_configs", self.fit_configs, "must be >= 0")
         for k in ("seq_len", "batch_size", "repeats", "block_repeats"):
@@ -304,6 +314,27 @@ class JointConfig:
         for k in ("model_lr", "router_lr"):
             check_field(getattr(self, k) > 0, f"joint.{k}", getattr(self, k), "must be > 0")
         check_field(0 <= self.kd_alpha <= 1, "joint.kd_alpha", self.kd_alpha, "must lie in [0, 1]")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """Guard of elastic training and joint fine-tuning against damage to the full model
+    (:class:`flextron.train.guard.TrainingGuard`): every ``every`` steps (and at the start and the
+    last step; 0 = off) the full model's mean loss on ``blocks`` fixed held-out blocks is measured;
+    when it exceeds the stage's starting loss by more than ``tolerance`` (relative: 0.05 = 5 %),
+    ``action``: ``stop`` (error, the last checkpoint kept), ``warn`` (log and go on) or ``rollback``
+    (restore the best weights measured, keeping a copy in memory, and end the stage there)."""
+
+    every: int = 10
+    blocks: int = 4
+    tolerance: float = 0.05
+    action: str = "stop"
+
+    def __post_init__(self) -> None:
+        check_field(self.every >= 0, "guard.every", self.every, "must be >= 0 (0 = off)")
+        check_field(self.blocks >= 1, "guard.blocks", self.blocks, "must be >= 1")
+        check_field(self.tolerance > 0, "guard.tolerance", self.tolerance, "must be > 0")
+        check_field(self.action in GUARD_ACTIONS, "guard.action", self.action, f"one of {GUARD_ACTIONS}")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from flextron.config import LatencyConfig
 from flextron.cost.table import CostTable, enforce_monotone
 from flextron.cost.timing import median, paired_ratio, prefill_fn, time_models
-from flextron.errors import ConfigError
+from flextron.errors import ConfigError, MeasurementError
 from flextron.model.elastic import ElasticModel
 from flextron.model.space import ArchConfig, SearchSpace, sample_arch
 
@@ -93,8 +93,92 @@ def _calibration_archs(space: SearchSpace, n_random: int, seed: int) -> list[Arc
     return homo + [sample_arch(space, gen) for _ in range(n_random)]
 
 
+def busy_figures(start_s: Sequence[float], end_s: Sequence[float], full_s: Sequence[float], fit: dict | None) -> dict:
+    """How steady the machine was while a lookup table was measured, as fractions of the full
+    model's latency: ``drift`` = |median(end_s) / median(start_s) − 1| (the full model timed before
+    and after the measurement), ``spread`` = (max − min) / median of the full model's medians
+    ``full_s`` taken throughout it (one per timed sub-model, interleaved with it), and
+    ``max_residual`` = the largest fit residual (``fit["max_abs_residual_fraction"]``; None for
+    ``method: block``)."""
+    start, end = median(start_s), median(end_s)
+    return {
+        "drift": abs(end / start - 1),
+        "spread": (max(full_s) - min(full_s)) / median(full_s),
+        "max_residual": None if fit is None else fit["max_abs_residual_fraction"],
+        "full_start_s": start,
+        "full_end_s": end,
+    }
+
+
+def busy_reasons(figures: dict, tolerance: float) -> list[str]:
+    """Why :func:`busy_figures` say the machine was busy (empty: steady): the drift or the fit's
+    largest residual above ``tolerance``, the spread above twice it (it spans many rounds)."""
+    out = []
+    if figures["drift"] > tolerance:
+        out.append(f"the full model's time drifted by {100 * figures['drift']:.0f}% between start and end")
+    if figures["spread"] > 2 * tolerance:
+        out.append(f"its timings spread over {100 * figures['spread']:.0f}%")
+    if figures["max_residual"] is not None and figures["max_residual"] > tolerance:
+        out.append(f"the fit's residuals reach {100 * figures['max_residual']:.0f}% of the full latency")
+    return out
+
+
+def _time_full(fx: ElasticModel, cfg: LatencyConfig) -> list[float]:
+    """``cfg.repeats`` timings (seconds) of the full model's prefill workload."""
+    with _ElasticState(fx):
+        fx.set_arch(None)
+        run = prefill_fn(fx, _workload_ids(fx, cfg, next(fx.parameters()).device))
+        return time_models({"full": run}, repeats=cfg.repeats, warmup=cfg.warmup)["full"]["times_s"]
+
+
 def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True) -> CostTable:
-    """Measure the latency lookup table of ``fx`` on its current device and dtype (METHOD §5).
+    """Measure the latency lookup table of ``fx`` (:func:`measure_once`) and check that the machine
+    was steady meanwhile: the full model is timed before and after, and :func:`busy_figures` of
+    the measurement are compared with ``cfg.busy_tolerance`` (:func:`busy_reasons`). A busy
+    measurement is repeated, up to ``cfg.busy_retries`` times. The figures of every attempt go
+    to ``table.workload["busy_check"]``.
+
+    Raises:
+        MeasurementError: still busy after the retries, unless ``cfg.allow_busy`` (then the last
+            table is returned, marked ``accepted_busy``).
+        ValueError: a timing is not finite.
+    """
+    attempts = []
+    for attempt in range(cfg.busy_retries + 1):
+        start = _time_full(fx, cfg)
+        table, full_s = measure_once(fx, cfg, progress=progress)
+        figures = busy_figures(start, _time_full(fx, cfg), full_s, table.workload.get("fit"))
+        reasons = busy_reasons(figures, cfg.busy_tolerance)
+        attempts.append({**figures, "busy": reasons})
+        if not reasons:
+            break
+        logger.warning(
+            "latency table, attempt %d of %d: the machine looks busy (%s)",
+            attempt + 1,
+            cfg.busy_retries + 1,
+            "; ".join(reasons),
+        )
+    table.workload["busy_check"] = {
+        "tolerance": cfg.busy_tolerance,
+        "attempts": attempts,
+        "accepted_busy": bool(reasons),
+    }
+    if reasons and not cfg.allow_busy:
+        raise MeasurementError(
+            f"the machine was busy while the latency table was measured ({'; '.join(reasons)}; "
+            f"{len(attempts)} attempt(s), latency.busy_tolerance {cfg.busy_tolerance:g}): the table would "
+            "mispredict latencies; stop other jobs and rerun (the run resumes at the latency stage), or set "
+            "latency.allow_busy: true (a config change: pass --overwrite) to accept a busy machine's table"
+        )
+    if reasons:
+        logger.warning("latency table measured on a busy machine, accepted (latency.allow_busy)")
+    return table
+
+
+def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True) -> tuple[CostTable, list[float]]:
+    """Measure the latency lookup table of ``fx`` on its current device and dtype (METHOD §5),
+    once; returns it with the full model's median times taken throughout (seconds; one per timed
+    sub-model for ``method: fit``, the full model's timings for ``block``).
 
     Workload: prefill of ``batch_size × seq_len`` tokens (``use_cache=False, logits_to_keep=1``).
     ``const`` (embedding, final norm, LM head, overheads) is the full latency minus the layers'
@@ -167,16 +251,18 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
         fx.set_arch(None)  # the module closures above changed layer 0's widths
         est = {k: v["trimmed_mean_s"] for k, v in res.items()}
         if cfg.method == "block":
-            full = time_models(
+            timed = time_models(
                 {"full": prefill_fn(fx, _workload_ids(fx, cfg, device))},
                 repeats=cfg.repeats,
                 warmup=cfg.warmup,
                 trim=cfg.trim,
-            )["full"]["trimmed_mean_s"]
+            )["full"]
+            full, full_s = timed["trimmed_mean_s"], timed["times_s"]
     fit_info = None
     if cfg.method == "fit":
         rows = timed_fractions(fx, _calibration_archs(space, cfg.fit_configs, seed=1), cfg, progress=progress)
-        full = median([r["full_s"] for r in rows])
+        full_s = [r["full_s"] for r in rows]
+        full = median(full_s)
         X = torch.tensor(
             [
                 [
@@ -258,7 +344,7 @@ def measure_latency_table(fx: ElasticModel, cfg: LatencyConfig, *, progress: boo
         const,
         100 * table.fraction(space.smallest()),
     )
-    return table
+    return table, full_s
 
 
 def _device_name(device: torch.device) -> str:

@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from flextron.errors import ConfigError
+from flextron.errors import ConfigError, TargetError
 from flextron.files import atomic_write_json
 from flextron.model.space import ArchConfig, SearchSpace
 
@@ -244,6 +244,27 @@ class CostTable:
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ConfigError(f"cost table {p} is not valid JSON: {e}") from None
         return cls.from_json(data, source=f"cost table {p}")
+
+
+def check_targets(table: CostTable, space: SearchSpace, targets: dict[str, Sequence[float]], where: str) -> None:
+    """Refuse targets no sub-network can meet: each of ``targets`` (config field name → latency
+    targets as fractions of the full model) must be at least the smallest configuration's
+    predicted fraction of ``table`` (the floor). ``where`` names the table in the message.
+
+    Raises:
+        TargetError: the first target below the floor, naming the field, the floor and the fix.
+    """
+    floor = table.fraction(space.smallest())
+    for name, values in targets.items():
+        low = [t for t in values if t < floor - 1e-9]
+        if low:
+            busy = "; a latency table measured on a busy machine can also raise it" if table.unit == "s" else ""
+            raise TargetError(
+                f"{name} {low[0]:g} is below the smallest sub-network's predicted latency ({floor:.3f} of the "
+                f"full model, {where}): no sub-network can meet it; use targets >= "
+                f"{math.ceil(floor * 1000) / 1000:.3f} or offer narrower widths (elastic.mlp_fractions, "
+                f"elastic.heads_per_group){busy}"
+            )
 
 
 # --------------------------------------------------------------------------- measurement

@@ -12,6 +12,7 @@ each block starting with the BOS token when the tokenizer declares one (:mod:`fl
 from __future__ import annotations
 
 import json
+import logging
 import random
 from dataclasses import dataclass
 from itertools import chain
@@ -25,6 +26,11 @@ from flextron.data.bos import BosPolicy, resolve_bos_policy
 from flextron.errors import AssetError, DataError
 
 WIKIPEDIA_FILE = "summaries_en-us.json"
+#: Share of each document's text (its end) held out when user text has too few documents to hold
+#: out ``heldout_articles`` whole ones (a single long ``.txt`` file, for instance).
+HELDOUT_SHARE = 0.1
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -162,11 +168,34 @@ def split_documents(docs: list[Document], heldout: int, seed: int) -> tuple[list
     if heldout < 0 or heldout >= len(docs):
         raise DataError(
             f"cannot hold out {heldout} of {len(docs)} documents; choose a number "
-            f"from 0 to {len(docs) - 1} or add more documents"
+            f"from 1 to {len(docs) - 1} or add more documents"
+            if len(docs) > 1
+            else f"cannot hold out {heldout} of {len(docs)} documents; add more documents"
         )
     chosen = set(random.Random(seed).sample(range(len(docs)), heldout))
     held = [d for i, d in enumerate(docs) if i in chosen]
     rest = [d for i, d in enumerate(docs) if i not in chosen]
+    return held, rest
+
+
+def split_tails(docs: list[Document], share: float = HELDOUT_SHARE) -> tuple[list[Document], list[Document]]:
+    """Split every document's text into ``(heldout_docs, rest)``: the last ``share`` of its
+    characters (from the first whitespace at or after the cut, else the last one before it, so no
+    word is split when there is whitespace) is held out, the text before it is kept. For corpora
+    of too few documents to hold out whole ones; parts that are empty after stripping are dropped.
+    Deterministic, no seed.
+    """
+    held, rest = [], []
+    for d in docs:
+        cut = len(d.text) - max(1, round(share * len(d.text)))
+        after = [i for i in (d.text.find(c, cut) for c in " \n\t") if i != -1]
+        before = [i for i in (d.text.rfind(c, 0, cut) for c in " \n\t") if i > 0]
+        cut = min(after) if after else max(before) if before else cut
+        head, tail = d.text[:cut].strip(), d.text[cut:].strip()
+        if tail:
+            held.append(Document(title=f"{d.title} (last {share:.0%})", text=tail, domain=d.domain))
+        if head:
+            rest.append(Document(title=d.title, text=head, domain=d.domain))
     return held, rest
 
 
@@ -185,6 +214,8 @@ def tokenize_blocks(
     *,
     seed: int | None = None,
     bos: BosPolicy | None = None,
+    what: str = "",
+    fix: str = "request fewer blocks, a shorter seq_len, or more text",
 ) -> torch.Tensor:
     """Tokenize ``docs`` into non-overlapping blocks of token ids, shape ``(N, seq_len)``, int64.
 
@@ -198,12 +229,14 @@ def tokenize_blocks(
     ``bos`` (default: the policy the tokenizer declares, :func:`resolve_bos_policy`): when it adds
     a BOS, every document starts with it (the stream reads ``BOS d1 EOS BOS d2 ...``) and so does
     every block: a block that would start inside a document gets the BOS plus ``seq_len - 1``
-    stream tokens. Without BOS the blocks are exactly the plain cut above.
+    stream tokens. Without BOS the blocks are exactly the plain cut above. ``what`` names the set
+    in the error (e.g. ``"the calibration set"``), ``fix`` says what to change when the text is too
+    short.
 
     Raises:
         DataError: ``seq_len`` or ``num_blocks`` not positive (``seq_len`` < 2 with a BOS), no
             documents, the tokenizer has no EOS token, fewer tokens than one block, or fewer
-            blocks than ``num_blocks``.
+            blocks than ``num_blocks`` (the message gives the tokens needed and available).
     """
     if seq_len <= 0 or (num_blocks is not None and num_blocks <= 0):
         raise DataError(f"seq_len ({seq_len}) and num_blocks ({num_blocks}) must be positive")
@@ -238,31 +271,25 @@ def tokenize_blocks(
             if needed is not None and total >= needed:
                 break
 
-    if bos.add_bos:
-        return _blocks_with_bos(
-            list(chain.from_iterable(pieces)), seq_len, num_blocks, int(bos.bos_token_id), len(docs)
-        )
-    available = total // seq_len
-    if available == 0:
+    stream = list(chain.from_iterable(pieces))
+    blocks = _blocks_with_bos(stream, seq_len, num_blocks, int(bos.bos_token_id)) if bos.add_bos else None
+    available = len(blocks) if blocks is not None else total // seq_len
+    if available == 0 or (num_blocks is not None and available < num_blocks):
+        wanted = num_blocks or 1
         raise DataError(
-            f"only {total} tokens available from {len(docs)} documents, fewer than "
-            f"one block of seq_len={seq_len}; use a shorter seq_len or more text"
+            f"{what or 'the text'} needs {wanted * seq_len} tokens ({wanted} blocks of seq_len={seq_len}); "
+            f"only {total} tokens ({available} blocks) are available from {len(docs)} documents; {fix}"
         )
-    if num_blocks is not None and available < num_blocks:
-        raise DataError(
-            f"only {available} blocks of {seq_len} tokens available ({total} tokens "
-            f"from {len(docs)} documents), {num_blocks} needed; request fewer blocks, "
-            f"a shorter seq_len, or more text"
-        )
+    if blocks is not None:
+        return torch.tensor(blocks, dtype=torch.long)
     n = available if num_blocks is None else num_blocks
-    stream = torch.tensor(list(chain.from_iterable(pieces))[: n * seq_len], dtype=torch.long)
-    return stream.view(n, seq_len)
+    return torch.tensor(stream[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
-def _blocks_with_bos(stream: list[int], seq_len: int, num_blocks: int | None, bos_id: int, n_docs: int) -> torch.Tensor:
-    """Cut ``stream`` into ``(N, seq_len)`` blocks that each start with ``bos_id``: a block taken
-    at a document start (already a BOS) is ``seq_len`` stream tokens, any other the BOS plus
-    ``seq_len - 1`` of them. Raises DataError as :func:`tokenize_blocks`."""
+def _blocks_with_bos(stream: list[int], seq_len: int, num_blocks: int | None, bos_id: int) -> list[list[int]]:
+    """Cut ``stream`` into up to ``num_blocks`` blocks of ``seq_len`` tokens that each start with
+    ``bos_id``: a block taken at a document start (already a BOS) is ``seq_len`` stream tokens,
+    any other the BOS plus ``seq_len - 1`` of them. Fewer blocks when the stream runs out."""
     blocks: list[list[int]] = []
     pos = 0
     while num_blocks is None or len(blocks) < num_blocks:
@@ -272,18 +299,7 @@ def _blocks_with_bos(stream: list[int], seq_len: int, num_blocks: int | None, bo
         chunk = stream[pos : pos + take]
         blocks.append(chunk if take == seq_len else [bos_id, *chunk])
         pos += take
-    if not blocks:
-        raise DataError(
-            f"only {len(stream)} tokens available from {n_docs} documents, fewer than "
-            f"one block of seq_len={seq_len}; use a shorter seq_len or more text"
-        )
-    if num_blocks is not None and len(blocks) < num_blocks:
-        raise DataError(
-            f"only {len(blocks)} blocks of {seq_len} tokens available ({len(stream)} tokens "
-            f"from {n_docs} documents), {num_blocks} needed; request fewer blocks, "
-            f"a shorter seq_len, or more text"
-        )
-    return torch.tensor(blocks, dtype=torch.long)
+    return blocks
 
 
 def build_corpora(
@@ -298,14 +314,26 @@ def build_corpora(
 
     Train and held-out come from Wikipedia, or from ``text_files`` when given (see
     :func:`load_text_files`), split by :func:`split_documents` with ``heldout_articles`` and
-    ``seed``. ``ood_heldout`` is a seeded choice of ``ood_plays`` Shakespeare works (Shakespeare is
+    ``seed``; user text of at most ``heldout_articles`` documents (too few to hold out whole ones,
+    e.g. one long file) is split by :func:`split_tails` instead: the last :data:`HELDOUT_SHARE` of
+    every document is held out. ``ood_heldout`` is a seeded choice of ``ood_plays`` Shakespeare works (Shakespeare is
     not fetched when ``ood_plays`` is 0).
 
     Raises:
         DataError: bad split sizes or bad user files. AssetError: an asset cannot be fetched.
     """
     base = load_text_files(list(text_files)) if text_files else load_wikipedia(cache_dir)
-    heldout, train = split_documents(base, heldout_articles, seed)
+    if text_files and len(base) <= heldout_articles:
+        heldout, train = split_tails(base)
+        log.warning(
+            "%d document(s) are too few to hold out data.heldout_articles=%d whole ones; "
+            "the last %.0f%% of each document's text is held out instead",
+            len(base),
+            heldout_articles,
+            100 * HELDOUT_SHARE,
+        )
+    else:
+        heldout, train = split_documents(base, heldout_articles, seed)
     ood: list[Document] = []
     if ood_plays:
         plays = load_shakespeare(cache_dir)

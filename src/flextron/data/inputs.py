@@ -12,6 +12,7 @@ import torch
 from flextron.config import RunConfig
 from flextron.data.bos import BosPolicy, resolve_bos_policy
 from flextron.data.corpora import Corpora, build_corpora, load_text_files, tokenize_blocks
+from flextron.errors import DataError
 
 # --------------------------------------------------------------------------- inputs
 
@@ -27,14 +28,33 @@ class Inputs:
     heldout: torch.Tensor  # (N_eval, T_eval)
     ood: torch.Tensor  # (N_ood, T_eval)
     bos: BosPolicy  # every block and document starts with the BOS token when bos.add_bos
+    guard: torch.Tensor  # (N_guard, T_eval), N_guard <= guard.blocks (0 when the held-out text has no more)
+
+
+def _guard_blocks(tokenizer, docs, seq_len: int, skip: int, wanted: int, bos: BosPolicy) -> torch.Tensor:
+    """The training guard's validation blocks ``(≤ wanted, seq_len)``: the held-out stream's
+    blocks after the first ``skip`` (the reported held-out blocks), as many as there are up to
+    ``wanted`` (none when ``wanted`` is 0 or the held-out text holds no more)."""
+    if wanted == 0:
+        return torch.empty(0, seq_len, dtype=torch.long)
+    try:
+        return tokenize_blocks(tokenizer, docs, seq_len, skip + wanted, bos=bos)[skip:]
+    except DataError:  # fewer blocks than wanted: take what follows the reported ones
+        return tokenize_blocks(tokenizer, docs, seq_len, None, bos=bos)[skip : skip + wanted]
 
 
 def make_inputs(cfg: RunConfig, tokenizer, processes: int = 1) -> Inputs:
     """The token blocks of a run; ``processes``: how many train it (each takes ``train.batch_size``
     sequences per micro-batch, so the training blocks cover the global batch of every step).
 
+    Calibration, training and router blocks come from the training documents, the held-out and
+    guard blocks from the in-domain held-out documents (the guard's follow the reported held-out
+    blocks in the same stream, so they are disjoint from them), the out-of-domain blocks from the
+    out-of-domain documents.
+
     Raises:
-        DataError: as :func:`~flextron.data.corpora.tokenize_blocks` and
+        DataError: the text is too short for a set (the message names the set, the tokens it needs
+            and those available, and the fields to change); as
             :func:`~flextron.data.bos.resolve_bos_policy`. AssetError: a corpus cannot be fetched.
     """
     ood_files = list(cfg.data.ood_text_files)
@@ -46,19 +66,60 @@ def make_inputs(cfg: RunConfig, tokenizer, processes: int = 1) -> Inputs:
     )
     if ood_files:
         corp = Corpora(train=corp.train, heldout=corp.heldout, ood_heldout=load_text_files(ood_files))
-    t = cfg.train
-    n_train = t.steps * t.batch_size * processes * t.grad_accum
+    t, e = cfg.train, cfg.eval
+    n_train = min(t.steps * t.batch_size * processes * t.grad_accum, 4096)
+    more = "add text or lower "
     bos = resolve_bos_policy(tokenizer)
     return Inputs(
         tokenizer=tokenizer,
         calibration=tokenize_blocks(
-            tokenizer, corp.train, cfg.calibration.seq_len, cfg.calibration.num_sequences, seed=cfg.seed + 1, bos=bos
+            tokenizer,
+            corp.train,
+            cfg.calibration.seq_len,
+            cfg.calibration.num_sequences,
+            seed=cfg.seed + 1,
+            what="the calibration set (calibration.num_sequences x seq_len)",
+            fix=more + "calibration.num_sequences or calibration.seq_len",
+            bos=bos,
         ),
-        train=tokenize_blocks(tokenizer, corp.train, t.seq_len, min(n_train, 4096), seed=cfg.seed + 2, bos=bos),
+        train=tokenize_blocks(
+            tokenizer,
+            corp.train,
+            t.seq_len,
+            n_train,
+            seed=cfg.seed + 2,
+            what="elastic training (train.steps x batch_size x processes x grad_accum sequences, at most 4096)",
+            fix=more + "train.steps, train.batch_size or train.seq_len",
+            bos=bos,
+        ),
         router=tokenize_blocks(
-            tokenizer, corp.train, cfg.routers.seq_len, 4 * cfg.routers.batch_size, seed=cfg.seed + 3, bos=bos
+            tokenizer,
+            corp.train,
+            cfg.routers.seq_len,
+            4 * cfg.routers.batch_size,
+            seed=cfg.seed + 3,
+            what="router training (4 x routers.batch_size sequences)",
+            fix=more + "routers.batch_size or routers.seq_len",
+            bos=bos,
         ),
-        heldout=tokenize_blocks(tokenizer, corp.heldout, cfg.eval.seq_len, cfg.eval.heldout_blocks, bos=bos),
-        ood=tokenize_blocks(tokenizer, corp.ood_heldout, cfg.eval.seq_len, cfg.eval.ood_blocks, bos=bos),
+        heldout=tokenize_blocks(
+            tokenizer,
+            corp.heldout,
+            e.seq_len,
+            e.heldout_blocks,
+            what="the held-out set (eval.heldout_blocks)",
+            fix=more + "eval.heldout_blocks or eval.seq_len",
+            bos=bos,
+        ),
+        ood=tokenize_blocks(
+            tokenizer,
+            corp.ood_heldout,
+            e.seq_len,
+            e.ood_blocks,
+            what="the out-of-domain set (eval.ood_blocks)",
+            fix=more + "eval.ood_blocks or eval.seq_len",
+            bos=bos,
+        ),
+        guard=_guard_blocks(tokenizer, corp.heldout, e.seq_len, e.heldout_blocks, cfg.guard.blocks, bos),
         bos=bos,
     )

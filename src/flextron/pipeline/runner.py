@@ -20,14 +20,24 @@ import time
 from pathlib import Path
 
 from flextron.config import RunConfig, dump_config, load_config
+from flextron.cost.table import CostTable, check_targets
 from flextron.data.inputs import make_inputs
 from flextron.errors import FlextronError, OutputExistsError
 from flextron.eval.deploy import check_run_format, finished_stages, set_threads, write_run_format
 from flextron.eval.static import evaluate_targets
-from flextron.files import atomic_write_json, atomic_write_text
+from flextron.files import atomic_write_json, atomic_write_text, remove_path
+from flextron.model.elastic import convert
 from flextron.model.export import load_original
 from flextron.pipeline.dynamic import stage_dynamic
-from flextron.pipeline.stages import stage_elastic, stage_joint, stage_latency, stage_rank, stage_routers
+from flextron.pipeline.stages import (
+    configured_targets,
+    stage_elastic,
+    stage_joint,
+    stage_latency,
+    stage_rank,
+    stage_routers,
+)
+from flextron.report.format import disk_usage
 from flextron.report.static import write_report
 from flextron.train.distributed import on_main, process_state
 
@@ -49,6 +59,45 @@ def _finish_stage(run_dir: Path, name: str, summary: dict, wall_s: float) -> Non
     atomic_write_json(run_dir / "stages.json", st)
     log.info("stage %s done in %.1f s (%d tokens)", name, wall_s, st[name]["tokens"])
     print(f"[flextron] stage {name}: {wall_s:.1f} s, {st[name]['tokens']} tokens", flush=True)
+
+
+#: training stages whose checkpoints (``checkpoints/<stage>``) only serve to resume them
+TRAINING_STAGES = ("elastic", "routers", "joint")
+
+
+def _tidy(cfg: RunConfig, run_dir: Path) -> None:
+    """Delete what the finished stages of ``run_dir`` no longer need (unless ``keep_checkpoints``):
+    the checkpoints of finished training stages (and of a finished dynamic stage), and
+    ``elastic/`` once the routers and joint stages that read it have finished (``final/``
+    supersedes it; ``ranked/`` stays: the teacher and the untrained baseline of evaluation)."""
+    if cfg.keep_checkpoints:
+        return
+    done = finished_stages(run_dir)
+    gone = [run_dir / "checkpoints" / s for s in TRAINING_STAGES if s in done]
+    if "dynamic" in done:
+        gone.append(run_dir / "dynamic" / "checkpoints")
+    if "routers" in done and "joint" in done:
+        gone.append(run_dir / "elastic")
+    for path in gone:
+        if path.exists():
+            remove_path(path)
+            log.info("removed %s (no longer needed; keep_checkpoints: true keeps it)", path)
+    if (run_dir / "checkpoints").is_dir() and not any((run_dir / "checkpoints").iterdir()):
+        (run_dir / "checkpoints").rmdir()
+
+
+def _restore_inputs(run_dir: Path) -> None:
+    """Forget a finished elastic stage whose weights (``elastic/``, deleted by :func:`_tidy`) a
+    stage still to run needs, so that it runs again first (deterministically the same)."""
+    stages = finished_stages(run_dir)
+    if (
+        "elastic" in stages
+        and not (run_dir / "elastic").is_dir()
+        and not all(s in stages for s in ("routers", "joint"))
+    ):
+        del stages["elastic"]
+        atomic_write_json(run_dir / "stages.json", stages)
+        log.info("elastic/ was removed; the elastic stage runs again for the stages that read it")
 
 
 def _same_config(saved: Path, cfg: RunConfig, *, ignore_dynamic: bool = False) -> bool:
@@ -104,6 +153,17 @@ def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
     return run_dir
 
 
+def _check_targets_early(cfg: RunConfig, run_dir: Path, space) -> None:
+    """Refuse unreachable targets before any training when the cost table is known already: the
+    parameter table (``latency.budget: params``) or a measured table of a finished latency stage.
+    (A table still to be measured is checked by the latency stage, before any training.)"""
+    path = run_dir / "latency_table.json"
+    if cfg.latency.budget == "params":
+        check_targets(CostTable.from_parameters(space), space, configured_targets(cfg), "parameter count")
+    elif "latency" in finished_stages(run_dir) and path.is_file():
+        check_targets(CostTable.load(path), space, configured_targets(cfg), f"table {path}")
+
+
 def stage_evaluate(run_dir: Path) -> dict:
     evaluate_run(run_dir)  # writes results.json and the report
     return {"tokens": 0}
@@ -127,13 +187,16 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
     main = state.is_main_process
     run_dir = Path(on_main(state, lambda: str(_prepare_run_dir(cfg, overwrite))))
     set_threads(cfg)
+    on_main(state, lambda: _restore_inputs(run_dir))
     if on_main(state, lambda: all(s in finished_stages(run_dir) for s in stages_of(cfg))):
         if main:
             print(f"[flextron] run {run_dir} is complete; nothing to do", flush=True)
         return run_dir
     t0 = time.time()
     model, tok = load_original(cfg)  # fails early on a bad model path or unsupported family
+    space = convert(model, cfg.elastic).space
     del model
+    on_main(state, lambda: _check_targets_early(cfg, run_dir, space))
     inp = make_inputs(cfg, tok, state.num_processes)
     log.info(
         "inputs: calibration %s, train %s, held-out %s, ood %s (%.1f s)",
@@ -163,7 +226,16 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
         summary = fn() if everywhere else on_main(state, fn)
         if main:
             _finish_stage(run_dir, name, summary, time.time() - s0)
+            _tidy(cfg, run_dir)
         state.wait_for_everyone()  # the next stage reads what this one wrote
+    if main:
+        _tidy(cfg, run_dir)  # also what a run killed between a stage's record and its tidying left
+        du = disk_usage(run_dir)
+        print(
+            f"[flextron] run {run_dir} uses {du['total'] / 1e6:.1f} MB on disk "
+            f"({du['total'] / max(du['weights'], 1):.1f}x the model's weights; exports {du['exported'] / 1e6:.1f} MB)",
+            flush=True,
+        )
     return run_dir
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flextron.config import RunConfig
 from flextron.cost.measure import measure_latency_table, validate_latency_table
-from flextron.cost.table import CostTable
+from flextron.cost.table import CostTable, check_targets
 from flextron.data.inputs import Inputs
 from flextron.eval.perplexity import perplexity_of
 from flextron.model.elastic import convert
@@ -20,6 +20,7 @@ from flextron.model.ranking import apply_permutation, compute_importance, make_p
 from flextron.routing.store import load_routers, new_router, save_routers
 from flextron.train.distributed import make_accelerator
 from flextron.train.elastic import train_elastic
+from flextron.train.guard import TrainingGuard
 from flextron.train.joint import train_joint
 from flextron.train.routers import train_routers
 
@@ -60,7 +61,23 @@ def stage_rank(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
     }
 
 
+def configured_targets(cfg: RunConfig) -> dict[str, tuple[float, ...]]:
+    """Every latency target of the config, by field: routers, evaluation and dynamic targets."""
+    out = {"routers.targets": cfg.routers.targets, "eval.targets": cfg.eval.targets}
+    if cfg.dynamic is not None:
+        out["dynamic.targets"] = cfg.dynamic.targets
+    return out
+
+
 def stage_latency(cfg: RunConfig, run_dir: Path) -> dict:
+    """The lookup table (``latency_table.json``), then every configured target checked against its
+    floor (:func:`~flextron.cost.table.check_targets`; on failure the table stays for inspection
+    and the stage is not recorded as finished, so a rerun measures again).
+
+    Raises:
+        TargetError: a configured target below the smallest sub-network's predicted latency.
+        MeasurementError: the machine was busy while measuring (``latency.allow_busy`` accepts it).
+    """
     fx = load_elastic(run_dir / "ranked")
     if cfg.latency.budget == "params":
         table = CostTable.from_parameters(fx.space)
@@ -69,6 +86,7 @@ def stage_latency(cfg: RunConfig, run_dir: Path) -> dict:
         if cfg.latency.validate_configs:
             table.validation = validate_latency_table(fx, table, cfg.latency, cfg.latency.validate_configs, cfg.seed)
     table.save(run_dir / "latency_table.json")
+    check_targets(table, fx.space, configured_targets(cfg), f"table {run_dir / 'latency_table.json'}")
     val = table.validation or {}
     return {
         "unit": table.unit,
@@ -100,6 +118,13 @@ def stage_elastic(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
         seed=cfg.seed,
         accelerator=acc,
         min_fraction=min(cfg.routers.targets),
+        guard=TrainingGuard(
+            fx,
+            inp.guard,
+            cfg.guard,
+            "elastic",
+            f"lower train.lr (now {cfg.train.lr:g}) or raise train.warmup_steps, train.batch_size or train.grad_accum",
+        ),
     )
     if acc.is_main_process:
         save_elastic(fx, run_dir / "elastic", tokenizer=inp.tokenizer, overwrite=True)
@@ -133,6 +158,13 @@ def stage_joint(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
         run_dir,
         seed=cfg.seed,
         accelerator=acc,
+        guard=TrainingGuard(
+            fx,
+            inp.guard,
+            cfg.guard,
+            "joint",
+            f"lower joint.model_lr (now {cfg.joint.model_lr:g}) or raise joint.batch_size or joint.grad_accum",
+        ),
     )
     if acc.is_main_process:
         save_elastic(fx, run_dir / "final", tokenizer=inp.tokenizer, overwrite=True)

@@ -110,3 +110,32 @@ def fmt_duration(s: Any) -> str:
     if v < 7200:
         return f"{v / 60:.1f} min"
     return f"{v / 3600:.2f} h"
+
+
+def disk_usage(run_dir: Path) -> dict:
+    """Bytes a run directory takes on disk (file sizes, links not followed): ``total``, per
+    top-level entry (``entries``), ``exported`` (``exported/``, the exports evaluation writes) and
+    ``weights``, the size of one full copy of the model's weights (``final/*.safetensors``, else
+    ``ranked/*.safetensors``; 0 when neither exists)."""
+    run_dir = Path(run_dir)
+
+    def size(p: Path) -> int:
+        if p.is_symlink():
+            return 0
+        if p.is_file():
+            return p.stat().st_size
+        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+
+    entries = {p.name: size(p) for p in sorted(run_dir.iterdir())} if run_dir.is_dir() else {}
+    weights = 0
+    for name in ("final", "ranked"):
+        files = sorted((run_dir / name).glob("*.safetensors"))
+        if files:
+            weights = sum(f.stat().st_size for f in files)
+            break
+    return {
+        "total": sum(entries.values()),
+        "exported": entries.get("exported", 0),
+        "weights": weights,
+        "entries": entries,
+    }

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from flextron.files import atomic_write_text
-from flextron.report.format import DASH, as_number, fmt, fmt_duration, fmt_scalar, md_table, read_metrics
+from flextron.report.format import DASH, as_number, disk_usage, fmt, fmt_duration, fmt_scalar, md_table, read_metrics
 from flextron.report.plots import (
     intermediate_size,
     plot_budget_histogram,
@@ -33,6 +33,8 @@ PLOTS = (
     "downstream_accuracy.png",
 )
 _TASK_METRICS = ("acc", "acc_norm", "perplexity")  # shown per task, in this order, when present
+#: the full model (target 1.0) may read at most this much worse a perplexity than the original
+FULL_MODEL_TOLERANCE = 0.03
 
 
 def _config_text(cfg: Any, inter: int | None) -> str:
@@ -170,6 +172,45 @@ def _summary(results: dict, metrics: list[dict]) -> list[str]:
     return [" ".join(lines)]
 
 
+def quality_flags(results: dict) -> list[str]:
+    """Warnings on training that made the model worse: a static target whose trained perplexity is
+    worse than before training (``untrained_perplexity``), and the full model (target 1.0) more
+    than :data:`FULL_MODEL_TOLERANCE` worse than the original model."""
+    flags = []
+    original = as_number(results.get("original_perplexity"))
+    for r in results.get("rows") or []:
+        if r.get("mode", "static") != "static":
+            continue
+        t, ppl, before = (
+            as_number(r.get("target")),
+            as_number(r.get("perplexity")),
+            as_number(r.get("untrained_perplexity")),
+        )
+        if t is None or ppl is None:
+            continue
+        if before is not None and ppl > before:
+            flags.append(
+                f"Target {fmt(t)}: the trained perplexity {fmt(ppl)} is worse than before training ({fmt(before)})."
+            )
+        if t >= 1.0 and original is not None and ppl > original * (1 + FULL_MODEL_TOLERANCE):
+            flags.append(
+                f"The full model (target 1.0) reads perplexity {fmt(ppl)} against the original model's "
+                f"{fmt(original)} (+{100 * (ppl / original - 1):.1f}%, more than {100 * FULL_MODEL_TOLERANCE:g}%): "
+                "training damaged it; lower the learning rates (train.lr, joint.model_lr) or keep guard.action: stop."
+            )
+    return flags
+
+
+def _disk_text(disk: dict) -> str:
+    """One paragraph: the run directory's size, relative to one copy of the weights, and its parts."""
+    total, weights = disk.get("total", 0), disk.get("weights", 0)
+    parts = ", ".join(f"`{k}` {v / 1e6:.1f} MB" for k, v in disk.get("entries", {}).items() if v >= 0.01 * total)
+    rel = f" ({total / weights:.1f}× one copy of the model's weights, {weights / 1e6:.1f} MB)" if weights else ""
+    rel_x = (total - disk.get("exported", 0)) / weights if weights else None
+    no_exports = f"; without the exports {rel_x:.1f}×" if rel_x is not None else ""
+    return f"The run directory holds {total / 1e6:.1f} MB{rel}{no_exports}: {parts}."
+
+
 def _router_start_table(summ: dict) -> str:
     """Markdown table of the router stage's warm start and validation per grid target ("" if absent)."""
     start = summ.get("warm_start")
@@ -200,10 +241,14 @@ def _router_start_table(summ: dict) -> str:
     )
 
 
-def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -> str:
-    """The report text; ``plots`` maps a PNG name to what its plot function returned (falsy: not drawn)."""
+def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict], disk: dict | None = None) -> str:
+    """The report text; ``plots`` maps a PNG name to what its plot function returned (falsy: not drawn);
+    ``disk``: :func:`~flextron.report.format.disk_usage` of the run directory (a section when given)."""
     md: list[str] = [f"# flextron report: {results.get('run') or 'run'}", ""]
     md += _summary(results, metrics) + [""]
+    flags = quality_flags(results)
+    if flags:
+        md += ["## Warnings", ""] + [f"- **{f}**" for f in flags] + [""]
 
     md += [
         "## Results per target",
@@ -360,6 +405,8 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict]) -
             if k not in ("commit", "seed", "versions", "stages", "total_wall_s")
         ]
         md += ["## Provenance", "", md_table(["", "value"], rows), ""]
+    if disk:
+        md += ["## Disk", "", _disk_text(disk), ""]
     return "\n".join(md).rstrip() + "\n"
 
 
@@ -385,7 +432,7 @@ def write_report(run_dir: Path, results: dict) -> Path:
         if not plots[name] and path.exists():
             path.unlink()
     report = run_dir / "report.md"
-    text = render_markdown(results, plots, metrics)
+    text = render_markdown(results, plots, metrics, disk_usage(run_dir))
     atomic_write_text(report, text)
     log.info("report written to %s", report)
     return report

@@ -32,6 +32,7 @@ def train_elastic(
     min_fraction: float = 0.0,
     progress: bool = True,
     sampler=None,
+    guard=None,
 ) -> dict:
     """Elastic continued training (METHOD §4): each step trains one sampled sub-network, sliced
     (full speed), on ``(1 − α)·CE + α·KL(teacher ‖ student)``. Logs the sampled budget.
@@ -39,7 +40,9 @@ def train_elastic(
     ``sampler``: any object with ``sample(gen) -> (ArchConfig, budget fraction or None)`` used
     instead of the :class:`BudgetSampler` built from ``cfg`` (e.g. one fixed configuration, to
     fine-tune a single pruned sub-network with the same loop).
-    ``accelerator``: default ``make_accelerator(cfg.grad_accum)``.
+    ``accelerator``: default ``make_accelerator(cfg.grad_accum)``. ``guard``: a
+    :class:`~flextron.train.guard.TrainingGuard` of the full model (see
+    :func:`~flextron.train.loop.lm_loop`; raises TrainingError when it stops the stage).
 
     ``blocks``: training token ids (N, T). Returns a summary dict (steps, tokens, wall time,
     number of full-model steps among those run now).
@@ -82,6 +85,7 @@ def train_elastic(
         accelerator=accelerator,
         progress=progress,
         mixed_precision=cfg.mixed_precision,
+        guard=guard,
     )
     fx.set_arch(None)
     fx.eval()

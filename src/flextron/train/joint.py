@@ -39,6 +39,7 @@ def train_joint(
     accelerator: Accelerator | None = None,
     progress: bool = True,
     stage: str = "joint",
+    guard=None,
 ) -> dict:
     """Joint fine-tuning of model and router (METHOD §8): each sequence of a step's batch gets a
     target from the trained set (drawn for the whole step, then sliced, so the split over
@@ -54,7 +55,8 @@ def train_joint(
     of the step at one target drawn from its trained targets below 1, and the latency loss is on
     the batch's average (its inputs share a budget). ``router_cfg`` gives ``targets``, ``tau_end``,
     ``latency_weight`` and ``latency_tol``; ``stage`` names the metrics and the checkpoint folder
-    (``run_dir/checkpoints/<stage>``)."""
+    (``run_dir/checkpoints/<stage>``). ``guard``: a :class:`~flextron.train.guard.TrainingGuard`
+    of the full model (see :func:`~flextron.train.loop.lm_loop`)."""
     accelerator = accelerator or make_accelerator(cfg.grad_accum)
     sp = fx.space
     for p in fx.parameters():
@@ -126,6 +128,7 @@ def train_joint(
         accelerator=accelerator,
         progress=progress,
         mixed_precision=cfg.mixed_precision,
+        guard=guard,
     )
     fx.eval()
     router.eval()

@@ -224,6 +224,7 @@ def lm_loop(
     accelerator: Accelerator,
     progress: bool,
     mixed_precision: str = "no",
+    guard=None,
 ) -> dict:
     """Shared loop of elastic training and joint fine-tuning: AdamW, cosine schedule, gradient
     accumulation, atomic checkpoints and resume, metrics.
@@ -237,9 +238,14 @@ def lm_loop(
     synchronises gradients and autocast applies. The loss is a mean over the micro-batch; DDP
     averages over ranks and accelerate divides by ``grad_accum``: the mean over the step.
     ``mixed_precision="bf16"``: ``step_fn`` runs under bf16 autocast (weights, gradients and
-    optimizer state stay float32; the loss is computed in float32).
+    optimizer state stay float32; the loss is computed in float32). ``guard``: a
+    :class:`~flextron.train.guard.TrainingGuard` measured at the start and when due (its state goes
+    into the checkpoints; the step's metrics get ``guard_loss``); when it fires it stops the stage
+    (``stop``: raises), warns, or restores the best weights and ends the stage early (``rollback``).
+    The returned summary then has ``guard`` and ``steps_skipped``.
 
     Raises:
+        TrainingError: the guard fired with ``action: stop``.
         ConfigError: the accelerator's gradient accumulation differs from ``grad_accum``.
         ModelError: the checkpoint to resume is corrupt or was written with other settings.
         KeyboardInterrupt: after SIGINT/SIGTERM, once the current step is checkpointed.
@@ -268,6 +274,9 @@ def lm_loop(
     metrics = MetricsLog(run_dir / "metrics.jsonl", enabled=accelerator.is_main_process)
     state = ckpt.resume()
     start = state["step"] if state else 0
+    if guard is not None:
+        guard.load((state or {}).get("guard"))
+        guard.begin(start)
     metrics.truncate(stage, start - 1)
     wrapped = {
         k: accelerator.prepare(m) if any(p.requires_grad for p in m.parameters()) else m for k, m in modules.items()
@@ -300,24 +309,34 @@ def lm_loop(
                 opt.zero_grad(set_to_none=True)
             tokens += batch.numel() * world
         steps_run += 1
-        return {"lr": opt.param_groups[0]["lr"], **rec}
+        rec = {"lr": opt.param_groups[0]["lr"], **rec}
+        if guard is not None and guard.due(step + 1, steps):
+            rec["guard_loss"] = loss = guard.measure(step + 1)
+            if any_rank(accelerator, guard.exceeded(loss)) and guard.act(step + 1, loss):
+                metrics.write(stage=stage, step=step, **rec)  # run_steps would have written it
+                raise _EndStage(step + 1)
+        return rec
 
+    ended = None
     with deferred_interrupt() as interrupt:
-        run_steps(
-            stage=stage,
-            start=start,
-            steps=steps,
-            step_fn=one_step,
-            save=ckpt.save,
-            checkpoint_every=checkpoint_every,
-            interrupt=interrupt,
-            accelerator=accelerator,
-            metrics=metrics,
-            progress=progress,
-            where=f"in {ckpt.root}",
-            postfix=lambda rec: {"loss": f"{rec.get('lm_loss', float('nan')):.3f}"},
-        )
-    return {
+        try:
+            run_steps(
+                stage=stage,
+                start=start,
+                steps=steps,
+                step_fn=one_step,
+                save=lambda s: ckpt.save(s, extra={"guard": guard.state()} if guard is not None else None),
+                checkpoint_every=checkpoint_every,
+                interrupt=interrupt,
+                accelerator=accelerator,
+                metrics=metrics,
+                progress=progress,
+                where=f"in {ckpt.root}",
+                postfix=lambda rec: {"loss": f"{rec.get('lm_loss', float('nan')):.3f}"},
+            )
+        except _EndStage as end:  # the guard rolled back: the stage ends with the best weights
+            ended = end.step
+    summary = {
         "steps": steps,
         "steps_run_now": steps_run,
         "resumed_from": start,
@@ -325,6 +344,17 @@ def lm_loop(
         "processes": world,
         "wall_s": time.time() - t0,
     }
+    if guard is not None:
+        summary["guard"] = guard.summary()
+        summary["steps_skipped"] = steps - ended if ended is not None else 0
+    return summary
+
+
+class _EndStage(Exception):
+    """The guard ended the stage after ``step`` steps (rolled back to the best weights)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
 
 
 def teacher_logits(teacher: torch.nn.Module | None, batch: torch.Tensor, alpha: float) -> torch.Tensor | None:
