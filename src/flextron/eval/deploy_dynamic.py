@@ -8,7 +8,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from flextron.errors import ConfigError
+import torch
+
+from flextron.eval.deploy import fit_prompt
 from flextron.routing.runtime import DynamicRouting
 from flextron.routing.store import MODEL_DIR, load_dynamic
 
@@ -32,14 +34,25 @@ def load_dynamic_run(run_dir: str | Path, dyn_dir: str | Path | None = None):
 
 
 def generate_dynamic(
-    run_dir: str | Path, target: float, prompt: str, *, max_new_tokens: int = 64, dyn_dir: str | Path | None = None
+    run_dir: str | Path,
+    target: float,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    dyn_dir: str | Path | None = None,
+    truncate: bool = False,
 ) -> str:
     """Greedy generation where the prompt chooses its sub-network (``flextron generate --dynamic``);
-    the choice is made at prefill and kept for every decode step (the KV cache stays valid)."""
+    the choice is made at prefill and kept for every decode step (the KV cache stays valid).
+
+    Raises:
+        ConfigError: empty prompt, or one that does not fit the context (:func:`~flextron.eval.deploy.fit_prompt`)."""
     run, router, meta = load_dynamic_run(run_dir, dyn_dir)
     enc = run.tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    if enc["input_ids"].shape[1] == 0:
-        raise ConfigError("the prompt is empty; give some text to continue")
+    ids = fit_prompt(
+        enc["input_ids"], getattr(run.fx.config, "max_position_embeddings", None), max_new_tokens, truncate
+    )
+    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if target >= 1.0:
         out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
     else:

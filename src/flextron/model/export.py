@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from flextron.config import RunConfig
-from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError
-from flextron.files import atomic_write_dir, check_format, file_hashes, verify_hashes
+from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError, UnsupportedModelError
+from flextron.files import atomic_write_dir, check_format, file_hashes, remove_stale_temps, verify_hashes
 from flextron.model.elastic import ElasticModel, convert, elastic_config_from_metadata
-from flextron.model.families import adapter_for
+from flextron.model.families import adapter_for, supported_model_types
 from flextron.model.space import ArchConfig
 from flextron.version import CHECKPOINT_FORMAT, CHECKPOINT_FORMATS_READ
 
@@ -123,6 +123,14 @@ def export_subnetwork(fx: ElasticModel, arch: ArchConfig | None = None):
     if cfg is not None:
         model_cls = type(fx.model)
     else:
+        if arch.is_homogeneous:
+            log.warning(
+                "%s rejects %d query heads at hidden size %d (it requires hidden_size %% num_attention_heads == 0 "
+                "although head_dim is explicit); the export loads with trust_remote_code=True",
+                type(base).__name__,
+                fx.space.num_key_value_heads * arch.heads[0],
+                base.hidden_size,
+            )
         from flextron.model.hf_modeling import FlextronConfig, FlextronForCausalLM
 
         G = fx.space.num_key_value_heads
@@ -155,6 +163,11 @@ def subnetwork_arch(model: nn.Module) -> ArchConfig:
 
 # -- atomic directory writes ------------------------------------------------------------------
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    for p in (out_dir, *out_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise OutputExistsError(
+                f"{p} is a file, so {out_dir} cannot be written as a directory; choose a path that is not under a file"
+            )
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(
             f"{out_dir} already exists and is not empty; nothing was written. "
@@ -165,6 +178,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def _atomic_write(out_dir, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Refuse a non-empty ``out_dir`` unless ``overwrite``, then :func:`atomic_write_dir`."""
     out_dir = Path(out_dir).expanduser().resolve()
+    remove_stale_temps(out_dir.parent, out_dir.name)  # also when the write is refused below
     _check_out_dir(out_dir, overwrite)
     return atomic_write_dir(out_dir, write)
 
@@ -376,6 +390,7 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
     if path.is_file():
         raise ModelError(f"{path} is a file but not a .gguf model; give a Hugging Face directory or a .gguf file")
     _require_hf_dir(path, "model path")
+    _check_model_type(path / "config.json")
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception as e:
@@ -395,6 +410,43 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
                 f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); fix or remove its tokenizer files"
             ) from None
     return model, tokenizer
+
+
+def _check_model_type(config_json: Path) -> None:
+    """Refuse a ``config.json`` whose ``model_type`` has no adapter before transformers reads it
+    (its own error for an unknown type lists every type it knows, in one very long line).
+
+    Raises:
+        UnsupportedModelError: names the type and the supported families.
+    """
+    try:
+        mt = json.loads(config_json.read_text()).get("model_type")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return  # unreadable: transformers' reader reports it
+    if isinstance(mt, str) and mt not in supported_model_types():
+        raise UnsupportedModelError(
+            f"{config_json}: model_type {mt!r} is not supported; flextron supports: "
+            f"{', '.join(supported_model_types())}"
+        )
+
+
+def source_dtype(cfg: RunConfig) -> tuple[str, str]:
+    """``(dtype name, where it came from)`` of the run's source model: the ``dtype`` (or
+    ``torch_dtype``) its ``config.json`` records, when it is float32, bfloat16 or float16; else
+    ``float32`` (the embedded SmolLM2 and GGUF files are converted to float32; a source that has
+    moved is unknown)."""
+    src = Path(cfg.model.source).expanduser()
+    if cfg.model.source == "smollm2" or src.is_file():
+        return "float32", "source model (converted from GGUF to float32)"
+    cj = src / "config.json"
+    try:
+        d = json.loads(cj.read_text())
+        found = d.get("dtype") or d.get("torch_dtype")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return "float32", "default: the source model's dtype is unknown"
+    if found in ("float32", "bfloat16", "float16"):
+        return found, "source model"
+    return "float32", "default: the source model records no dtype"
 
 
 def model_source(cfg: RunConfig) -> Path:
