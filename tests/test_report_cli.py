@@ -265,7 +265,9 @@ def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
         pipeline, "run", lambda cfg, overwrite=False: calls.append(("run", cfg.name, overwrite)) or tmp_path / cfg.name
     )
     monkeypatch.setattr(
-        deploy, "export_target", lambda run, t, out, overwrite=False, **kw: calls.append(("export", t, overwrite)) or out
+        deploy,
+        "export_target",
+        lambda run, t, out, overwrite=False, **kw: calls.append(("export", t, overwrite)) or out,
     )
     monkeypatch.setattr(
         pipeline,

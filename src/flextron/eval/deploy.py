@@ -19,7 +19,7 @@ import torch
 from flextron.config import RunConfig, load_config
 from flextron.cost.table import CostTable
 from flextron.errors import ConfigError, ModelError, OutputExistsError
-from flextron.files import atomic_write_json, check_format
+from flextron.files import atomic_write_json, check_format, remove_stale_temps
 from flextron.model.elastic import ElasticModel
 from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork, source_dtype
 from flextron.routing.deploy import TargetRouter
@@ -97,10 +97,11 @@ def is_run_dir(path: str | Path) -> bool:
     return (p / "config.yaml").is_file() and ((p / "stages.json").is_file() or (p / RUN_INFO_FILE).is_file())
 
 
-def check_export_path(run_dir: str | Path, out_dir: str | Path) -> None:
+def check_export_path(run_dir: str | Path, out_dir: str | Path, *, search: bool = True) -> None:
     """Refuse an export destination that would replace or delete a run: ``out_dir`` is, contains or
     lies inside ``run_dir`` or any flextron run directory (:func:`is_run_dir`); or a part of its path
-    is an existing file.
+    is an existing file. ``search``: look through an existing ``out_dir`` for run directories (only
+    needed when it is to be replaced: a non-empty one is refused otherwise).
 
     Raises:
         OutputExistsError: one line naming the run directory and the fix.
@@ -119,7 +120,7 @@ def check_export_path(run_dir: str | Path, out_dir: str | Path) -> None:
             )
         if is_run_dir(p):
             raise OutputExistsError(f"--out {out_dir} is or lies inside the flextron run directory {p}; {fix}")
-    if out.is_dir():
+    if search and out.is_dir():
         for root, dirs, _files in os.walk(out):
             if is_run_dir(root):
                 raise OutputExistsError(f"--out {out_dir} contains the flextron run directory {root}; {fix}")
@@ -223,7 +224,8 @@ def export_target(
             contains or lies inside a run directory (:func:`check_export_path`).
     """
     out_dir = Path(out_dir)
-    check_export_path(run_dir, out_dir)
+    check_export_path(run_dir, out_dir, search=overwrite)
+    remove_stale_temps(out_dir.parent, out_dir.name)  # left by a killed export to the same place
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(
             f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another path"

@@ -228,12 +228,11 @@ def merge_results(old: dict | None, new: dict) -> dict:
     if not old:
         rows = [_with_task_protocols(r) for r in new.get("rows", [])]
         return {**new, "rows": rows}
-    merged = {_row_key(r): r for r in old.get("rows", []) if isinstance(r, dict)}
+    merged = {_row_key(r): _with_task_protocols(r) for r in old.get("rows", []) if isinstance(r, dict)}
     for row in new.get("rows", []):
         row = _with_task_protocols(row)
         prev = merged.get(_row_key(row))
         if isinstance(prev, dict) and isinstance(prev.get("tasks"), dict) and prev["tasks"]:
-            prev = _with_task_protocols(prev)
             row = {
                 **row,
                 "tasks": {**prev["tasks"], **(row.get("tasks") or {})},

@@ -303,7 +303,10 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
     path = Path(path).expanduser()
     _require_hf_dir(path, "elastic checkpoint")
     meta_file = path / ELASTIC_INFO_FILE
-    fix = f"save it again with flextron.model.export.save_elastic (or delete {path} and rerun the stage)"
+    fix = (
+        f"save it again with flextron.model.export.save_elastic, or, in a run directory, delete {path} and rerun "
+        "`flextron run` on the run's config (the stage that writes it runs again)"
+    )
     if not meta_file.is_file():
         raise ModelError(f"{meta_file} is missing; {path} is not a flextron elastic checkpoint ({fix})")
     corrupt = (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError)
