@@ -634,3 +634,16 @@ def test_fuzz_stale_temps(tmp_path_factory, entries, name):
     removed = {p.name for p in remove_stale_temps(folder, name)}
     assert removed == expect_gone
     assert {p.name for p in folder.iterdir()} == before - expect_gone
+
+
+def test_paths_under_a_file_get_one_line(finished, tmp_path):
+    (tmp_path / "afile").write_text("x")
+    cfg = yaml.safe_load(finished["cfg"].read_text())
+    for out_dir in (tmp_path / "afile", tmp_path / "afile" / "deeper"):
+        path = tmp_path / "c.yaml"
+        path.write_text(yaml.safe_dump({**cfg, "out_dir": str(out_dir)}))
+        code, _, err = _cli(["run", str(path), "-q"])
+        _error_line(code, err, "afile is a file", "not under a file")
+    for dest in (tmp_path / "afile" / "d", tmp_path / "afile" / "d" / "e"):  # routers, weights, files
+        with pytest.raises(OutputExistsError, match="afile is a file"):
+            atomic_write_dir(dest, lambda tmp: None)

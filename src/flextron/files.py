@@ -25,7 +25,7 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from flextron.errors import ModelError
+from flextron.errors import ModelError, OutputExistsError
 from flextron.version import __version__
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,27 @@ def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
     return removed
 
 
+def check_not_under_file(path: Path) -> None:
+    """Refuse a destination ``path`` when it or a folder on its way is an existing file (instead of
+    ``[Errno 17] File exists`` or ``[Errno 20] Not a directory`` from the write).
+
+    Raises:
+        OutputExistsError: names the file.
+    """
+    path = Path(path).expanduser().absolute()
+    for p in (path.parent, *path.parent.parents):
+        if p.exists() and not p.is_dir():
+            raise OutputExistsError(
+                f"{p} is a file, so {path} cannot be written; choose a path that is not under a file"
+            )
+
+
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then ``os.replace`` it onto ``path``
     (atomic on POSIX); the parent folder is created, and the temporary file removed if the write
     fails. Leftovers of earlier, killed writes to ``path`` are removed first (:func:`remove_stale_temps`)."""
     path = Path(path)
+    check_not_under_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
@@ -112,6 +128,7 @@ def atomic_write_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
     every moment absent, the old complete directory or the new complete one. Leftovers of earlier,
     killed writes to ``out_dir`` are removed first (:func:`remove_stale_temps`)."""
     out_dir = Path(out_dir)
+    check_not_under_file(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(out_dir.parent, out_dir.name)
     pid = os.getpid()

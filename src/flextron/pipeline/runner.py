@@ -28,7 +28,7 @@ from flextron.data.inputs import make_inputs
 from flextron.errors import FlextronError, OutputExistsError
 from flextron.eval.deploy import RUN_INFO_FILE, check_run_format, finished_stages, set_threads, write_run_format
 from flextron.eval.static import evaluate_targets
-from flextron.files import atomic_write_json, atomic_write_text, remove_stale_temps
+from flextron.files import atomic_write_json, atomic_write_text, check_not_under_file, remove_stale_temps
 from flextron.model.export import load_original
 from flextron.pipeline.dynamic import stage_dynamic
 from flextron.pipeline.stages import stage_elastic, stage_joint, stage_latency, stage_rank, stage_routers
@@ -148,6 +148,7 @@ def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
     run_dir = cfg.run_dir
     text = dump_config(cfg)
     saved = run_dir / "config.yaml"
+    check_not_under_file(saved)  # out_dir/name under a file: one line, not [Errno 17]
     for folder in (run_dir, run_dir / "exported", run_dir / "dynamic"):
         remove_stale_temps(folder)  # left by a process killed while writing
     if run_dir.exists() and any(run_dir.iterdir()):
