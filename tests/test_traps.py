@@ -647,3 +647,23 @@ def test_paths_under_a_file_get_one_line(finished, tmp_path):
     for dest in (tmp_path / "afile" / "d", tmp_path / "afile" / "d" / "e"):  # routers, weights, files
         with pytest.raises(OutputExistsError, match="afile is a file"):
             atomic_write_dir(dest, lambda tmp: None)
+
+
+def test_advice_about_tokenizer_files_works(tmp_path):
+    """A corrupt tokenizer: 'replace its tokenizer files with the model's own' (done: the run
+    starts); none at all: one line saying a run needs them (before: a traceback)."""
+    cfg = write_tiny_run(tmp_path)
+    model = tmp_path / "model"
+    good = (model / "tokenizer.json").read_bytes()
+    (model / "tokenizer.json").write_text("{not json")
+    code, _, err = _cli(["run", str(cfg), "-q"])
+    _error_line(code, err, "cannot read the tokenizer", "replace its tokenizer files")
+    saved = {p.name: p.read_bytes() for p in model.glob("tokenizer*")}
+    for name in saved:
+        (model / name).unlink()
+    code, _, err = _cli(["run", str(cfg), "-q"])
+    _error_line(code, err, "has no tokenizer files", "copy them")
+    for name, data in saved.items():
+        (model / name).write_bytes(good if name == "tokenizer.json" else data)
+    code, _, err = _cli(["run", str(cfg), "-q"])  # the run directory finished nothing: no --overwrite needed
+    assert code == 0, err

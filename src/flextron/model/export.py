@@ -410,7 +410,8 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as e:
             raise ModelError(
-                f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); fix or remove its tokenizer files"
+                f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); "
+                "replace its tokenizer files with the model's own"
             ) from None
     return model, tokenizer
 
@@ -461,4 +462,15 @@ def model_source(cfg: RunConfig) -> Path:
 
 
 def load_original(cfg: RunConfig):
-    return load_hf_model(model_source(cfg))
+    """The run's source model and tokenizer (:func:`load_hf_model`).
+
+    Raises:
+        ModelError: as :func:`load_hf_model`, or the source has no tokenizer (a run needs one)."""
+    path = model_source(cfg)
+    model, tok = load_hf_model(path)
+    if tok is None:
+        raise ModelError(
+            f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); a run needs the model's tokenizer: "
+            "copy them from the model's release into that directory"
+        )
+    return model, tok
