@@ -693,3 +693,26 @@ def test_advice_about_a_corrupt_asset_works(tmp_path, monkeypatch):
         load_wikipedia(cache)
     shutil.rmtree(_advice_path(str(e.value), r"delete (\S+) and run again"))
     assert [d.title for d in load_wikipedia(cache)] == ["A"]
+
+
+def test_dynamic_rows_of_other_targets_are_kept(tmp_path):
+    from flextron.eval.dynamic import append_dynamic_rows
+
+    rows = [
+        {"target": 0.6, "mode": "static", "perplexity": 1.0},
+        {"target": 0.6, "mode": "dynamic", "perplexity": 2.0},
+        {"target": 0.85, "mode": "dynamic", "perplexity": 3.0},
+    ]
+    (tmp_path / "results.json").write_text(json.dumps({"rows": rows}))
+    new = {
+        "target": 0.6,
+        "predicted_fraction": 0.58,
+        "perplexity": 4.0,
+        "perplexity_ci": [3.5, 4.5],
+        "per_domain": {"wikipedia": {"mean_fraction": 0.5}},
+    }
+    append_dynamic_rows(tmp_path, {"dynamic": [new]})
+    got = {
+        (r["mode"], r["target"]): r["perplexity"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]
+    }
+    assert got == {("static", 0.6): 1.0, ("dynamic", 0.6): 4.0, ("dynamic", 0.85): 3.0}
