@@ -266,10 +266,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """State how many cases the fuzz tests (tests/test_untrusted.py) tried."""
+    """State how many cases the fuzz tests (tests/test_untrusted.py, tests/test_traps.py) tried."""
     import sys
+    from collections import Counter
 
-    fuzz = sys.modules.get("test_untrusted")
-    if fuzz is not None and fuzz.CASES:
-        parts = ", ".join(f"{name}: {n}" for name, n in sorted(fuzz.CASES.items()))
-        terminalreporter.write_line(f"fuzz cases tried: {sum(fuzz.CASES.values())} ({parts})")
+    cases: Counter = Counter()
+    for name in ("test_untrusted", "test_traps"):
+        cases.update(getattr(sys.modules.get(name), "CASES", None) or {})
+    if cases:
+        parts = ", ".join(f"{name}: {n}" for name, n in sorted(cases.items()))
+        terminalreporter.write_line(f"fuzz cases tried: {sum(cases.values())} ({parts})")

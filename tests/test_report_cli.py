@@ -265,7 +265,9 @@ def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
         pipeline, "run", lambda cfg, overwrite=False: calls.append(("run", cfg.name, overwrite)) or tmp_path / cfg.name
     )
     monkeypatch.setattr(
-        deploy, "export_target", lambda run, t, out, overwrite=False: calls.append(("export", t, overwrite)) or out
+        deploy,
+        "export_target",
+        lambda run, t, out, overwrite=False, **kw: calls.append(("export", t, overwrite)) or out,
     )
     monkeypatch.setattr(
         pipeline,
@@ -282,7 +284,7 @@ def test_cli_calls_pipeline(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(
         deploy,
         "generate_text",
-        lambda run, t, prompt, max_new_tokens=64: calls.append(("gen", t, max_new_tokens)) or " there was",
+        lambda run, t, prompt, max_new_tokens=64, **kw: calls.append(("gen", t, max_new_tokens)) or " there was",
     )
     cfg = tmp_path / "c.yaml"
     cfg.write_text("name: demo\n")

@@ -11,6 +11,7 @@ imported inside the command functions so ``--help`` and argument errors stay fas
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -111,8 +112,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from flextron.eval.deploy import export_target
 
-    out = export_target(Path(args.run), args.target, Path(args.out), overwrite=args.overwrite)
+    out = export_target(Path(args.run), args.target, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
     print(f"exported target {args.target:g} to {out}")
+    try:
+        info = json.loads((Path(out) / "flextron_subnetwork.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    if info.get("dtype"):
+        print(f"dtype: {info['dtype']} ({info.get('dtype_from')}; --dtype float32|bfloat16|float16 to choose)")
+    if info.get("heterogeneous"):
+        print(
+            "load it with AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True) (it ships hf_modeling.py)"
+        )
     return 0
 
 
@@ -150,6 +161,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         run_dir, args.targets, tasks=args.tasks, limit=args.limit, num_fewshot=args.num_fewshot
     )
     for row in results.get("rows", []) if isinstance(results, dict) else []:
+        if row.get("mode", "static") != "static" or (args.targets and row.get("target") not in args.targets):
+            continue  # rows kept from earlier evaluations
         ppl, lat = row.get("perplexity"), row.get("latency_s")
         print(
             f"target {row.get('target', float('nan')):g}: perplexity "
@@ -159,6 +172,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for name, res in (row.get("tasks") or {}).items():
             shown = ", ".join(f"{k} {v:.4g}" for k, v in res.items() if k != "n" and not k.endswith("_stderr"))
             print(f"  {name}: {shown} ({res.get('n')} items)")
+    print(f"results: {run_dir / 'results.json'} (rows of other targets and earlier evaluations kept)")
     print(f"report: {run_dir / 'report.md'}")
     return 0
 
@@ -170,10 +184,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from flextron.eval.deploy_dynamic import generate_dynamic
 
         text = generate_dynamic(
-            Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens, dyn_dir=args.dynamic_dir
+            Path(args.run),
+            args.target,
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            dyn_dir=args.dynamic_dir,
+            truncate=args.truncate,
         )
     else:
-        text = generate_text(Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens)
+        text = generate_text(
+            Path(args.run), args.target, args.prompt, max_new_tokens=args.max_new_tokens, truncate=args.truncate
+        )
     print(args.prompt + text)  # the prompt, then its continuation
     return 0
 
@@ -258,10 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     e.add_argument("--target", type=parse_target, required=True, help="latency target in (0, 1], e.g. 0.6")
     e.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    e.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    e.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a non-empty output directory (never a run directory, nor one that contains or holds a run)",
+    )
+    e.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default=None,
+        help="dtype of the saved weights (default: the source model's dtype, float32 when unknown)",
+    )
     e.set_defaults(func=cmd_export)
 
-    v = sub.add_parser("eval", parents=[common], help="re-evaluate a run; rewrites results.json and report.md")
+    v = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="re-evaluate a run; updates its rows of results.json (keeping the others) and rewrites report.md",
+    )
     v.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
     v.add_argument(
         "--targets",
@@ -328,6 +363,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--dynamic", action="store_true", help="let the prompt choose its sub-network (dynamic router, RUN/dynamic)"
     )
     g.add_argument("--dynamic-dir", default=None, metavar="DIR", help="dynamic router directory (default RUN/dynamic)")
+    g.add_argument(
+        "--truncate",
+        action="store_true",
+        help="keep only the last tokens of a prompt longer than the context (max_position_embeddings minus "
+        "--max-new-tokens); without it such a prompt is refused",
+    )
     g.add_argument("prompt", metavar="PROMPT", help="text to continue")
     g.set_defaults(func=cmd_generate)
 

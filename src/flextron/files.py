@@ -1,6 +1,13 @@
 """Persistence that survives interruptions and refuses bad files (base layer): atomic writes of
 text, JSON and whole folders (temporary sibling + rename), sha256 of files and manifests, and shape
 checks of safetensors against a module; the format check of versioned files (:func:`check_format`).
+
+Temporary siblings carry the writer's process id (``.NAME-tmp-PID-XXXXXXXX``,
+``.NAME-old-PID-XXXXXXXX``, ``.NAME.tmpPID``, ``.trash_NAME_PID``). A process killed during a write
+(``kill -9``) leaves one behind; the next write to the same destination removes the leftovers of
+writers that are no longer alive (:func:`remove_stale_temps`), and so does the start of a run for
+its run directory. Writes to one destination are never concurrent in flextron, but a leftover of
+a live process is kept all the same.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,18 +25,84 @@ from typing import Callable
 import torch
 from safetensors import SafetensorError, safe_open
 
-from flextron.errors import ModelError
+from flextron.errors import ModelError, OutputExistsError
 from flextron.version import __version__
 
 log = logging.getLogger(__name__)
 
 
+# the temporary names of the writers below; group "pid" is the writer's process id (absent in
+# directories written by flextron 0.2.0 and earlier, which are then always stale)
+_TEMP_PATTERNS = (
+    r"\.(?P<name>.+)-(?:tmp|old)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}",
+    r"\.(?P<name>.+)\.tmp(?P<pid>\d+)",
+    r"\.trash_(?P<name>.+)_(?P<pid>\d+)",
+)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (on this machine)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except PermissionError:  # exists, owned by another user
+        return True
+    except (ProcessLookupError, OverflowError):
+        return False
+    return True
+
+
+def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
+    """Delete the temporary siblings that a killed writer left in ``folder`` (of the destination
+    ``name`` only, or of every destination when ``name`` is None): those whose writer process is
+    no longer alive. Returns what was removed (nothing when ``folder`` does not exist)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for entry in folder.iterdir():
+        if not entry.name.startswith("."):
+            continue
+        for pat in _TEMP_PATTERNS:
+            m = re.fullmatch(pat, entry.name)
+            if m is None or (name is not None and m["name"] != name):
+                continue
+            if m["pid"] is not None and _alive(int(m["pid"])):
+                break
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            log.info("removed %s, left by an interrupted write", entry)
+            removed.append(entry)
+            break
+    return removed
+
+
+def check_not_under_file(path: Path) -> None:
+    """Refuse a destination ``path`` when it or a folder on its way is an existing file (instead of
+    ``[Errno 17] File exists`` or ``[Errno 20] Not a directory`` from the write).
+
+    Raises:
+        OutputExistsError: names the file.
+    """
+    path = Path(path).expanduser().absolute()
+    for p in (path.parent, *path.parent.parents):
+        if p.exists() and not p.is_dir():
+            raise OutputExistsError(
+                f"{p} is a file, so {path} cannot be written; choose a path that is not under a file"
+            )
+
+
 def atomic_write_file(path: Path, write: Callable[[Path], None]) -> Path:
     """Call ``write(tmp)`` on a temporary sibling of ``path``, then ``os.replace`` it onto ``path``
     (atomic on POSIX); the parent folder is created, and the temporary file removed if the write
-    fails."""
+    fails. Leftovers of earlier, killed writes to ``path`` are removed first (:func:`remove_stale_temps`)."""
     path = Path(path)
+    check_not_under_file(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path.parent, path.name)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -51,10 +125,14 @@ def atomic_write_json(path: Path, obj) -> Path:
 def atomic_write_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
     """Run ``write(tmp)`` in a temporary sibling of ``out_dir``, then rename it into place. An
     existing ``out_dir`` is moved aside first and deleted after the swap, so ``out_dir`` is at
-    every moment absent, the old complete directory or the new complete one."""
+    every moment absent, the old complete directory or the new complete one. Leftovers of earlier,
+    killed writes to ``out_dir`` are removed first (:func:`remove_stale_temps`)."""
     out_dir = Path(out_dir)
+    check_not_under_file(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-tmp-"))
+    remove_stale_temps(out_dir.parent, out_dir.name)
+    pid = os.getpid()
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-tmp-{pid}-"))
     old = None
     try:
         write(tmp)
@@ -63,7 +141,7 @@ def atomic_write_dir(out_dir: Path, write: Callable[[Path], None]) -> Path:
             if out_dir.is_dir() and not any(out_dir.iterdir()):
                 out_dir.rmdir()
             else:
-                old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-"))
+                old = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-old-{pid}-"))
                 os.replace(out_dir, old / "x")
         os.replace(tmp, out_dir)
     finally:

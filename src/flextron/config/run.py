@@ -140,7 +140,8 @@ def load_config(path: str | Path) -> RunConfig:
     """Read a YAML run config.
 
     Raises:
-        ConfigError: the file is missing, not valid YAML, or a key/value is invalid.
+        ConfigError: the file is missing, empty (no YAML document, e.g. only comments), not valid
+            YAML, or a key/value is invalid.
     """
     p = Path(path)
     if not p.is_file():
@@ -151,6 +152,11 @@ def load_config(path: str | Path) -> RunConfig:
         mark = getattr(e, "problem_mark", None)
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
+    if data is None:
+        raise ConfigError(
+            f"config file {p} is empty; start from configs/smollm2.yaml (the demo) or give at least "
+            "`name:` and `model: {source: ...}` (missing keys take their defaults)"
+        )
     return from_dict(RunConfig, data)
 
 

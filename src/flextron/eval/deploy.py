@@ -2,13 +2,15 @@
 router, lookup table and tokenizer (:func:`load_run`); export of a target's sub-model
 (:func:`export_target`) and greedy generation at a target (:func:`generate_text`). Also reads the
 run directory's stage record (``stages.json``) and writes and checks its format
-(``flextron_run.json``: :func:`write_run_format`, :func:`check_run_format`).
+(``flextron_run.json``: :func:`write_run_format`, :func:`check_run_format`); recognises run
+directories (:func:`is_run_dir`) so that no export replaces one (:func:`check_export_path`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +20,9 @@ from flextron.config import RunConfig, load_config
 from flextron.cost.table import CostTable
 from flextron.data.bos import NO_BOS, encode_text, resolve_bos_policy
 from flextron.errors import ConfigError, ModelError, OutputExistsError
-from flextron.files import atomic_write_json, check_format
+from flextron.files import atomic_write_json, check_format, remove_stale_temps
 from flextron.model.elastic import ElasticModel
-from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork
+from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork, source_dtype
 from flextron.routing.deploy import TargetRouter
 from flextron.routing.store import load_routers
 from flextron.version import RUN_FORMAT, RUN_FORMATS_READ, __version__
@@ -89,6 +91,75 @@ def check_run_format(run_dir: str | Path) -> None:
     )
 
 
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a flextron run directory: it holds ``config.yaml`` and ``stages.json``
+    or ``flextron_run.json``."""
+    p = Path(path)
+    return (p / "config.yaml").is_file() and ((p / "stages.json").is_file() or (p / RUN_INFO_FILE).is_file())
+
+
+def check_export_path(run_dir: str | Path, out_dir: str | Path, *, search: bool = True) -> None:
+    """Refuse an export destination that would replace or delete a run: ``out_dir`` is, contains or
+    lies inside ``run_dir`` or any flextron run directory (:func:`is_run_dir`); or a part of its path
+    is an existing file. ``search``: look through an existing ``out_dir`` for run directories (only
+    needed when it is to be replaced: a non-empty one is refused otherwise).
+
+    Raises:
+        OutputExistsError: one line naming the run directory and the fix.
+    """
+    run = Path(run_dir).expanduser().resolve()
+    out = Path(out_dir).expanduser().resolve()
+    fix = "choose an --out outside every run directory, e.g. exports/<name>"
+    if out == run or run in out.parents:
+        raise OutputExistsError(f"--out {out_dir} is the run directory {run_dir} or lies inside it; {fix}")
+    if out in run.parents:
+        raise OutputExistsError(f"--out {out_dir} contains the run directory {run_dir}; {fix}")
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            raise OutputExistsError(
+                f"{p} is a file, so --out {out_dir} cannot be a directory; choose an --out that is not under a file"
+            )
+        if is_run_dir(p):
+            raise OutputExistsError(f"--out {out_dir} is or lies inside the flextron run directory {p}; {fix}")
+    if search and out.is_dir():
+        for root, dirs, _files in os.walk(out):
+            if is_run_dir(root):
+                raise OutputExistsError(f"--out {out_dir} contains the flextron run directory {root}; {fix}")
+            dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(root, d))]
+
+
+def fit_prompt(input_ids: torch.Tensor, max_positions: int | None, max_new_tokens: int, truncate: bool) -> torch.Tensor:
+    """``input_ids`` (1, n) checked against the model's context: the prompt and ``max_new_tokens``
+    must fit in ``max_positions`` (``max_position_embeddings``; None: no limit). With ``truncate`` a
+    longer prompt keeps its last tokens (a warning says how many were dropped).
+
+    Raises:
+        ConfigError: the prompt is empty, or too long without ``truncate`` (names the limit), or
+            ``max_new_tokens`` alone fills the context.
+    """
+    n = input_ids.shape[1]
+    if n == 0:
+        raise ConfigError("the prompt is empty; give some text to continue")
+    if not max_positions:
+        return input_ids
+    room = int(max_positions) - max_new_tokens
+    if room < 1:
+        raise ConfigError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for the prompt in the model's context of "
+            f"{max_positions} tokens; choose at most {int(max_positions) - 1}"
+        )
+    if n <= room:
+        return input_ids
+    if not truncate:
+        raise ConfigError(
+            f"the prompt is {n} tokens but at most {room} fit (context {max_positions} tokens minus "
+            f"--max-new-tokens {max_new_tokens}); shorten it, lower --max-new-tokens, or pass --truncate "
+            f"to keep its last {room} tokens"
+        )
+    log.warning("the prompt is %d tokens; only its last %d are used (--truncate)", n, room)
+    return input_ids[:, n - room :]
+
+
 def set_threads(cfg: RunConfig) -> None:
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
@@ -125,6 +196,12 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         raise ModelError(
             f"run {run_dir} has not finished training (stage 'joint' missing); rerun `flextron run` to resume it"
         )
+    for need in ("final", "final_routers", "latency_table.json"):
+        if not (run_dir / need).exists():
+            raise ModelError(
+                f"{run_dir / need} does not exist; rerun `flextron run {run_dir / 'config.yaml'}` "
+                "to recompute it (the stage that writes it and the later ones run again)"
+            )
     fx = load_elastic(run_dir / "final")
     table = CostTable.load(run_dir / "latency_table.json")
     router, sm = load_routers(run_dir / "final_routers", cfg, fx)
@@ -136,41 +213,68 @@ def load_run(run_dir: str | Path) -> LoadedRun:
 
 
 def export_target(
-    run_dir: str | Path, target: float, out_dir: str | Path, *, overwrite: bool = False, _run: LoadedRun | None = None
+    run_dir: str | Path, target: float, out_dir: str | Path, *, overwrite: bool = False, dtype: str | None = None
 ) -> Path:
     """Export the sub-model for ``target`` as a checkpoint ``AutoModelForCausalLM`` loads
-    (homogeneous: a plain config; per-layer: with ``trust_remote_code=True``).
+    (homogeneous: a plain config where the family's config class accepts it; per-layer: with
+    ``trust_remote_code=True``), in ``dtype`` (``float32``, ``bfloat16`` or ``float16``; default:
+    the source model's dtype, :func:`~flextron.model.export.source_dtype`).
 
     Raises:
-        TargetError: target out of range; OutputExistsError: ``out_dir`` is not empty.
+        TargetError: target out of range; OutputExistsError: ``out_dir`` is not empty, or is,
+            contains or lies inside a run directory (:func:`check_export_path`).
     """
     out_dir = Path(out_dir)
+    check_export_path(run_dir, out_dir, search=overwrite)
+    remove_stale_temps(out_dir.parent, out_dir.name)  # left by a killed export to the same place
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise OutputExistsError(
             f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another path"
         )
-    run = _run or load_run(run_dir)
+    run = load_run(run_dir)
+    return save_target(run, target, out_dir, overwrite=overwrite, dtype=dtype)
+
+
+def save_target(run: LoadedRun, target: float, out_dir: str | Path, *, overwrite: bool = False, dtype=None) -> Path:
+    """Write the sub-model of ``run`` at ``target`` to ``out_dir`` (no check of the destination
+    against run directories: :func:`export_target` does that). ``flextron_subnetwork.json``
+    records ``dtype`` and where it came from (``dtype_from``)."""
+    if dtype is None:
+        dtype, dtype_from = source_dtype(run.cfg)
+    else:
+        dtype_from = "asked for"
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ConfigError(f"dtype {dtype!r} is not supported; choose float32, bfloat16 or float16")
     arch = run.fx.set_target(target)
-    sub = export_subnetwork(run.fx, arch)
+    sub = export_subnetwork(run.fx, arch).to(getattr(torch, dtype))
     meta = {
         "target": target,
         "config": arch.to_dict(),
         "params": run.fx.space.num_parameters(arch),
         "predicted_latency_s": run.table.predict(arch),
         "predicted_fraction": run.table.fraction(arch),
+        "dtype": dtype,
+        "dtype_from": dtype_from,
     }
     run.fx.set_arch(None)
     return save_subnetwork(sub, out_dir, tokenizer=run.tokenizer, metadata=meta, overwrite=overwrite)
 
 
-def generate_text(run_dir: str | Path, target: float, prompt: str, *, max_new_tokens: int = 64) -> str:
-    """Greedy generation with the routed sub-network for ``target``; returns the new text."""
+def generate_text(
+    run_dir: str | Path, target: float, prompt: str, *, max_new_tokens: int = 64, truncate: bool = False
+) -> str:
+    """Greedy generation with the routed sub-network for ``target``; returns the new text.
+
+    Raises:
+        ConfigError: empty prompt, or one that does not fit the context (:func:`fit_prompt`)."""
     run = load_run(run_dir)
     run.fx.set_target(target)
-    text_ids = encode_text(run.tokenizer, prompt, NO_BOS)
-    if not text_ids:
-        raise ConfigError("the prompt is empty; give some text to continue")
-    ids = torch.tensor([resolve_bos_policy(run.tokenizer).prepend(text_ids)])  # BOS: as the tokenizer declares
-    enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
-    out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-    return run.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+    bos = resolve_bos_policy(run.tokenizer)  # BOS: as the tokenizer declares, kept by --truncate
+    limit = getattr(run.fx.config, "max_position_embeddings", None)
+    text = torch.tensor([encode_text(run.tokenizer, prompt, NO_BOS)], dtype=torch.long)  # (1, n)
+    text = fit_prompt(text, None if limit is None else limit - int(bos.add_bos), max_new_tokens, truncate)
+    ids = torch.tensor([bos.prepend(text[0].tolist())])
+    out = run.fx.generate(
+        input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
+    )
+    return run.tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)

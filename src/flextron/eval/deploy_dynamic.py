@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from flextron.data.bos import NO_BOS, encode_text, resolve_bos_policy
-from flextron.errors import ConfigError
+from flextron.eval.deploy import fit_prompt
 from flextron.routing.runtime import DynamicRouting
 from flextron.routing.store import MODEL_DIR, load_dynamic
 
@@ -35,15 +35,25 @@ def load_dynamic_run(run_dir: str | Path, dyn_dir: str | Path | None = None):
 
 
 def generate_dynamic(
-    run_dir: str | Path, target: float, prompt: str, *, max_new_tokens: int = 64, dyn_dir: str | Path | None = None
+    run_dir: str | Path,
+    target: float,
+    prompt: str,
+    *,
+    max_new_tokens: int = 64,
+    dyn_dir: str | Path | None = None,
+    truncate: bool = False,
 ) -> str:
     """Greedy generation where the prompt chooses its sub-network (``flextron generate --dynamic``);
-    the choice is made at prefill and kept for every decode step (the KV cache stays valid)."""
+    the choice is made at prefill and kept for every decode step (the KV cache stays valid).
+
+    Raises:
+        ConfigError: empty prompt, or one that does not fit the context (:func:`~flextron.eval.deploy.fit_prompt`)."""
     run, router, meta = load_dynamic_run(run_dir, dyn_dir)
-    text_ids = encode_text(run.tokenizer, prompt, NO_BOS)
-    if not text_ids:
-        raise ConfigError("the prompt is empty; give some text to continue")
-    ids = torch.tensor([resolve_bos_policy(run.tokenizer).prepend(text_ids)])  # BOS: as the tokenizer declares
+    bos = resolve_bos_policy(run.tokenizer)  # BOS: as the tokenizer declares, kept by --truncate
+    limit = getattr(run.fx.config, "max_position_embeddings", None)
+    text = torch.tensor([encode_text(run.tokenizer, prompt, NO_BOS)], dtype=torch.long)  # (1, n)
+    text = fit_prompt(text, None if limit is None else limit - int(bos.add_bos), max_new_tokens, truncate)
+    ids = torch.tensor([bos.prepend(text[0].tolist())])
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if target >= 1.0:
         out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)

@@ -3,11 +3,13 @@
 For each target: the routed configuration, parameters, timed against predicted latency, held-out and
 out-of-domain perplexity after and before training, the homogeneous configurations of nearest and
 of interpolated equal predicted latency, decode speed and downstream tasks; a sub-model exported,
-reloaded with plain transformers and timed. Writes ``results.json`` (the report reads it).
+reloaded with plain transformers and timed. Writes ``results.json`` (the report reads it): a
+re-evaluation updates the rows it measures and keeps the others (:func:`merge_results`).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import platform
@@ -23,7 +25,7 @@ from flextron.cost.table import CostTable
 from flextron.cost.timing import paired_ratio, prefill_fn, time_models
 from flextron.data.inputs import make_inputs
 from flextron.errors import ConfigError
-from flextron.eval.deploy import LoadedRun, export_target, finished_stages, load_run, set_threads
+from flextron.eval.deploy import LoadedRun, finished_stages, load_run, save_target, set_threads
 from flextron.eval.perplexity import decode_tokens_per_s, perplexity_of
 from flextron.eval.stats import bootstrap_ci
 from flextron.files import atomic_write_json
@@ -94,11 +96,14 @@ def evaluate_targets(
     limit: int | None = None,
     num_fewshot: int | None = None,
     progress: bool = True,
+    merge: bool = True,
 ) -> dict:
     """Evaluate every target: routed configuration, parameters, timed vs predicted latency,
     held-out and out-of-domain perplexity after and before training, the homogeneous
     configuration of nearest predicted latency, decode speed, and downstream tasks. Writes
-    ``results.json`` and the report atomically and returns the results.
+    ``results.json`` atomically and returns what it holds: with ``merge``, these rows merged into
+    the rows already there (:func:`merge_results`); without, these rows alone (the run's evaluate
+    stage, whose model is new).
 
     Downstream tasks (:mod:`flextron.eval.tasks`, scored with lm-eval): ``tasks`` at every target, or,
     when ``tasks`` is ``None``, the config's ``eval.tasks`` at ``eval.task_targets``. ``limit``:
@@ -185,9 +190,73 @@ def evaluate_targets(
         fx.set_arch(None)
     results = _results(run, rows, orig_ppl, orig_ood, time.time() - t0)
     results["bos"] = inp.bos.to_dict()  # the BOS policy of every evaluated block and prompt
-    results["exported_check"] = _exported_check(run, min(targets), ids)
+    old = read_results(run.run_dir / "results.json") if merge else None
+    kept = (old or {}).get("exported_check")
+    if not isinstance(kept, dict) or not isinstance(kept.get("target"), (int, float)) or min(targets) <= kept["target"]:
+        results["exported_check"] = _exported_check(run, min(targets), ids)  # of the lowest target evaluated
+    results = merge_results(old, results)
     atomic_write_json(run.run_dir / "results.json", results)
     return results
+
+
+def read_results(path: Path) -> dict | None:
+    """The results in ``path`` (``results.json``), or None when there are none or they are
+    unreadable (a warning says so: they are then replaced)."""
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        old = e
+    if not isinstance(old, dict) or not isinstance(old.get("rows", []), list):
+        log.warning("%s is unreadable (%s); it is replaced by this evaluation's results", path, type(old).__name__)
+        return None
+    return old
+
+
+def _row_key(row: dict) -> tuple:
+    return (row.get("mode", "static"), row.get("target"))
+
+
+def merge_results(old: dict | None, new: dict) -> dict:
+    """``new`` (one evaluation's results) merged into ``old`` (``results.json`` so far; None: none).
+
+    Rows are keyed by (``mode``, ``target``). A row of ``new`` replaces ``old``'s row of its key,
+    but keeps that row's downstream task scores of tasks it did not score again (``tasks``, with
+    the protocol of each score in ``tasks_protocols``); rows of other keys (other targets, dynamic
+    rows) are kept. Rows are ordered static first, then by target. The other fields come from
+    ``new``, except ``exported_check`` when ``new`` has none."""
+    if not old:
+        rows = [_with_task_protocols(r) for r in new.get("rows", [])]
+        return {**new, "rows": rows}
+    merged = {_row_key(r): _with_task_protocols(r) for r in old.get("rows", []) if isinstance(r, dict)}
+    for row in new.get("rows", []):
+        row = _with_task_protocols(row)
+        prev = merged.get(_row_key(row))
+        if isinstance(prev, dict) and isinstance(prev.get("tasks"), dict) and prev["tasks"]:
+            row = {
+                **row,
+                "tasks": {**prev["tasks"], **(row.get("tasks") or {})},
+                "tasks_protocols": {**prev.get("tasks_protocols", {}), **row.get("tasks_protocols", {})},
+            }
+            row.setdefault("tasks_protocol", prev.get("tasks_protocol"))
+        merged[_row_key(row)] = row
+    order = sorted(merged, key=lambda k: (k[0] != "static", str(k[0]), k[1] if isinstance(k[1], (int, float)) else 0))
+    out = {**old, **new, "rows": [merged[k] for k in order]}
+    if "exported_check" not in new and "exported_check" in old:
+        out["exported_check"] = old["exported_check"]
+    return out
+
+
+def _with_task_protocols(row: dict) -> dict:
+    """``row`` with ``tasks_protocols`` ({task: protocol}) filled from ``tasks_protocol`` for the
+    tasks that lack one."""
+    tasks = row.get("tasks")
+    if not isinstance(tasks, dict) or not tasks:
+        return row
+    given = row.get("tasks_protocols") if isinstance(row.get("tasks_protocols"), dict) else {}
+    proto = row.get("tasks_protocol")
+    return {**row, "tasks_protocols": {**{t: proto for t in tasks if proto is not None}, **given}}
 
 
 def _task_plan(cfg: RunConfig, targets: list[float], tasks, limit, num_fewshot) -> dict | None:
@@ -241,7 +310,7 @@ def _exported_check(run: LoadedRun, target: float, ids: torch.Tensor) -> dict:
     from transformers import AutoModelForCausalLM
 
     out = run.run_dir / "exported" / f"target_{target:g}"
-    export_target(run.run_dir, target, out, overwrite=True, _run=run)
+    save_target(run, target, out, overwrite=True, dtype="float32")  # timed as the model is evaluated
     sub = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True, dtype=torch.float32).eval()
     full = export_subnetwork(run.fx, run.fx.space.full())
     timing = time_models(

@@ -31,7 +31,7 @@ from flextron.data.assets import MODEL_ASSETS, model_asset_dir
 from flextron.data.bos import declare_bos
 from flextron.data.gguf_header import read_gguf_metadata
 from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError
-from flextron.files import atomic_write_dir, check_format, file_hashes, verify_hashes
+from flextron.files import atomic_write_dir, check_format, file_hashes, remove_stale_temps, verify_hashes
 from flextron.model.elastic import ElasticModel, convert, elastic_config_from_metadata
 from flextron.model.families import adapter_for
 from flextron.model.sources import check_model_source
@@ -144,6 +144,14 @@ def export_subnetwork(fx: ElasticModel, arch: ArchConfig | None = None):
     if cfg is not None:
         model_cls = type(fx.model)
     else:
+        if arch.is_homogeneous:
+            log.warning(
+                "%s rejects %d query heads at hidden size %d (it requires hidden_size %% num_attention_heads == 0 "
+                "although head_dim is explicit); the export loads with trust_remote_code=True",
+                type(base).__name__,
+                fx.space.query_heads(arch.heads[0]),
+                base.hidden_size,
+            )
         from flextron.model.hf_modeling import FlextronConfig, FlextronForCausalLM
 
         sp = fx.space
@@ -189,6 +197,11 @@ def subnetwork_arch(model: nn.Module) -> ArchConfig:
 
 # -- atomic directory writes ------------------------------------------------------------------
 def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
+    for p in (out_dir, *out_dir.parents):
+        if p.exists() and not p.is_dir():
+            raise OutputExistsError(
+                f"{p} is a file, so {out_dir} cannot be written as a directory; choose a path that is not under a file"
+            )
     if out_dir.exists() and not overwrite and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise OutputExistsError(
             f"{out_dir} already exists and is not empty; nothing was written. "
@@ -199,6 +212,7 @@ def _check_out_dir(out_dir: Path, overwrite: bool) -> None:
 def _atomic_write(out_dir, overwrite: bool, write: Callable[[Path], None]) -> Path:
     """Refuse a non-empty ``out_dir`` unless ``overwrite``, then :func:`atomic_write_dir`."""
     out_dir = Path(out_dir).expanduser().resolve()
+    remove_stale_temps(out_dir.parent, out_dir.name)  # also when the write is refused below
     _check_out_dir(out_dir, overwrite)
     return atomic_write_dir(out_dir, write)
 
@@ -323,7 +337,10 @@ def load_elastic(path, *, dtype: torch.dtype = torch.float32) -> ElasticModel:
     path = Path(path).expanduser()
     _require_hf_dir(path, "elastic checkpoint")
     meta_file = path / ELASTIC_INFO_FILE
-    fix = f"save it again with flextron.model.export.save_elastic (or delete {path} and rerun the stage)"
+    fix = (
+        f"save it again with flextron.model.export.save_elastic, or, in a run directory, delete {path} and rerun "
+        "`flextron run` on the run's config (the stage that writes it runs again)"
+    )
     if not meta_file.is_file():
         raise ModelError(f"{meta_file} is missing; {path} is not a flextron elastic checkpoint ({fix})")
     corrupt = (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError, ConfigError)
@@ -435,9 +452,29 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
             tokenizer = AutoTokenizer.from_pretrained(path)
         except Exception as e:
             raise ModelError(
-                f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); fix or remove its tokenizer files"
+                f"cannot read the tokenizer in {path} ({type(e).__name__}: {e}); "
+                "replace its tokenizer files with the model's own"
             ) from None
     return model, tokenizer
+
+
+def source_dtype(cfg: RunConfig) -> tuple[str, str]:
+    """``(dtype name, where it came from)`` of the run's source model: the ``dtype`` (or
+    ``torch_dtype``) its ``config.json`` records, when it is float32, bfloat16 or float16; else
+    ``float32`` (the embedded SmolLM2 and GGUF files are converted to float32; a source that has
+    moved is unknown)."""
+    src = Path(cfg.model.source).expanduser()
+    if cfg.model.source in MODEL_ASSETS or src.is_file():
+        return "float32", "source model (converted from GGUF to float32)"
+    cj = src / "config.json"
+    try:
+        d = json.loads(cj.read_text())
+        found = d.get("dtype") or d.get("torch_dtype")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return "float32", "default: the source model's dtype is unknown"
+    if found in ("float32", "bfloat16", "float16"):
+        return found, "source model"
+    return "float32", "default: the source model records no dtype"
 
 
 def model_source(cfg: RunConfig) -> Path:
@@ -454,4 +491,15 @@ def model_source(cfg: RunConfig) -> Path:
 
 
 def load_original(cfg: RunConfig):
-    return load_hf_model(model_source(cfg))
+    """The run's source model and tokenizer (:func:`load_hf_model`).
+
+    Raises:
+        ModelError: as :func:`load_hf_model`, or the source has no tokenizer (a run needs one)."""
+    path = model_source(cfg)
+    model, tok = load_hf_model(path)
+    if tok is None:
+        raise ModelError(
+            f"{path} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}); a run needs the model's tokenizer: "
+            "copy them from the model's release into that directory"
+        )
+    return model, tok

@@ -5,8 +5,11 @@ Input: a :class:`~flextron.config.RunConfig`. Output: ``run_dir = out_dir/name``
 ``config.yaml``, ``flextron_run.json`` (the run directory's format), ``stages.json`` (finished
 stages with wall time, tokens and summaries), the
 ranked/trained elastic weights (safetensors), ``latency_table.json``, routers and surrogate,
-``metrics.jsonl``, ``results.json`` and ``report.md`` with PNG plots. A finished stage is skipped
-on rerun; an interrupted training stage resumes from its last checkpoint. Under ``accelerate
+``metrics.jsonl``, ``results.json`` and ``report.md`` with PNG plots. A finished stage (listed in
+``stages.json`` with its outputs, :data:`STAGE_OUTPUTS`, present) is skipped on rerun; a stage whose
+outputs are missing runs again, and so does every later stage; an interrupted training stage
+resumes from its last checkpoint. A run directory in which no stage has finished is started
+again from the current config (no ``--overwrite`` needed). Under ``accelerate
 launch`` the training stages run on every process and the others on the main one
 (:mod:`flextron.train.distributed`).
 """
@@ -16,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -23,9 +27,9 @@ from flextron.config import RunConfig, dump_config, load_config
 from flextron.cost.table import CostTable, check_targets
 from flextron.data.inputs import make_inputs
 from flextron.errors import FlextronError, OutputExistsError
-from flextron.eval.deploy import check_run_format, finished_stages, set_threads, write_run_format
+from flextron.eval.deploy import RUN_INFO_FILE, check_run_format, finished_stages, set_threads, write_run_format
 from flextron.eval.static import evaluate_targets
-from flextron.files import atomic_write_json, atomic_write_text, remove_path
+from flextron.files import atomic_write_json, atomic_write_text, check_not_under_file, remove_path, remove_stale_temps
 from flextron.model.elastic import convert
 from flextron.model.export import load_original
 from flextron.pipeline.dynamic import stage_dynamic
@@ -45,6 +49,23 @@ log = logging.getLogger(__name__)
 
 #: the stages of every run, in order
 STAGES = ("rank", "latency", "elastic", "routers", "joint", "evaluate")
+#: what each stage writes (relative to the run directory); a stage counts as finished only while they exist
+STAGE_OUTPUTS = {
+    "rank": ("ranked",),
+    "latency": ("latency_table.json",),
+    "elastic": ("elastic",),
+    "routers": ("routers",),
+    "joint": ("final", "final_routers"),
+    "evaluate": ("results.json", "report.md"),
+    "dynamic": ("dynamic/router", "dynamic_results.json"),
+}
+#: each stage's checkpoints (relative to the run directory)
+STAGE_CHECKPOINTS = {
+    "elastic": "checkpoints/elastic",
+    "routers": "checkpoints/routers",
+    "joint": "checkpoints/joint",
+    "dynamic": "dynamic/checkpoints",
+}
 
 
 def stages_of(cfg: RunConfig) -> tuple[str, ...]:
@@ -86,18 +107,51 @@ def _tidy(cfg: RunConfig, run_dir: Path) -> None:
         (run_dir / "checkpoints").rmdir()
 
 
-def _restore_inputs(run_dir: Path) -> None:
-    """Forget a finished elastic stage whose weights (``elastic/``, deleted by :func:`_tidy`) a
-    stage still to run needs, so that it runs again first (deterministically the same)."""
-    stages = finished_stages(run_dir)
-    if (
-        "elastic" in stages
-        and not (run_dir / "elastic").is_dir()
-        and not all(s in stages for s in ("routers", "joint"))
-    ):
-        del stages["elastic"]
-        atomic_write_json(run_dir / "stages.json", stages)
-        log.info("elastic/ was removed; the elastic stage runs again for the stages that read it")
+#: outputs :func:`_tidy` removes once these stages (which read them) have finished
+TIDIED_AFTER = {"elastic": ("routers", "joint")}
+
+
+def done_stages(run_dir: Path, names: tuple[str, ...]) -> list[str]:
+    """The leading stages of ``names`` that count as finished: listed in ``stages.json`` with every
+    output of :data:`STAGE_OUTPUTS` present (``elastic/``, removed by :func:`_tidy` once the stages
+    of :data:`TIDIED_AFTER` that read it have finished, counts while those stay finished). The first stage that is not, and every stage after it,
+    run again.
+
+    Raises:
+        ModelError: ``stages.json`` is unreadable (:func:`~flextron.eval.deploy.finished_stages`).
+    """
+    recorded = finished_stages(run_dir)
+
+    def present(name: str) -> bool:
+        return name in recorded and all((run_dir / o).exists() for o in STAGE_OUTPUTS[name])
+
+    def tidied(name: str) -> bool:  # removed by _tidy because the stages reading it have finished
+        readers = TIDIED_AFTER.get(name, ())
+        return bool(readers) and name in recorded and all(present(r) for r in readers)
+
+    done = []
+    for name in names:
+        if not (present(name) or tidied(name)):
+            break
+        done.append(name)
+    return done
+
+
+def _forget_after(run_dir: Path, names: tuple[str, ...], done: list[str]) -> None:
+    """Before stages run again: drop the records of every stage after the first one to run, and
+    their checkpoints (their inputs are recomputed, so those checkpoints no longer apply). The
+    first one keeps its checkpoints (its inputs are unchanged): an interrupted stage resumes."""
+    later = names[len(done) + 1 :]
+    recorded = finished_stages(run_dir)
+    stale = [n for n in names[len(done) :] if n in recorded]
+    if stale:
+        for n in stale:
+            del recorded[n]
+        atomic_write_json(run_dir / "stages.json", recorded)
+        print(f"[flextron] stage {stale[0]}'s outputs are missing; it runs again, with every later stage", flush=True)
+    for n in later:
+        if n in STAGE_CHECKPOINTS:
+            shutil.rmtree(run_dir / STAGE_CHECKPOINTS[n], ignore_errors=True)
 
 
 def _same_config(saved: Path, cfg: RunConfig, *, ignore_dynamic: bool = False) -> bool:
@@ -121,13 +175,30 @@ def _restart_dynamic(run_dir: Path) -> None:
     shutil.rmtree(run_dir / "dynamic" / "checkpoints", ignore_errors=True)
 
 
+def _finished_nothing(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a flextron run that failed before finishing any stage: it holds
+    nothing but ``config.yaml``, ``flextron_run.json`` and an empty ``stages.json``."""
+    names = {p.name for p in run_dir.iterdir()}
+    if not {"config.yaml", RUN_INFO_FILE} <= names or not names <= {"config.yaml", RUN_INFO_FILE, "stages.json"}:
+        return False
+    try:
+        return not finished_stages(run_dir)
+    except FlextronError:
+        return False
+
+
 def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
     """Create or reuse ``run_dir``. A run directory written by a different config is refused
-    (nothing overwritten) unless ``overwrite``; one in a format this version does not read is
-    refused (:func:`~flextron.eval.deploy.check_run_format`)."""
+    (nothing overwritten) unless ``overwrite``, or unless it is a flextron run that finished no
+    stage (then it is started again with ``cfg``, saying so on stderr); one in a format this version
+    does not read is refused (:func:`~flextron.eval.deploy.check_run_format`). Leftovers of killed
+    writes are removed (:func:`~flextron.files.remove_stale_temps`)."""
     run_dir = cfg.run_dir
     text = dump_config(cfg)
     saved = run_dir / "config.yaml"
+    check_not_under_file(saved)  # out_dir/name under a file: one line, not [Errno 17]
+    for folder in (run_dir, run_dir / "exported", run_dir / "dynamic"):
+        remove_stale_temps(folder)  # left by a process killed while writing
     if run_dir.exists() and any(run_dir.iterdir()):
         if saved.exists() and (saved.read_text() == text or _same_config(saved, cfg)):
             check_run_format(run_dir)
@@ -141,6 +212,14 @@ def _prepare_run_dir(cfg: RunConfig, overwrite: bool) -> Path:
                 f"[flextron] the run's dynamic: section changed; its dynamic stage runs again in {run_dir}", flush=True
             )
             return run_dir
+        if not overwrite and _finished_nothing(run_dir):
+            print(
+                f"[flextron] run directory {run_dir} holds a run that finished no stage; "
+                "starting it again with this config",
+                file=sys.stderr,
+                flush=True,
+            )
+            overwrite = True
         if not overwrite:
             raise OutputExistsError(
                 f"run directory {run_dir} exists and holds a different run; "
@@ -165,7 +244,7 @@ def _check_targets_early(cfg: RunConfig, run_dir: Path, space) -> None:
 
 
 def stage_evaluate(run_dir: Path) -> dict:
-    evaluate_run(run_dir)  # writes results.json and the report
+    evaluate_run(run_dir, merge=False)  # writes results.json and the report; rows of earlier weights go
     return {"tokens": 0}
 
 
@@ -187,8 +266,16 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
     main = state.is_main_process
     run_dir = Path(on_main(state, lambda: str(_prepare_run_dir(cfg, overwrite))))
     set_threads(cfg)
-    on_main(state, lambda: _restore_inputs(run_dir))
-    if on_main(state, lambda: all(s in finished_stages(run_dir) for s in stages_of(cfg))):
+    names = stages_of(cfg)
+
+    def plan() -> list[str]:
+        done = done_stages(run_dir, names)
+        if len(done) < len(names):
+            _forget_after(run_dir, names, done)
+        return done
+
+    done = on_main(state, plan)
+    if len(done) == len(names):
         if main:
             print(f"[flextron] run {run_dir} is complete; nothing to do", flush=True)
         return run_dir
@@ -215,9 +302,9 @@ def run(cfg: RunConfig, *, overwrite: bool = False) -> Path:
         "evaluate": (lambda: stage_evaluate(run_dir), False),
         "dynamic": (lambda: stage_dynamic(cfg, run_dir), False),
     }
-    for name in stages_of(cfg):
+    for name in names:
         fn, everywhere = steps[name]
-        if on_main(state, lambda: name in finished_stages(run_dir)):
+        if name in done:
             log.info("stage %s already finished; skipped", name)
             continue
         if main:
@@ -247,14 +334,18 @@ def evaluate_run(
     limit: int | None = None,
     num_fewshot: int | None = None,
     progress: bool = True,
+    merge: bool = True,
 ) -> dict:
     """Evaluate a finished run at every target (:func:`~flextron.eval.static.evaluate_targets`:
-    writes ``results.json``), then write ``report.md`` with its plots; returns the results.
+    writes ``results.json``; with ``merge`` the rows measured are updated and the others kept),
+    then write ``report.md`` with its plots from all of them; returns the (merged) results.
 
     Raises:
         TargetError, ConfigError, TaskFileError, ModelError: as
         :func:`~flextron.eval.static.evaluate_targets`.
     """
-    results = evaluate_targets(run_dir, targets, tasks=tasks, limit=limit, num_fewshot=num_fewshot, progress=progress)
+    results = evaluate_targets(
+        run_dir, targets, tasks=tasks, limit=limit, num_fewshot=num_fewshot, progress=progress, merge=merge
+    )
     write_report(Path(run_dir), results)
     return results

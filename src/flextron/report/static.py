@@ -67,6 +67,17 @@ def _tasks_table(results: dict) -> str | None:
     return md_table(header, out) + f"\n\nItems scored per task: {note}."
 
 
+def _mixed_protocols(results: dict) -> bool:
+    """Whether the task scores shown come from evaluations of different protocols."""
+    seen = set()
+    for r in task_rows(results):
+        protos = r.get("tasks_protocols") if isinstance(r.get("tasks_protocols"), dict) else {}
+        for t in r["tasks"]:
+            p = protos.get(t, r.get("tasks_protocol"))
+            seen.add(repr(sorted(p.items())) if isinstance(p, dict) else repr(p))
+    return len(seen) > 1
+
+
 def _main_table(results: dict) -> str:
     inter = intermediate_size(results)
     header = [
@@ -288,6 +299,12 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict], d
                 f"A fixed seeded subset of at most {proto['limit']} items per task (the same in every run)."
                 if proto.get("limit")
                 else "Every item of each task's split."
+            )
+            + (
+                " Some scores come from evaluations with other settings (items, shots); `results.json` records "
+                "each score's under `tasks_protocols`."
+                if _mixed_protocols(results)
+                else ""
             ),
             "",
             tasks_md,
