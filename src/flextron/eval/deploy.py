@@ -22,7 +22,8 @@ from flextron.data.bos import NO_BOS, encode_text, resolve_bos_policy
 from flextron.errors import ConfigError, ModelError, OutputExistsError
 from flextron.files import atomic_write_json, check_format, remove_stale_temps
 from flextron.model.elastic import ElasticModel
-from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork, source_dtype
+from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork
+from flextron.model.sources import source_dtype
 from flextron.routing.deploy import TargetRouter
 from flextron.routing.store import load_routers
 from flextron.version import RUN_FORMAT, RUN_FORMATS_READ, __version__
@@ -218,7 +219,7 @@ def export_target(
     """Export the sub-model for ``target`` as a checkpoint ``AutoModelForCausalLM`` loads
     (homogeneous: a plain config where the family's config class accepts it; per-layer: with
     ``trust_remote_code=True``), in ``dtype`` (``float32``, ``bfloat16`` or ``float16``; default:
-    the source model's dtype, :func:`~flextron.model.export.source_dtype`).
+    the source model's dtype, :func:`~flextron.model.sources.source_dtype`).
 
     Raises:
         TargetError: target out of range; OutputExistsError: ``out_dir`` is not empty, or is,

@@ -27,14 +27,13 @@ import torch
 from torch import nn
 
 from flextron.config import RunConfig
-from flextron.data.assets import MODEL_ASSETS, model_asset_dir
 from flextron.data.bos import declare_bos
 from flextron.data.gguf_header import read_gguf_metadata
 from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError
 from flextron.files import atomic_write_dir, check_format, file_hashes, remove_stale_temps, verify_hashes
 from flextron.model.elastic import ElasticModel, convert, elastic_config_from_metadata
 from flextron.model.families import adapter_for
-from flextron.model.sources import check_model_source
+from flextron.model.sources import check_model_source, model_source
 from flextron.model.space import ArchConfig, SearchSpace
 from flextron.version import CHECKPOINT_FORMAT, CHECKPOINT_FORMATS_READ
 
@@ -456,38 +455,6 @@ def load_hf_model(path_or_dir, *, dtype: torch.dtype = torch.float32):
                 "replace its tokenizer files with the model's own"
             ) from None
     return model, tokenizer
-
-
-def source_dtype(cfg: RunConfig) -> tuple[str, str]:
-    """``(dtype name, where it came from)`` of the run's source model: the ``dtype`` (or
-    ``torch_dtype``) its ``config.json`` records, when it is float32, bfloat16 or float16; else
-    ``float32`` (the embedded SmolLM2 and GGUF files are converted to float32; a source that has
-    moved is unknown)."""
-    src = Path(cfg.model.source).expanduser()
-    if cfg.model.source in MODEL_ASSETS or src.is_file():
-        return "float32", "source model (converted from GGUF to float32)"
-    cj = src / "config.json"
-    try:
-        d = json.loads(cj.read_text())
-        found = d.get("dtype") or d.get("torch_dtype")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
-        return "float32", "default: the source model's dtype is unknown"
-    if found in ("float32", "bfloat16", "float16"):
-        return found, "source model"
-    return "float32", "default: the source model records no dtype"
-
-
-def model_source(cfg: RunConfig) -> Path:
-    """The local path of ``cfg.model.source``: an embedded model asset (``smollm2``,
-    ``gemma3-270m``: fetched and converted once, after its family is checked) or the path given.
-
-    Raises:
-        UnsupportedModelError: the asset's family has no adapter. AssetError: it cannot be fetched.
-    """
-    if cfg.model.source in MODEL_ASSETS:
-        check_model_source(cfg.model.source)  # before a download
-        return model_asset_dir(cfg.model.source)
-    return Path(cfg.model.source).expanduser()
 
 
 def load_original(cfg: RunConfig):

@@ -13,7 +13,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flextron.data.assets import MODEL_ASSETS
+from flextron.config import RunConfig
+from flextron.data.assets import MODEL_ASSETS, model_asset_dir
 from flextron.data.gguf_header import gguf_model_type, read_gguf_metadata
 from flextron.errors import ModelError
 from flextron.model.families import check_model_type
@@ -59,3 +60,35 @@ def check_model_source(source: str | Path) -> str | None:
     model_type, where = found
     check_model_type(model_type, where)
     return model_type
+
+
+def source_dtype(cfg: RunConfig) -> tuple[str, str]:
+    """``(dtype name, where it came from)`` of the run's source model: the ``dtype`` (or
+    ``torch_dtype``) its ``config.json`` records, when it is float32, bfloat16 or float16; else
+    ``float32`` (the embedded SmolLM2 and GGUF files are converted to float32; a source that has
+    moved is unknown)."""
+    src = Path(cfg.model.source).expanduser()
+    if cfg.model.source in MODEL_ASSETS or src.is_file():
+        return "float32", "source model (converted from GGUF to float32)"
+    cj = src / "config.json"
+    try:
+        d = json.loads(cj.read_text())
+        found = d.get("dtype") or d.get("torch_dtype")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return "float32", "default: the source model's dtype is unknown"
+    if found in ("float32", "bfloat16", "float16"):
+        return found, "source model"
+    return "float32", "default: the source model records no dtype"
+
+
+def model_source(cfg: RunConfig) -> Path:
+    """The local path of ``cfg.model.source``: an embedded model asset (``smollm2``,
+    ``gemma3-270m``: fetched and converted once, after its family is checked) or the path given.
+
+    Raises:
+        UnsupportedModelError: the asset's family has no adapter. AssetError: it cannot be fetched.
+    """
+    if cfg.model.source in MODEL_ASSETS:
+        check_model_source(cfg.model.source)  # before a download
+        return model_asset_dir(cfg.model.source)
+    return Path(cfg.model.source).expanduser()
