@@ -202,3 +202,47 @@ def test_paired_ratio_is_the_median_of_per_round_ratios():
 
     res = {"a": {"times_s": [1.0, 2.0, 9.0]}, "b": {"times_s": [2.0, 4.0, 10.0]}}
     assert paired_ratio(res, "a", "b") == pytest.approx(0.5)
+
+
+def test_layer_types_are_priced_apart(tmp_path, caplog):
+    """Gemma 3's sliding-window and global layers: timed each on its own first layer, with the mask
+    the model gives it, at a workload longer than the window (issue 14, item 6)."""
+    from flextron.cost.blocks import attention_inputs
+
+    fx = convert(make_tiny("gemma3_mixed", dtype=torch.float32), CFG)
+    types = [a.layer_type for a in fx.attns]
+    assert len(set(types)) == 2
+    window = fx.attns[0].sliding_window
+    assert LAT.seq_len > window  # the workload crosses the window
+    ids = torch.randint(3, 97, (1, LAT.seq_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        got = attention_inputs(fx, ids, [types.index("sliding_attention"), types.index("full_attention")])
+    (h_loc, kw_loc), (h_glob, kw_glob) = got.values()
+    allowed = [
+        None if kw["attention_mask"] is None else (kw["attention_mask"] == 0).sum().item() for kw in (kw_loc, kw_glob)
+    ]
+    # the local layer's mask lets each token see at most the window; the global one sees the whole prefix
+    assert allowed[0] is not None and (allowed[1] is None or allowed[0] < allowed[1])
+    assert not torch.equal(kw_loc["position_embeddings"][0], kw_glob["position_embeddings"][0])  # own RoPE bases
+
+    table = measure_latency_table(fx, LAT, progress=False)
+    assert table.layer_types == types and set(table.attn_by_type) == set(types)
+    assert table.attn == table.attn_by_type[types[0]] and table.is_monotone()
+    assert table.predict(fx.space.full()) == pytest.approx(table.full)
+    cm, ca = table.cost_vectors(fx.space.mlp_choices, fx.space.head_choices)
+    assert ca.shape == (fx.space.num_layers, len(fx.space.head_choices))
+    for arch in _random_archs(fx.space, 5):  # the differentiable cost agrees with the per-layer sum
+        mi, hi = fx.space.indices(arch)
+        mp = torch.nn.functional.one_hot(torch.tensor(mi), len(fx.space.mlp_choices)).double()
+        hp = torch.nn.functional.one_hot(torch.tensor(hi), len(fx.space.head_choices)).double()
+        exp = table.expected(mp, hp, fx.space.mlp_choices, fx.space.head_choices)
+        assert exp.item() == pytest.approx(table.predict(arch))
+    assert CostTable.load(table.save(tmp_path / "lut.json")) == table
+    broken = table.to_json() | {"layer_types": types[:-1]}
+    with pytest.raises(ConfigError, match="layer_types must list"):
+        CostTable.from_json(broken)
+
+    short = dataclasses.replace(LAT, seq_len=window, fit_configs=1)
+    with caplog.at_level("WARNING"):
+        measure_latency_table(fx, short, progress=False)
+    assert "not longer than the sliding window" in caplog.text

@@ -10,12 +10,13 @@ then fits scale factors on exported sub-models (``latency.method: fit``);
 from __future__ import annotations
 
 import logging
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from flextron.config import LatencyConfig
+from flextron.cost.blocks import layer_types, time_blocks
 from flextron.cost.table import CostTable, enforce_monotone
 from flextron.cost.timing import median, paired_ratio, prefill_fn, time_models
 from flextron.errors import ConfigError, MeasurementError
@@ -185,7 +186,10 @@ def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True)
     full-width costs.
 
     Every MLP width and head count is timed as an isolated block of one layer (interleaved,
-    ``cfg.block_repeats`` rounds, trimmed mean): ``mlp_block[m]``, ``attn_block[a]``.
+    ``cfg.block_repeats`` rounds, trimmed mean; :func:`~flextron.cost.blocks.time_blocks`):
+    ``mlp_block[m]``, ``attn_block[a]`` — per layer type when the layers differ (Gemma 3's local
+    and global layers; ``table.attn_by_type``), each type on its first layer with the inputs the
+    model gives it.
 
     ``cfg.method == "fit"`` (default): isolated CPU blocks of a few milliseconds mispredict whole
     sub-models (by 5–8 % of the full latency here: caches, threading and the rest of the layer
@@ -207,7 +211,7 @@ def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True)
     p = next(fx.parameters())
     device, dtype = p.device, p.dtype
     space = fx.space
-    B, T, d = cfg.batch_size, cfg.seq_len, space.hidden_size
+    B, T = cfg.batch_size, cfg.seq_len
     D, R, L = space.mlp_choices[-1], space.head_choices[-1], space.num_layers
     logger.info(
         "latency table (%s): %d MLP widths, %d head counts, prefill %dx%d on %s (%s), warmup %d, repeats %d",
@@ -221,35 +225,15 @@ def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True)
         cfg.warmup,
         cfg.repeats,
     )
+    types = layer_types(fx)
+
+    def attn_key(layer: int, a: int) -> str:  # the block timed for layer's type at a units
+        return f"attn:{a}" if types is None else f"attn:{types[layer]}:{a}"
+
     with _ElasticState(fx), torch.inference_mode():
         fx.set_arch(None)
-        gen = torch.Generator().manual_seed(0)
-        x = torch.randn(B, T, d, generator=gen).to(device=device, dtype=dtype)
-        position_ids = torch.arange(T, device=device)[None].expand(B, T)
-        cos, sin = fx.model.model.rotary_emb(x, position_ids)
-        mlp_mod, attn_mod = fx.mlps[0], fx.attns[0]
-
-        def mlp_at(m: int):
-            def run():
-                mlp_mod.width = m
-                return mlp_mod(x)
-
-            return run
-
-        def attn_at(a: int):
-            def run():
-                attn_mod.heads_per_group = a
-                return attn_mod(x, position_embeddings=(cos, sin), attention_mask=None)
-
-            return run
-
-        fns: dict[str, Callable[[], object]] = {f"mlp:{m}": mlp_at(m) for m in space.mlp_choices}
-        fns.update({f"attn:{a}": attn_at(a) for a in space.head_choices})
-        res = time_models(
-            fns, repeats=cfg.block_repeats, warmup=cfg.warmup, trim=cfg.trim, progress=progress, desc="latency blocks"
-        )
-        fx.set_arch(None)  # the module closures above changed layer 0's widths
-        est = {k: v["trimmed_mean_s"] for k, v in res.items()}
+        est = time_blocks(fx, cfg, _workload_ids(fx, cfg, device), progress=progress)
+        fx.set_arch(None)  # the timed blocks changed their layers' widths
         if cfg.method == "block":
             timed = time_models(
                 {"full": prefill_fn(fx, _workload_ids(fx, cfg, device))},
@@ -267,7 +251,7 @@ def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True)
             [
                 [
                     sum(est[f"mlp:{m}"] - est[f"mlp:{D}"] for m in r["arch"]["mlp"]) / full,
-                    sum(est[f"attn:{a}"] - est[f"attn:{R}"] for a in r["arch"]["heads"]) / full,
+                    sum(est[attn_key(l, a)] - est[attn_key(l, R)] for l, a in enumerate(r["arch"]["heads"])) / full,
                 ]
                 for r in rows
             ],
@@ -300,15 +284,26 @@ def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True)
     # Only the split between const and the per-layer costs is arbitrary: if the fitted savings
     # exceed the isolated full-width block time, move the split so no cost is negative (every
     # prediction stays the same).
-    for kind, widths in (("mlp", space.mlp_choices), ("attn", space.head_choices)):
-        low = min(est[f"{kind}:{w}"] for w in widths)
+    prefixes = ["attn:"] if types is None else [f"attn:{t}:" for t in dict.fromkeys(types)]
+    for prefix, widths in (("mlp:", space.mlp_choices), *((p, space.head_choices) for p in prefixes)):
+        low = min(est[f"{prefix}{w}"] for w in widths)
         if low < 0:
             for w in widths:
-                est[f"{kind}:{w}"] -= low
+                est[f"{prefix}{w}"] -= low
     adjusted: list = []
     mlp = enforce_monotone({m: est[f"mlp:{m}"] for m in space.mlp_choices}, "mlp", adjusted)
-    attn = enforce_monotone({a: est[f"attn:{a}"] for a in space.head_choices}, "attn", adjusted)
-    const = full - L * (mlp[D] + attn[R])
+    by_type = None
+    if types is not None:
+        by_type = {
+            t: enforce_monotone({a: est[f"attn:{t}:{a}"] for a in space.head_choices}, f"attn:{t}", adjusted)
+            for t in dict.fromkeys(types)
+        }
+    attn = (
+        by_type[types[0]]
+        if by_type
+        else enforce_monotone({a: est[f"attn:{a}"] for a in space.head_choices}, "attn", adjusted)
+    )
+    const = full - L * mlp[D] - sum((by_type[t] if by_type else attn)[R] for t in (types or [None] * L))
     if const < 0:
         logger.warning(
             "latency table: the layers' sum exceeds the full model's time (const=%.3gs); timings are noisy", const
@@ -337,6 +332,8 @@ def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True)
             "fit": fit_info,
         },
         adjusted=adjusted,
+        layer_types=types,
+        attn_by_type=by_type,
     )
     logger.info(
         "latency table: full %.4gs, const %.4gs, smallest config %.1f%% of full",

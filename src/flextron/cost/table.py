@@ -5,6 +5,10 @@ is one layer's MLP at intermediate width ``m``, ``attn[a]`` one layer's attentio
 heads per KV group, ``const`` everything that does not shrink (embeddings, norms, residual adds, the
 final norm and the LM head at the workload). The same sum weighted by router probabilities is the
 differentiable expected cost (:meth:`CostTable.expected`). Saved and loaded as JSON.
+
+Models whose layers differ (Gemma 3's sliding-window layers against its global ones) price the
+attention per layer type: ``layer_types[l]`` names layer ``l``'s type and ``attn_by_type[type][a]``
+its cost; ``attn`` is then layer 0's type's entry.
 """
 
 from __future__ import annotations
@@ -64,6 +68,14 @@ class CostTable:
     measured_at: str = field(default_factory=_now)
     validation: dict | None = None
     adjusted: list = field(default_factory=list)
+    layer_types: list[str] | None = None
+    attn_by_type: dict[str, dict[int, float]] | None = None
+
+    def attn_of(self, layer: int) -> dict[int, float]:
+        """Attention cost per unit count of layer ``layer`` (its type's entry, or ``attn``)."""
+        if self.layer_types is None or self.attn_by_type is None:
+            return self.attn
+        return self.attn_by_type[self.layer_types[layer]]
 
     # -- costs ----------------------------------------------------------------------------------
     def predict(self, arch: ArchConfig) -> float:
@@ -78,12 +90,13 @@ class CostTable:
                 f"the architecture has {len(arch.mlp)}/{len(arch.heads)}"
             )
         total = self.const
-        for m, a in zip(arch.mlp, arch.heads):
+        for layer, (m, a) in enumerate(zip(arch.mlp, arch.heads)):
+            attn = self.attn_of(layer)
             if m not in self.mlp:
                 raise ConfigError(f"MLP width {m} is not in the cost table; priced widths: {sorted(self.mlp)}")
-            if a not in self.attn:
-                raise ConfigError(f"{a} heads per group is not in the cost table; priced: {sorted(self.attn)}")
-            total += self.mlp[m] + self.attn[a]
+            if a not in attn:
+                raise ConfigError(f"{a} attention units are not in the cost table; priced: {sorted(attn)}")
+            total += self.mlp[m] + attn[a]
         return total
 
     def fraction(self, arch: ArchConfig) -> float:
@@ -93,16 +106,19 @@ class CostTable:
     def cost_vectors(
         self, mlp_choices: Sequence[int], head_choices: Sequence[int], *, dtype=torch.float32, device=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-candidate costs ``(K_mlp,)`` and ``(K_heads,)`` in the order of the choices."""
+        """Per-candidate costs in the order of the choices: ``(K_mlp,)``, and ``(K_heads,)`` — or
+        ``(L, K_heads)``, one row per layer, when the table prices layer types apart."""
         for m in mlp_choices:
             if m not in self.mlp:
                 raise ConfigError(f"MLP width {m} is not in the cost table; priced widths: {sorted(self.mlp)}")
-        for a in head_choices:
-            if a not in self.attn:
-                raise ConfigError(f"{a} heads per group is not in the cost table; priced: {sorted(self.attn)}")
+        tables = [self.attn] if self.layer_types is None else [self.attn_of(l) for l in range(self.num_layers)]
+        for attn in tables:
+            for a in head_choices:
+                if a not in attn:
+                    raise ConfigError(f"{a} attention units are not in the cost table; priced: {sorted(attn)}")
         cm = torch.tensor([self.mlp[int(m)] for m in mlp_choices], dtype=dtype, device=device)
-        ca = torch.tensor([self.attn[int(a)] for a in head_choices], dtype=dtype, device=device)
-        return cm, ca
+        ca = torch.tensor([[t[int(a)] for a in head_choices] for t in tables], dtype=dtype, device=device)
+        return cm, (ca[0] if self.layer_types is None else ca)
 
     def expected(
         self, mlp_probs: torch.Tensor, head_probs: torch.Tensor, mlp_choices: Sequence[int], head_choices: Sequence[int]
@@ -129,8 +145,8 @@ class CostTable:
         return self.const + (mlp_probs * cm).sum((-1, -2)) + (head_probs * ca.to(head_probs.dtype)).sum((-1, -2))
 
     def is_monotone(self) -> bool:
-        """Costs non-decreasing in width, for the MLP and the attention."""
-        for d in (self.mlp, self.attn):
+        """Costs non-decreasing in width, for the MLP and the attention (every layer type)."""
+        for d in (self.mlp, self.attn, *(self.attn_by_type or {}).values()):
             vals = [d[k] for k in sorted(d)]
             if any(b < a for a, b in zip(vals, vals[1:])):
                 return False
@@ -161,6 +177,8 @@ class CostTable:
         d = asdict(self)
         d["mlp"] = {str(k): v for k, v in sorted(self.mlp.items())}
         d["attn"] = {str(k): v for k, v in sorted(self.attn.items())}
+        if self.attn_by_type is not None:
+            d["attn_by_type"] = {t: {str(k): v for k, v in sorted(c.items())} for t, c in self.attn_by_type.items()}
         return d
 
     @classmethod
@@ -183,8 +201,7 @@ class CostTable:
         if d["unit"] not in ("s", "params"):
             raise ConfigError(f"{source}: unit={d['unit']!r} is invalid: expected 's' or 'params'")
 
-        def table(name: str) -> dict[int, float]:
-            raw = d[name]
+        def table(name: str, raw) -> dict[int, float]:
             if not isinstance(raw, dict) or not raw:
                 raise ConfigError(f"{source}: {name} must be a non-empty object width -> cost")
             out = {}
@@ -215,10 +232,21 @@ class CostTable:
         if "adjusted" in d and not isinstance(d["adjusted"], list):
             raise ConfigError(f"{source}: adjusted must be a list")
         kw = {k: v for k, v in d.items() if k not in required}
+        by_type, types = d.get("attn_by_type"), d.get("layer_types")
+        if (by_type is None) != (types is None):
+            raise ConfigError(f"{source}: layer_types and attn_by_type go together; give both or neither")
+        if by_type is not None:
+            if not isinstance(by_type, dict) or not by_type:
+                raise ConfigError(f"{source}: attn_by_type must be a non-empty object type -> table")
+            kw["attn_by_type"] = {str(t): table(f"attn_by_type.{t}", c) for t, c in by_type.items()}
+            if not isinstance(types, list) or len(types) != nl or any(t not in kw["attn_by_type"] for t in types):
+                raise ConfigError(
+                    f"{source}: layer_types must list one of {sorted(kw['attn_by_type'])} for each of {nl} layers"
+                )
         return cls(
             unit=d["unit"],
-            mlp=table("mlp"),
-            attn=table("attn"),
+            mlp=table("mlp", d["mlp"]),
+            attn=table("attn", d["attn"]),
             const=_finite(d["const"], f"{source}: const"),
             num_layers=nl,
             full=full,

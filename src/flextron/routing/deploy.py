@@ -118,7 +118,7 @@ def allocate_by_sensitivity(
     ``budget`` (project choice, the routers' warm start; not in the paper).
 
     A multiple-choice knapsack solved exactly by dynamic programming: every layer picks one
-    (MLP width, head count) pair, whose cost is ``table.mlp[m] + table.attn[a]`` and whose value is
+    (MLP width, head count) pair, whose cost is ``table.mlp[m] + table.attn_of(l)[a]`` and whose value is
     ``mlp_sens[l, i] + head_sens[l, j]`` — the loss increase (nats) of reducing layer ``l`` alone
     to that width / head count, all other layers full; the sum assumes the layers' effects add.
     Costs are rounded *up* to ``(budget − table.const) / resolution``, so the configuration found
@@ -144,13 +144,15 @@ def allocate_by_sensitivity(
     if free <= 0:
         return None
     cm, ca = (v.double().numpy() for v in table.cost_vectors(space.mlp_choices, space.head_choices))
-    cost = np.ceil((cm[:, None] + ca[None, :]).ravel() / (free / resolution)).astype(np.int64)  # (K,) K = nm·nh
+    ca = np.broadcast_to(ca, (L, nh))  # per layer: layer types may price attention apart
+    pair = (cm[None, :, None] + ca[:, None, :]).reshape(L, -1)  # (L, K), K = nm·nh
+    cost = np.ceil(pair / (free / resolution)).astype(np.int64)
     value = (mlp_sens[:, :, None] + head_sens[:, None, :]).reshape(L, -1)  # (L, K)
     best = np.zeros(resolution + 1)  # least value of the layers so far within each cost
     pick = np.zeros((L, resolution + 1), dtype=np.int64)
     for l in range(L):
-        cand = np.full((len(cost), resolution + 1), np.inf)
-        for k, c in enumerate(cost):
+        cand = np.full((cost.shape[1], resolution + 1), np.inf)
+        for k, c in enumerate(cost[l]):
             if c <= resolution:
                 cand[k, c:] = best[: resolution + 1 - c] + value[l, k]
         pick[l] = cand.argmin(0)
@@ -163,5 +165,5 @@ def allocate_by_sensitivity(
     choice, c = [0] * L, resolution
     for l in reversed(range(L)):
         choice[l] = int(pick[l, c])
-        c -= int(cost[choice[l]])
+        c -= int(cost[l, choice[l]])
     return space.from_indices([k // nh for k in choice], [k % nh for k in choice])

@@ -118,7 +118,9 @@ class DynamicRouter(Router):
         )
         cm, ch = table.cost_vectors(sp.mlp_choices, sp.head_choices)
         r.cost_mlp.copy_(cm / table.full)
-        r.cost_heads.copy_(ch / table.full)
+        # a table priced per layer type gives (L, K_heads); the price term of the logits uses the
+        # layers' mean (the latency loss and the calibration use the per-layer costs)
+        r.cost_heads.copy_((ch.mean(0) if ch.dim() == 2 else ch) / table.full)
         r.anchor_to(static)
         return r
 
