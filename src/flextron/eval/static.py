@@ -27,7 +27,7 @@ from flextron.data.inputs import make_inputs
 from flextron.errors import ConfigError
 from flextron.eval.deploy import LoadedRun, finished_stages, load_run, save_target, set_threads
 from flextron.eval.perplexity import decode_tokens_per_s, perplexity_of
-from flextron.eval.stats import bootstrap_ci
+from flextron.eval.stats import bootstrap_ci, paired_comparison
 from flextron.files import atomic_write_json
 from flextron.model.elastic import ElasticModel
 from flextron.model.export import export_subnetwork, load_elastic, load_original
@@ -149,7 +149,8 @@ def evaluate_targets(
         ppl = perplexity_of(fx, inp.heldout, cfg)
         ood = perplexity_of(fx, inp.ood, cfg)["perplexity"]
         untrained.set_arch(arch)
-        u_ppl = perplexity_of(untrained, inp.heldout, cfg)["perplexity"]
+        u_held = perplexity_of(untrained, inp.heldout, cfg)
+        u_ppl = u_held["perplexity"]
         u_ood = perplexity_of(untrained, inp.ood, cfg)["perplexity"]
         homo = None
         if t < 1.0:
@@ -170,6 +171,8 @@ def evaluate_targets(
             "perplexity": ppl["perplexity"],
             "perplexity_ci": list(bootstrap_ci(ppl["nll_per_block"], transform=math.exp)),
             "untrained_perplexity": u_ppl,
+            # trained vs the same configuration cut before training, paired over held-out blocks
+            "vs_untrained": paired_comparison(ppl["nll_per_block"], u_held["nll_per_block"]),
             "ood_perplexity": ood,
             "untrained_ood_perplexity": u_ood,
             "homogeneous": homo,

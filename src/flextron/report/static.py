@@ -89,7 +89,7 @@ def _main_table(results: dict) -> str:
         "timed (ms)",
         "timed / full",
         "perplexity [95% CI]",
-        "untrained ppl",
+        "untrained ppl (trained × [paired 95% CI], verdict)",
         "OOD ppl",
         "untrained OOD ppl",
         "homogeneous (nearest pred. latency)",
@@ -132,7 +132,7 @@ def _main_table(results: dict) -> str:
                 fmt(lat, 1, 1e3),
                 ratio,
                 ppl,
-                fmt(r.get("untrained_perplexity")),
+                fmt(r.get("untrained_perplexity")) + _vs_untrained(r.get("vs_untrained")),
                 fmt(r.get("ood_perplexity")),
                 fmt(r.get("untrained_ood_perplexity")),
                 _config_text(h.get("config"), inter) if h else DASH,
@@ -142,6 +142,15 @@ def _main_table(results: dict) -> str:
             ]
         )
     return md_table(header, out)
+
+
+def _vs_untrained(cmp) -> str:
+    """`` (trained ×0.62 [0.58, 0.66], better)``: the trained/untrained perplexity ratio on the same
+    held-out blocks with its paired 95 % interval, or nothing for rows without it."""
+    if not isinstance(cmp, dict) or as_number(cmp.get("ppl_ratio")) is None:
+        return ""
+    ci = cmp.get("ppl_ratio_ci95") or [None, None]
+    return f" (trained ×{fmt(cmp['ppl_ratio'])} [{fmt(ci[0])}, {fmt(ci[1])}], {cmp.get('verdict', DASH)})"
 
 
 def _summary(results: dict, metrics: list[dict]) -> list[str]:
