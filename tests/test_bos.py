@@ -108,7 +108,7 @@ def test_blocks_start_with_bos_and_so_does_every_document():
     assert tokenize_blocks(tok, docs, 16, 3).tolist() == blocks[:3].tolist()
     with pytest.raises(DataError, match="seq_len >= 2"):
         tokenize_blocks(tok, docs, 1, 2)
-    with pytest.raises(DataError, match="blocks of seq_len=16\); only"):
+    with pytest.raises(DataError, match=r"blocks of seq_len=16\); only"):
         tokenize_blocks(tok, docs, 16, 10_000)
 
 

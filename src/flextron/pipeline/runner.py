@@ -114,8 +114,8 @@ TIDIED_AFTER = {"elastic": ("routers", "joint")}
 def done_stages(run_dir: Path, names: tuple[str, ...]) -> list[str]:
     """The leading stages of ``names`` that count as finished: listed in ``stages.json`` with every
     output of :data:`STAGE_OUTPUTS` present (``elastic/``, removed by :func:`_tidy` once the stages
-    of :data:`TIDIED_AFTER` that read it have finished, counts while those stay finished). The first stage that is not, and every stage after it,
-    run again.
+    of :data:`TIDIED_AFTER` that read it have finished, counts while those stay finished). The
+    first stage that is not, and every stage after it, run again.
 
     Raises:
         ModelError: ``stages.json`` is unreadable (:func:`~flextron.eval.deploy.finished_stages`).
