@@ -233,6 +233,15 @@ def test_advice_delete_final_and_rerun_works(finished, tmp_path):
     assert not (run / "final").exists()
     code, _, err = _cli(["export", str(run), "--target", "0.6", "--out", str(tmp_path / "sub")])
     _error_line(code, err, "final does not exist", "flextron run")
+    # finished stages' checkpoints are tidied away: keep them from now on (the run's stored config
+    # and the user's, alike), rerun, then lose final/ again with a corrupt joint checkpoint left
+    for path in (cfg, run / "config.yaml"):
+        text = path.read_text()
+        text = re.sub(r"keep_checkpoints: false", "keep_checkpoints: true", text)
+        path.write_text(text if "keep_checkpoints: true" in text else text + "keep_checkpoints: true\n")
+    code, _, err = _cli(["run", str(cfg), "-q"])
+    assert code == 0, err
+    shutil.rmtree(run / "final")
     ckpts = sorted((run / "checkpoints" / "joint").glob("step_*"))
     _corrupt(ckpts[-1] / "model.safetensors")
     code, _, err = _cli(["run", str(cfg), "-q"])
