@@ -182,3 +182,19 @@ def test_kv_groups_are_ranked_and_dropped_least_important_first():
     fx.set_arch(small)
     sub = export_subnetwork(fx, small)
     assert sub.config.num_key_value_heads == 1 and sub.config.num_attention_heads == sp.heads_per_group
+
+
+def test_a_checkpoint_from_before_head_axis_keeps_its_axis(tmp_path):
+    """An elastic checkpoint of a multi-head model saved before ``head_axis`` existed had the
+    heads-per-group axis only; ``auto`` (now KV groups for such models) must not change it."""
+    import json
+
+    from flextron.model.export import load_elastic, save_elastic
+
+    fx = convert(make_tiny("phi3_mha"), dataclasses.replace(CFG, head_axis="heads_per_group"))
+    out = save_elastic(fx, tmp_path / "old")
+    meta = json.loads((out / "flextron.json").read_text())
+    del meta["elastic_config"]["head_axis"], meta["elastic_config"]["kv_groups"], meta["search_space"]["head_axis"]
+    (out / "flextron.json").write_text(json.dumps(meta))
+    again = load_elastic(out, dtype=torch.float64)
+    assert again.space.head_axis == "heads_per_group" and again.space.head_choices == (1,)

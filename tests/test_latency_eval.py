@@ -21,7 +21,7 @@ from flextron.errors import ConfigError
 from flextron.eval.perplexity import decode_tokens_per_s, perplexity
 from flextron.eval.stats import bootstrap_ci
 from flextron.model.elastic import convert
-from flextron.model.space import sample_arch
+from flextron.model.space import ArchConfig, sample_arch
 
 CFG = ElasticConfig(mlp_fractions=(0.25, 0.5, 0.75, 1.0), mlp_divisor=8)
 # timings on a shared 2-core machine are busy by nature: accepted here (the busy check itself is
@@ -246,3 +246,16 @@ def test_layer_types_are_priced_apart(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         measure_latency_table(fx, short, progress=False)
     assert "not longer than the sliding window" in caplog.text
+
+
+def test_layer_types_json_is_validated():
+    base = CostTable(unit="params", mlp={1: 1.0}, attn={1: 1.0}, const=0.0, num_layers=2, full=4.0).to_json()
+    for bad in (
+        {"layer_types": [[1], "a"], "attn_by_type": {"a": {"1": 1.0}}},
+        {"layer_types": ["a", "a"], "attn_by_type": [1]},
+        {"layer_types": ["a", "a"]},
+    ):
+        with pytest.raises(ConfigError, match="layer_types|attn_by_type"):
+            CostTable.from_json(base | bad)
+    ok = CostTable.from_json(base | {"layer_types": ["a", "b"], "attn_by_type": {"a": {"1": 1.0}, "b": {"1": 2.0}}})
+    assert ok.predict(ArchConfig(mlp=(1, 1), heads=(1, 1))) == 0.0 + 1 + 1 + 1 + 2

@@ -724,3 +724,19 @@ def test_dynamic_rows_of_other_targets_are_kept(tmp_path):
         (r["mode"], r["target"]): r["perplexity"] for r in json.loads((tmp_path / "results.json").read_text())["rows"]
     }
     assert got == {("static", 0.6): 1.0, ("dynamic", 0.6): 4.0, ("dynamic", 0.85): 3.0}
+
+
+def test_a_write_killed_mid_swap_puts_the_old_copy_back(tmp_path):
+    """Killed after the old directory was moved aside and before the new one was renamed in: the
+    next write (or run start) restores the old complete copy instead of deleting it."""
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)  # a process id that has exited
+    aside = tmp_path / f".final-old-{pid}-abcd1234"
+    (aside / "x").mkdir(parents=True)
+    (aside / "x" / "model.safetensors").write_bytes(b"weights")
+    removed = remove_stale_temps(tmp_path, "final")
+    assert removed == [aside] and not aside.exists()
+    assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"weights"

@@ -56,7 +56,8 @@ def _alive(pid: int) -> bool:
 def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
     """Delete the temporary siblings that a killed writer left in ``folder`` (of the destination
     ``name`` only, or of every destination when ``name`` is None): those whose writer process is
-    no longer alive. Returns what was removed (nothing when ``folder`` does not exist)."""
+    no longer alive. A moved-aside old copy whose destination is missing (killed mid-swap) is put
+    back first. Returns what was removed (nothing when ``folder`` does not exist)."""
     folder = Path(folder)
     if not folder.is_dir():
         return []
@@ -70,6 +71,12 @@ def remove_stale_temps(folder: Path, name: str | None = None) -> list[Path]:
                 continue
             if m["pid"] is not None and _alive(int(m["pid"])):
                 break
+            dest = folder / m["name"]
+            if "-old-" in entry.name and (entry / "x").is_dir() and not dest.exists():
+                # killed between moving the old copy aside and renaming the new one in: the old
+                # complete copy is all there is, so it goes back into place
+                os.replace(entry / "x", dest)
+                log.info("restored %s from %s, left by an interrupted write", dest, entry)
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -241,7 +241,9 @@ def measure_once(fx: ElasticModel, cfg: LatencyConfig, *, progress: bool = True)
                 warmup=cfg.warmup,
                 trim=cfg.trim,
             )["full"]
-            full, full_s = timed["trimmed_mean_s"], timed["times_s"]
+            times = sorted(timed["times_s"])  # trimmed like the mean: one outlier is not a busy machine
+            cut = int(len(times) * cfg.trim)
+            full, full_s = timed["trimmed_mean_s"], times[cut : len(times) - cut] or times
     fit_info = None
     if cfg.method == "fit":
         rows = timed_fractions(fx, _calibration_archs(space, cfg.fit_configs, seed=1), cfg, progress=progress)

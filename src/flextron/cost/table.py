@@ -239,7 +239,11 @@ class CostTable:
             if not isinstance(by_type, dict) or not by_type:
                 raise ConfigError(f"{source}: attn_by_type must be a non-empty object type -> table")
             kw["attn_by_type"] = {str(t): table(f"attn_by_type.{t}", c) for t, c in by_type.items()}
-            if not isinstance(types, list) or len(types) != nl or any(t not in kw["attn_by_type"] for t in types):
+            if (
+                not isinstance(types, list)
+                or len(types) != nl
+                or any(not isinstance(t, str) or t not in kw["attn_by_type"] for t in types)
+            ):
                 raise ConfigError(
                     f"{source}: layer_types must list one of {sorted(kw['attn_by_type'])} for each of {nl} layers"
                 )
@@ -291,7 +295,7 @@ def check_targets(table: CostTable, space: SearchSpace, targets: dict[str, Seque
                 f"{name} {low[0]:g} is below the smallest sub-network's predicted latency ({floor:.3f} of the "
                 f"full model, {where}): no sub-network can meet it; use targets >= "
                 f"{math.ceil(floor * 1000) / 1000:.3f} or offer narrower widths (elastic.mlp_fractions, "
-                f"elastic.heads_per_group){busy}"
+                f"elastic.{'kv_groups' if space.groups_axis else 'heads_per_group'}){busy}"
             )
 
 

@@ -199,9 +199,14 @@ def load_run(run_dir: str | Path) -> LoadedRun:
         )
     for need in ("final", "final_routers", "latency_table.json"):
         if not (run_dir / need).exists():
+            again = (
+                ""
+                if (run_dir / "elastic").is_dir()
+                else ("; elastic/ was removed when training finished, so elastic training runs again first")
+            )
             raise ModelError(
                 f"{run_dir / need} does not exist; rerun `flextron run {run_dir / 'config.yaml'}` "
-                "to recompute it (the stage that writes it and the later ones run again)"
+                f"to recompute it (the stage that writes it and the later ones run again{again})"
             )
     fx = load_elastic(run_dir / "final")
     table = CostTable.load(run_dir / "latency_table.json")

@@ -324,12 +324,12 @@ def append_dynamic_rows(run_dir: str | Path, results: dict) -> Path:
     """Add the dynamic rows (``mode: dynamic``) to ``RUN/results.json`` (replacing earlier dynamic
     rows of the same targets, keeping every other row) and write ``RUN/dynamic_results.json``; both
     atomically. Returns ``results.json``'s path."""
-    import json
+    from flextron.eval.static import read_results
 
     run_dir = Path(run_dir)
     atomic_write_json(run_dir / "dynamic_results.json", results)
     path = run_dir / "results.json"
-    main = json.loads(path.read_text()) if path.exists() else {"rows": []}
+    main = read_results(path) or {"rows": []}
     redone = {r["target"] for r in results["dynamic"]}
     rows = [r for r in main.get("rows", []) if r.get("mode", "static") != "dynamic" or r.get("target") not in redone]
     for r in results["dynamic"]:

@@ -326,5 +326,9 @@ def convert(model: nn.Module, elastic_config: ElasticConfig | None = None) -> El
 
 
 def elastic_config_from_metadata(meta: dict) -> ElasticConfig:
-    """The :class:`ElasticConfig` stored in ``flextron.json``."""
-    return from_dict(ElasticConfig, meta["elastic_config"], "elastic_config")
+    """The :class:`ElasticConfig` stored in ``flextron.json``. A checkpoint written before
+    ``head_axis`` existed had only the heads-per-group axis, whatever ``auto`` means now."""
+    stored = meta["elastic_config"]
+    if isinstance(stored, dict) and "head_axis" not in stored:
+        stored = {**stored, "head_axis": "heads_per_group"}
+    return from_dict(ElasticConfig, stored, "elastic_config")

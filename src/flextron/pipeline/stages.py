@@ -164,6 +164,7 @@ def stage_joint(cfg: RunConfig, run_dir: Path, inp: Inputs) -> dict:
             cfg.guard,
             "joint",
             f"lower joint.model_lr (now {cfg.joint.model_lr:g}) or raise joint.batch_size or joint.grad_accum",
+            also={"router": router},
         ),
     )
     if acc.is_main_process:

@@ -132,7 +132,8 @@ def load_routers(path: Path, cfg: RunConfig, fx: ElasticModel) -> tuple[StaticRo
     Raises:
         ModelError: as :func:`load_router`.
     """
-    fix = f"delete {path} and rerun `flextron run` on the run's config (the stage that writes it runs again)"
+    again = "" if (path.parent / "elastic").is_dir() else "; without elastic/, elastic training runs again first"
+    fix = f"delete {path} and rerun `flextron run` on the run's config (the stage that writes it runs again{again})"
     expected = new_router(cfg, fx)
     router, sm, _ = load_router(path, fx, kind="static", legacy=lambda: expected, expected=expected, fix=fix)
     if router.init_args() != expected[0].init_args():

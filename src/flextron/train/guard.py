@@ -49,14 +49,17 @@ class TrainingGuard:
     ``fix``: what to change when it fires (e.g. ``"lower train.lr (now 0.0001)"``).
 
     ``start`` is the loss the stage started from; a resumed stage gets it back from its checkpoint
-    (:meth:`state` / :meth:`load`), so a resume is judged against the same reference.
+    (:meth:`state` / :meth:`load`), so a resume is judged against the same reference. ``also``:
+    modules trained with ``fx`` (the joint stage's router), kept and restored with it by
+    ``rollback``.
     """
 
-    def __init__(self, fx, blocks: torch.Tensor, cfg: GuardConfig, stage: str, fix: str) -> None:
+    def __init__(self, fx, blocks: torch.Tensor, cfg: GuardConfig, stage: str, fix: str, also=None) -> None:
         self.fx, self.blocks, self.cfg, self.stage, self.fix = fx, blocks, cfg, stage, fix
+        self.modules = {"model": fx, **(also or {})}
         self.start: float | None = None
         self.best: tuple[int, float] | None = None  # (step, loss)
-        self.best_weights: dict[str, torch.Tensor] | None = None
+        self.best_weights: dict[str, dict[str, torch.Tensor]] | None = None
         self.history: list[tuple[int, float]] = []
         self.fired: dict | None = None
 
@@ -96,7 +99,10 @@ class TrainingGuard:
         if self.best is None or loss <= self.best[1]:
             self.best = (step, loss)
             if self.cfg.action == "rollback":
-                self.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in self.fx.state_dict().items()}
+                self.best_weights = {
+                    name: {k: v.detach().to("cpu", copy=True) for k, v in mod.state_dict().items()}
+                    for name, mod in self.modules.items()
+                }
 
     def measure(self, step: int) -> float:
         """Measure after ``step`` steps; returns the loss (:meth:`exceeded` says whether to act)."""
@@ -136,7 +142,8 @@ class TrainingGuard:
             print(f"[flextron] warning: {msg}", flush=True)
             return False
         assert self.best is not None and self.best_weights is not None
-        self.fx.load_state_dict(self.best_weights)
+        for name, mod in self.modules.items():
+            mod.load_state_dict(self.best_weights[name])
         self.fired["rolled_back_to_step"] = self.best[0]
         note = f"{msg}; rolled back to the weights after step {self.best[0]} (loss {self.best[1]:.4f}), stage ended"
         log.warning(note)
