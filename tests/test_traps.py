@@ -772,3 +772,24 @@ def test_advice_about_a_corrupt_download_works(tmp_path, monkeypatch):
         load_wikipedia(cache)
     _advice_path(str(e.value), r"delete (\S+) and run again").unlink()
     assert [d.title for d in load_wikipedia(cache)] == ["A"]
+
+
+def test_exports_carry_the_source_models_licence_files(finished, tmp_path):
+    """A model whose terms require a copy of them and a NOTICE with every derivative (Gemma):
+    the source directory's licence, terms and NOTICE files go into every export."""
+    run, _ = _copy_run(finished, tmp_path)
+    source = Path(yaml.safe_load((run / "config.yaml").read_text())["model"]["source"])
+    added = [source / "LICENSE", source / "NOTICE.md", source / "GEMMA_TERMS.html"]
+    other = source / "README.upstream.md"
+    try:
+        other.write_text("not a licence")
+        for f in added:
+            f.write_text(f"{f.name} text")
+        code, _, err = _cli(["export", str(run), "--target", "0.6", "--out", str(tmp_path / "sub")])
+        assert code == 0, err
+        for f in added:
+            assert (tmp_path / "sub" / f.name).read_text() == f"{f.name} text"
+        assert not (tmp_path / "sub" / other.name).exists()  # only licence-like names are copied
+    finally:
+        for f in [*added, other]:
+            f.unlink(missing_ok=True)

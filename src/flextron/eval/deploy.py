@@ -23,7 +23,7 @@ from flextron.errors import ConfigError, ModelError, OutputExistsError
 from flextron.files import atomic_write_json, check_format, remove_stale_temps
 from flextron.model.elastic import ElasticModel
 from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork
-from flextron.model.sources import source_dtype
+from flextron.model.sources import licence_files, source_dtype
 from flextron.routing.deploy import TargetRouter
 from flextron.routing.store import load_routers
 from flextron.version import RUN_FORMAT, RUN_FORMATS_READ, __version__
@@ -263,7 +263,9 @@ def save_target(run: LoadedRun, target: float, out_dir: str | Path, *, overwrite
         "dtype_from": dtype_from,
     }
     run.fx.set_arch(None)
-    return save_subnetwork(sub, out_dir, tokenizer=run.tokenizer, metadata=meta, overwrite=overwrite)
+    return save_subnetwork(
+        sub, out_dir, tokenizer=run.tokenizer, metadata=meta, overwrite=overwrite, extra_files=licence_files(run.cfg)
+    )
 
 
 def generate_text(

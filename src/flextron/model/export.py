@@ -220,11 +220,14 @@ def _write_json(path: Path, obj: dict) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
-def save_subnetwork(model, out_dir, *, tokenizer=None, metadata: dict | None = None, overwrite: bool = False) -> Path:
+def save_subnetwork(
+    model, out_dir, *, tokenizer=None, metadata: dict | None = None, overwrite: bool = False, extra_files=()
+) -> Path:
     """Save an exported sub-network as a HF checkpoint (safetensors) into ``out_dir``.
 
     Also writes ``flextron_subnetwork.json`` (``arch``, ``params`` and ``metadata``) and, for a
-    heterogeneous model, its modeling file ``hf_modeling.py`` (``auto_map`` in ``config.json``).
+    heterogeneous model, its modeling file ``hf_modeling.py`` (``auto_map`` in ``config.json``);
+    ``extra_files`` (paths, e.g. the source model's licence and NOTICE) are copied in as they are.
 
     Raises:
         OutputExistsError: ``out_dir`` exists and is not empty (and ``overwrite`` is False).
@@ -245,6 +248,8 @@ def save_subnetwork(model, out_dir, *, tokenizer=None, metadata: dict | None = N
             shutil.copyfile(Path(__file__).with_name(HF_MODELING_FILE), tmp / HF_MODELING_FILE)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        for f in extra_files:
+            shutil.copyfile(f, tmp / Path(f).name)
         _write_json(tmp / SUBNETWORK_INFO_FILE, info)
 
     return _atomic_write(out_dir, overwrite, write)

@@ -11,10 +11,11 @@ transformers ``model_type``, read from the asset table, the GGUF metadata header
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from flextron.config import RunConfig
-from flextron.data.assets import MODEL_ASSETS, model_asset_dir
+from flextron.data.assets import MODEL_ASSETS, default_cache_dir, model_asset_dir
 from flextron.data.gguf_header import gguf_model_type, read_gguf_metadata
 from flextron.errors import ModelError
 from flextron.model.families import check_model_type
@@ -92,3 +93,19 @@ def model_source(cfg: RunConfig) -> Path:
         check_model_source(cfg.model.source)  # before a download
         return model_asset_dir(cfg.model.source)
     return Path(cfg.model.source).expanduser()
+
+
+_LICENCE_NAMES = re.compile(r"(LICEN[CS]E|NOTICE|COPYING|USE_POLICY|.*TERMS).*", re.IGNORECASE)
+
+
+def licence_files(cfg: RunConfig) -> list[Path]:
+    """The licence, terms and NOTICE files that sit next to the run's source model (an embedded
+    asset's converted folder, or the user's model directory; none for a bare ``.gguf`` file), for
+    exports to carry: a model's terms may require them (Gemma's do). Nothing is fetched."""
+    if cfg.model.source in MODEL_ASSETS:
+        folder = default_cache_dir() / "models" / MODEL_ASSETS[cfg.model.source].dir_name
+    else:
+        folder = Path(cfg.model.source).expanduser()
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_file() and _LICENCE_NAMES.fullmatch(p.name))
