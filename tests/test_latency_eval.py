@@ -110,6 +110,8 @@ def test_measure_latency_table_roundtrip(tmp_path):
     val = validate_latency_table(fx, table, LAT, n=3, seed=0, progress=False)
     assert fx.arch == before
     assert len(val["configs"]) == 3 and math.isfinite(val["mape"]) and val["mape"] >= 0
+    held = [ArchConfig.from_dict(c["arch"]) for c in val["configs"]]  # out of sample: the fit uses every
+    assert len(set(held)) == 3 and not any(a.is_homogeneous for a in held)  # homogeneous configuration
     assert math.isfinite(val["mape_fraction"]) and val["n"] == 3
     assert table.workload["fit"]["configs"] == len(fx.space.homogeneous_configs()) - 1 + LAT.fit_configs
     # the block timings' shape is scaled by two least-squares factors fitted on whole sub-models

@@ -357,11 +357,12 @@ def _device_name(device: torch.device) -> str:
 def validate_latency_table(
     fx: ElasticModel, table: CostTable, cfg: LatencyConfig, n: int, seed: int = 0, *, progress: bool = True
 ) -> dict:
-    """Time ``n`` random configurations not used to build the table (every other one
-    homogeneous, the rest per-layer random) as exported sub-models against the full model
-    (:func:`timed_fractions`) and compare with the table's predicted fraction of full latency —
-    the unit targets are stated in, and insensitive to the machine being uniformly slower or
-    faster than when the table was measured.
+    """Time ``n`` per-layer random configurations *not used to build the table* (no homogeneous
+    one: the fit uses them all; none of the fit's random ones) as exported sub-models against the
+    full model (:func:`timed_fractions`) and compare with the table's predicted fraction of full
+    latency — the unit targets are stated in, and insensitive to the machine being uniformly
+    slower or faster than when the table was measured. A space too small to hold ``n`` such
+    configurations is validated on those it has.
 
     Returns:
         ``{"mape_fraction": mean absolute percentage error of the fraction, "mape": the same of
@@ -374,7 +375,17 @@ def validate_latency_table(
     if n < 1:
         raise ConfigError(f"validate_latency_table needs n >= 1, got {n}")
     gen = torch.Generator().manual_seed(seed + 1000)
-    archs = [sample_arch(fx.space, gen, homogeneous=(i % 2 == 0)) for i in range(n)]
+    used = set(_calibration_archs(fx.space, cfg.fit_configs, seed=1)) | {fx.space.full()}
+    archs: list[ArchConfig] = []
+    for _ in range(50 * n):  # held out: neither homogeneous nor drawn by the fit
+        arch = sample_arch(fx.space, gen)
+        if not arch.is_homogeneous and arch not in used and arch not in archs:
+            archs.append(arch)
+            if len(archs) == n:
+                break
+    if not archs:
+        raise ConfigError("the search space has no configuration outside the fit's to validate the table on")
+    n = len(archs)
     rows = timed_fractions(fx, archs, cfg, progress=progress)
     configs, errs, ferrs = [], [], []
     for arch, r in zip(archs, rows):
