@@ -793,3 +793,24 @@ def test_exports_carry_the_source_models_licence_files(finished, tmp_path):
     finally:
         for f in [*added, other]:
             f.unlink(missing_ok=True)
+
+
+def test_targets_in_milliseconds(finished, tmp_path):
+    """`--target 250ms`: milliseconds of the run's lookup-table workload; a table priced in
+    parameters refuses it with one line, and so do malformed values."""
+    from flextron.eval.deploy import load_run, resolve_target
+
+    run, _ = _copy_run(finished, tmp_path)
+    loaded = load_run(run)
+    if loaded.table.unit == "s":
+        full_ms = 1000 * loaded.table.full
+        assert resolve_target(loaded, f"{0.5 * full_ms}ms") == pytest.approx(0.5)
+        assert resolve_target(loaded, f"{2 * full_ms}ms") == 1.0
+    else:  # the tiny run prices parameters
+        code, _, err = _cli(["export", str(run), "--target", "250ms", "--out", str(tmp_path / "sub")])
+        _error_line(code, err, "is in milliseconds", "latency.budget: params")
+    for bad in ("0ms", "-3ms", "fastms", "250 s"):
+        code, _, err = _cli(["export", str(run), "--target", bad, "--out", str(tmp_path / "sub")])
+        assert code == 2 and "Traceback" not in err and "target" in err, err
+    loaded.table.unit, loaded.table.full = "s", 0.2  # a latency table: 100 ms is half of 200 ms
+    assert resolve_target(loaded, "100ms") == pytest.approx(0.5) and resolve_target(loaded, 0.7) == 0.7

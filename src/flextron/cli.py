@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from flextron.errors import FlextronError
+from flextron.errors import FlextronError, TargetError
 from flextron.version import __version__
 
 log = logging.getLogger("flextron")
@@ -47,6 +47,21 @@ def parse_target(text: str) -> float:
     if not (0 < t <= 1):  # also rejects nan
         raise argparse.ArgumentTypeError(f"target {text!r} is out of range; give a fraction in (0, 1] such as 0.6")
     return t
+
+
+def parse_deploy_target(text: str) -> float | str:
+    """A deployment target: a fraction in (0, 1] (:func:`parse_target`) or milliseconds of the run's
+    lookup-table workload, ``250ms`` (kept as text; the run's table converts it)."""
+    t = text.strip().lower()
+    if t.endswith("ms"):
+        try:
+            ms = float(t[:-2])
+        except ValueError:
+            ms = float("nan")
+        if not 0 < ms < float("inf"):
+            raise argparse.ArgumentTypeError(f"target {text!r} is not a positive number of milliseconds, e.g. 250ms")
+        return t
+    return parse_target(text)
 
 
 def parse_targets(text: str) -> list[float]:
@@ -113,7 +128,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from flextron.eval.deploy import export_target
 
     out = export_target(Path(args.run), args.target, Path(args.out), overwrite=args.overwrite, dtype=args.dtype)
-    print(f"exported target {args.target:g} to {out}")
+    print(f"exported target {args.target if isinstance(args.target, str) else format(args.target, 'g')} to {out}")
     try:
         info = json.loads((Path(out) / "flextron_subnetwork.json").read_text())
     except (OSError, ValueError):
@@ -182,6 +197,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.dynamic:
         from flextron.eval.deploy_dynamic import generate_dynamic
+
+        if isinstance(args.target, str):
+            raise TargetError(f"--dynamic takes a fraction target in (0, 1], not {args.target}")
 
         text = generate_dynamic(
             Path(args.run),
@@ -277,7 +295,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("export", parents=[common], help="save the sub-network of one target as a HF checkpoint")
     e.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
-    e.add_argument("--target", type=parse_target, required=True, help="latency target in (0, 1], e.g. 0.6")
+    e.add_argument(
+        "--target",
+        type=parse_deploy_target,
+        required=True,
+        help="latency target: a fraction in (0, 1] of the full model's latency, e.g. 0.6, or milliseconds of the "
+        "lookup table's workload on the machine that measured it, e.g. 250ms",
+    )
     e.add_argument("--out", required=True, metavar="DIR", help="output directory")
     e.add_argument(
         "--overwrite",
@@ -355,7 +379,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", parents=[common], help="generate text with the sub-network of one target")
     g.add_argument("run", metavar="RUN", help="run directory (runs/<name>)")
-    g.add_argument("--target", type=parse_target, required=True, help="latency target in (0, 1], e.g. 0.5")
+    g.add_argument(
+        "--target",
+        type=parse_deploy_target,
+        required=True,
+        help="latency target: a fraction in (0, 1], e.g. 0.5, or milliseconds of the lookup table's workload, "
+        "e.g. 250ms (static routing only)",
+    )
     g.add_argument(
         "--max-new-tokens", type=_positive_int, default=64, metavar="N", help="tokens to generate (default 64)"
     )

@@ -19,7 +19,7 @@ import torch
 from flextron.config import RunConfig, load_config
 from flextron.cost.table import CostTable
 from flextron.data.bos import NO_BOS, encode_text, resolve_bos_policy
-from flextron.errors import ConfigError, ModelError, OutputExistsError
+from flextron.errors import ConfigError, ModelError, OutputExistsError, TargetError
 from flextron.files import atomic_write_json, check_format, remove_stale_temps
 from flextron.model.elastic import ElasticModel
 from flextron.model.export import export_subnetwork, load_elastic, save_subnetwork
@@ -218,8 +218,35 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return LoadedRun(cfg, run_dir, fx, table, tok)
 
 
+def resolve_target(run: LoadedRun, target: float | str) -> float:
+    """A latency target as a fraction of the full model's latency: a number in (0, 1] as it is, or
+    milliseconds (``"250ms"``) divided by the full model's latency in the run's lookup table (the
+    machine and workload that measured it; a target at or above it is the full model).
+
+    Raises:
+        TargetError: a millisecond target for a table priced in parameters, or not a positive number.
+    """
+    if isinstance(target, (int, float)):
+        return float(target)
+    text = str(target).strip().lower()
+    try:
+        ms = float(text.removesuffix("ms"))
+    except ValueError:
+        ms = float("nan")
+    if not text.endswith("ms") or not ms > 0 or ms == float("inf"):
+        raise TargetError(f"target {target!r} is invalid; give a fraction in (0, 1] such as 0.6 or milliseconds: 250ms")
+    if run.table.unit != "s":
+        raise TargetError(
+            f"target {target!r} is in milliseconds, but this run's table prices parameters (latency.budget: params); "
+            "give a fraction in (0, 1] such as 0.6"
+        )
+    frac = min(1.0, ms / 1000 / run.table.full)
+    log.info("target %s = %.3f of the full model's %.1f ms (%s)", target, frac, 1000 * run.table.full, run.table.device)
+    return frac
+
+
 def export_target(
-    run_dir: str | Path, target: float, out_dir: str | Path, *, overwrite: bool = False, dtype: str | None = None
+    run_dir: str | Path, target: float | str, out_dir: str | Path, *, overwrite: bool = False, dtype: str | None = None
 ) -> Path:
     """Export the sub-model for ``target`` as a checkpoint ``AutoModelForCausalLM`` loads
     (homogeneous: a plain config where the family's config class accepts it; per-layer: with
@@ -238,7 +265,7 @@ def export_target(
             f"output directory {out_dir} exists and is not empty; pass --overwrite or choose another path"
         )
     run = load_run(run_dir)
-    return save_target(run, target, out_dir, overwrite=overwrite, dtype=dtype)
+    return save_target(run, resolve_target(run, target), out_dir, overwrite=overwrite, dtype=dtype)
 
 
 def save_target(run: LoadedRun, target: float, out_dir: str | Path, *, overwrite: bool = False, dtype=None) -> Path:
@@ -269,14 +296,14 @@ def save_target(run: LoadedRun, target: float, out_dir: str | Path, *, overwrite
 
 
 def generate_text(
-    run_dir: str | Path, target: float, prompt: str, *, max_new_tokens: int = 64, truncate: bool = False
+    run_dir: str | Path, target: float | str, prompt: str, *, max_new_tokens: int = 64, truncate: bool = False
 ) -> str:
     """Greedy generation with the routed sub-network for ``target``; returns the new text.
 
     Raises:
         ConfigError: empty prompt, or one that does not fit the context (:func:`fit_prompt`)."""
     run = load_run(run_dir)
-    run.fx.set_target(target)
+    run.fx.set_target(resolve_target(run, target))
     bos = resolve_bos_policy(run.tokenizer)  # BOS: as the tokenizer declares, kept by --truncate
     limit = getattr(run.fx.config, "max_position_embeddings", None)
     text = torch.tensor([encode_text(run.tokenizer, prompt, NO_BOS)], dtype=torch.long)  # (1, n)
