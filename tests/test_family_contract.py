@@ -198,3 +198,13 @@ def test_a_checkpoint_from_before_head_axis_keeps_its_axis(tmp_path):
     (out / "flextron.json").write_text(json.dumps(meta))
     again = load_elastic(out, dtype=torch.float64)
     assert again.space.head_axis == "heads_per_group" and again.space.head_choices == (1,)
+
+
+def test_the_unused_axis_list_is_refused():
+    """`kv_groups` with the heads-per-group axis (or the reverse) would be ignored: refused instead."""
+    from flextron.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="elastic.kv_groups is set, but the attention axis is heads_per_group"):
+        convert(make_tiny("llama_gqa_tied"), dataclasses.replace(CFG, kv_groups=(1, 2)))
+    with pytest.raises(ConfigError, match="elastic.heads_per_group is set, but the attention axis is kv_groups"):
+        convert(make_tiny("phi3_mha"), dataclasses.replace(CFG, heads_per_group=(1,)))

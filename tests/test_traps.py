@@ -413,7 +413,7 @@ def test_export_keeps_the_source_dtype(finished, tmp_path):
 def test_empty_yaml_is_refused(tmp_path, text):
     path = tmp_path / "empty.yaml"
     path.write_text(text)
-    with pytest.raises(ConfigError, match="is empty; start from configs/smollm2.yaml"):
+    with pytest.raises(ConfigError, match="is empty; copy configs/smollm2.yaml"):
         load_config(path)
     code, _, err = _cli(["run", str(path)])
     _error_line(code, err, "is empty")
@@ -814,3 +814,15 @@ def test_targets_in_milliseconds(finished, tmp_path):
         assert code == 2 and "Traceback" not in err and "target" in err, err
     loaded.table.unit, loaded.table.full = "s", 0.2  # a latency table: 100 ms is half of 200 ms
     assert resolve_target(loaded, "100ms") == pytest.approx(0.5) and resolve_target(loaded, 0.7) == 0.7
+
+
+def test_a_parameter_budget_is_not_shown_as_time(finished, tmp_path):
+    """With latency.budget: params the table prices parameters: the report and the export say so."""
+    run, _ = _copy_run(finished, tmp_path)
+    assert json.loads((run / "latency_table.json").read_text())["unit"] == "params"
+    report = (run / "report.md").read_text()
+    assert "predicted (M params)" in report and "predicted (ms)" not in report
+    code, _, err = _cli(["export", str(run), "--target", "0.8", "--out", str(tmp_path / "sub")])
+    assert code == 0, err
+    info = json.loads((tmp_path / "sub" / "flextron_subnetwork.json").read_text())
+    assert "predicted_params" in info and "predicted_latency_s" not in info

@@ -154,8 +154,8 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"config file {p} is not valid YAML{at}: {getattr(e, 'problem', e)}") from None
     if data is None:
         raise ConfigError(
-            f"config file {p} is empty; start from configs/smollm2.yaml (the demo) or give at least "
-            "`name:` and `model: {source: ...}` (missing keys take their defaults)"
+            f"config file {p} is empty; copy configs/smollm2.yaml (the demo, sized for the embedded data and a "
+            "few CPU cores) and edit it (missing keys take the library defaults, sized for larger corpora)"
         )
     return from_dict(RunConfig, data)
 

@@ -284,7 +284,8 @@ def save_target(run: LoadedRun, target: float, out_dir: str | Path, *, overwrite
         "target": target,
         "config": arch.to_dict(),
         "params": run.fx.space.num_parameters(arch),
-        "predicted_latency_s": run.table.predict(arch),
+        # the table's unit: seconds of its workload, or parameters (latency.budget: params)
+        ("predicted_latency_s" if run.table.unit == "s" else "predicted_params"): run.table.predict(arch),
         "predicted_fraction": run.table.fraction(arch),
         "dtype": dtype,
         "dtype_from": dtype_from,

@@ -363,6 +363,7 @@ def _results(run: LoadedRun, rows: list, orig_ppl: float, orig_ood: float, eval_
             "mape": None if val.get("mape_fraction") is None else val["mape_fraction"] / 100,
             "validated_configs": val.get("n"),
             "full_s": run.table.full,
+            "unit": run.table.unit,
             "device": run.table.device,
             "workload": run.table.workload,
         },

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from flextron.config import RunConfig
+from flextron.data.assets import MODEL_ASSETS
 from flextron.data.bos import declare_bos
 from flextron.data.gguf_header import read_gguf_metadata
 from flextron.errors import ConfigError, FlextronError, ModelError, OutputExistsError
@@ -283,7 +284,9 @@ def save_elastic(
 # -- loading ----------------------------------------------------------------------------------
 def _require_hf_dir(path: Path, what: str) -> None:
     if not path.exists():
-        raise ModelError(f"{what} {path} does not exist; check the path")
+        bare = len(path.parts) == 1 and not path.suffix  # a name, perhaps of an embedded model
+        embedded = f" (embedded models: {', '.join(sorted(MODEL_ASSETS))})" if bare else ""
+        raise ModelError(f"{what} {path} does not exist; check the path{embedded}")
     if not path.is_dir():
         raise ModelError(f"{what} {path} is not a directory; give a Hugging Face model directory")
     if not (path / "config.json").is_file():

@@ -151,6 +151,13 @@ class SearchSpace:
         axis = cfg.head_axis
         if axis == "auto":
             axis = "kv_groups" if R == 1 and G > 1 else "heads_per_group"
+        unused = "heads_per_group" if axis == "kv_groups" else "kv_groups"
+        if getattr(cfg, unused) is not None:
+            raise ConfigError(
+                f"elastic.{unused} is set, but the attention axis is {axis} (elastic.head_axis={cfg.head_axis}; "
+                f"the model has {R} query heads per KV group and {G} groups): remove it, or set "
+                f"elastic.head_axis: {unused} to use it"
+            )
         if axis == "kv_groups":
             heads = set(cfg.kv_groups) if cfg.kv_groups is not None else set(range(1, G + 1))
             if max(heads) > G:

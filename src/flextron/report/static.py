@@ -80,12 +80,14 @@ def _mixed_protocols(results: dict) -> bool:
 
 def _main_table(results: dict) -> str:
     inter = intermediate_size(results)
+    params_budget = (results.get("latency_table") or {}).get("unit") == "params"  # the table prices parameters
+    groups = (results.get("search_space") or {}).get("head_axis") == "kv_groups"
     header = [
         "target",
         "MLP frac (mean)",
-        "heads/group (mean)",
+        "KV groups (mean)" if groups else "heads/group (mean)",
         "params (M)",
-        "predicted (ms)",
+        "predicted (M params)" if params_budget else "predicted (ms)",
         "timed (ms)",
         "timed / full",
         "perplexity [95% CI]",
@@ -128,7 +130,7 @@ def _main_table(results: dict) -> str:
                 fmt(frac),
                 fmt(mh, 1),
                 params,
-                fmt(r.get("predicted_latency_s"), 1, 1e3),
+                fmt(r.get("predicted_latency_s"), 1, 1e-6 if params_budget else 1e3),
                 fmt(lat, 1, 1e3),
                 ratio,
                 ppl,
@@ -344,7 +346,9 @@ def render_markdown(results: dict, plots: dict[str, Any], metrics: list[dict], d
                 "MAPE on whole configurations",
                 f"{100 * lut['mape']:.2f}%" if as_number(lut.get("mape")) is not None else DASH,
             ],
-            ["full model (ms)", fmt(lut.get("full_s"), 1, 1e3)],
+            ["full model (M params)", fmt(lut.get("full_s"), 1, 1e-6)]
+            if lut.get("unit") == "params"
+            else ["full model (ms)", fmt(lut.get("full_s"), 1, 1e3)],
             ["device", fmt_scalar(lut.get("device"))],
         ]
         for k, v in (lut.get("workload") or {}).items():

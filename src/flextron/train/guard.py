@@ -135,7 +135,8 @@ class TrainingGuard:
         self.fired["times"] += 1
         if self.cfg.action == "stop":
             raise TrainingError(
-                msg + "; the last checkpoint is kept (set guard.action: warn to continue, rollback to keep the best)"
+                msg + "; checkpoints written so far are kept; a changed config reruns with --overwrite "
+                "(or set guard.action: warn to continue, rollback to keep the best weights)"
             )
         if self.cfg.action == "warn":
             log.warning("%s (guard.action: warn; training goes on)", msg)
