@@ -68,57 +68,52 @@ def make_inputs(cfg: RunConfig, tokenizer, processes: int = 1) -> Inputs:
         corp = Corpora(train=corp.train, heldout=corp.heldout, ood_heldout=load_text_files(ood_files))
     t, e = cfg.train, cfg.eval
     n_train = min(t.steps * t.batch_size * processes * t.grad_accum, 4096)
-    more = "add text or lower "
     bos = resolve_bos_policy(tokenizer)
+
+    def blocks(docs, seq_len: int, n: int, what: str, fields: str, seed: int | None = None) -> torch.Tensor:
+        fix = f"add text or lower {fields}"
+        return tokenize_blocks(tokenizer, docs, seq_len, n, seed=seed, what=what, fix=fix, bos=bos)
+
+    cal, r = cfg.calibration, cfg.routers
     return Inputs(
         tokenizer=tokenizer,
-        calibration=tokenize_blocks(
-            tokenizer,
+        calibration=blocks(
             corp.train,
-            cfg.calibration.seq_len,
-            cfg.calibration.num_sequences,
+            cal.seq_len,
+            cal.num_sequences,
+            "the calibration set (calibration.num_sequences x seq_len)",
+            "calibration.num_sequences or calibration.seq_len",
             seed=cfg.seed + 1,
-            what="the calibration set (calibration.num_sequences x seq_len)",
-            fix=more + "calibration.num_sequences or calibration.seq_len",
-            bos=bos,
         ),
-        train=tokenize_blocks(
-            tokenizer,
+        train=blocks(
             corp.train,
             t.seq_len,
             n_train,
+            "elastic training (train.steps x batch_size x processes x grad_accum sequences, at most 4096)",
+            "train.steps, train.batch_size or train.seq_len",
             seed=cfg.seed + 2,
-            what="elastic training (train.steps x batch_size x processes x grad_accum sequences, at most 4096)",
-            fix=more + "train.steps, train.batch_size or train.seq_len",
-            bos=bos,
         ),
-        router=tokenize_blocks(
-            tokenizer,
+        router=blocks(
             corp.train,
-            cfg.routers.seq_len,
-            4 * cfg.routers.batch_size,
+            r.seq_len,
+            4 * r.batch_size,
+            "router training (4 x routers.batch_size sequences)",
+            "routers.batch_size or routers.seq_len",
             seed=cfg.seed + 3,
-            what="router training (4 x routers.batch_size sequences)",
-            fix=more + "routers.batch_size or routers.seq_len",
-            bos=bos,
         ),
-        heldout=tokenize_blocks(
-            tokenizer,
+        heldout=blocks(
             corp.heldout,
             e.seq_len,
             e.heldout_blocks,
-            what="the held-out set (eval.heldout_blocks)",
-            fix=more + "eval.heldout_blocks or eval.seq_len",
-            bos=bos,
+            "the held-out set (eval.heldout_blocks)",
+            "eval.heldout_blocks or eval.seq_len",
         ),
-        ood=tokenize_blocks(
-            tokenizer,
+        ood=blocks(
             corp.ood_heldout,
             e.seq_len,
             e.ood_blocks,
-            what="the out-of-domain set (eval.ood_blocks)",
-            fix=more + "eval.ood_blocks or eval.seq_len",
-            bos=bos,
+            "the out-of-domain set (eval.ood_blocks)",
+            "eval.ood_blocks or eval.seq_len",
         ),
         guard=_guard_blocks(tokenizer, corp.heldout, e.seq_len, e.heldout_blocks, cfg.guard.blocks, bos),
         bos=bos,
