@@ -52,16 +52,13 @@ def parse_target(text: str) -> float:
 def parse_deploy_target(text: str) -> float | str:
     """A deployment target: a fraction in (0, 1] (:func:`parse_target`) or milliseconds of the run's
     lookup-table workload, ``250ms`` (kept as text; the run's table converts it)."""
-    t = text.strip().lower()
-    if t.endswith("ms"):
-        try:
-            ms = float(t[:-2])
-        except ValueError:
-            ms = float("nan")
-        if not 0 < ms < float("inf"):
-            raise argparse.ArgumentTypeError(f"target {text!r} is not a positive number of milliseconds, e.g. 250ms")
-        return t
-    return parse_target(text)
+    from flextron.eval.deploy import target_milliseconds
+
+    try:
+        ms = target_milliseconds(text)
+    except TargetError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return parse_target(text) if ms is None else text.strip().lower()
 
 
 def parse_targets(text: str) -> list[float]:

@@ -218,6 +218,24 @@ def load_run(run_dir: str | Path) -> LoadedRun:
     return LoadedRun(cfg, run_dir, fx, table, tok)
 
 
+def target_milliseconds(text: str) -> float | None:
+    """The milliseconds of a target written ``250ms``, or None for text without the ``ms`` suffix.
+
+    Raises:
+        TargetError: ``ms`` after something that is not a positive finite number.
+    """
+    t = text.strip().lower()
+    if not t.endswith("ms"):
+        return None
+    try:
+        ms = float(t[:-2])
+    except ValueError:
+        ms = float("nan")
+    if not 0 < ms < float("inf"):
+        raise TargetError(f"target {text!r} is not a positive number of milliseconds, e.g. 250ms")
+    return ms
+
+
 def resolve_target(run: LoadedRun, target: float | str) -> float:
     """A latency target as a fraction of the full model's latency: a number in (0, 1] as it is, or
     milliseconds (``"250ms"``) divided by the full model's latency in the run's lookup table (the
@@ -228,12 +246,8 @@ def resolve_target(run: LoadedRun, target: float | str) -> float:
     """
     if isinstance(target, (int, float)):
         return float(target)
-    text = str(target).strip().lower()
-    try:
-        ms = float(text.removesuffix("ms"))
-    except ValueError:
-        ms = float("nan")
-    if not text.endswith("ms") or not ms > 0 or ms == float("inf"):
+    ms = target_milliseconds(str(target))
+    if ms is None:
         raise TargetError(f"target {target!r} is invalid; give a fraction in (0, 1] such as 0.6 or milliseconds: 250ms")
     if run.table.unit != "s":
         raise TargetError(
@@ -296,6 +310,20 @@ def save_target(run: LoadedRun, target: float, out_dir: str | Path, *, overwrite
     )
 
 
+def prompt_ids(run: LoadedRun, prompt: str, max_new_tokens: int, truncate: bool) -> torch.Tensor:
+    """The prompt's token ids ``(1, n)`` for generation: the text without special tokens, fitted to
+    the context (:func:`fit_prompt`, room kept for the BOS), then the BOS the tokenizer declares.
+
+    Raises:
+        ConfigError: as :func:`fit_prompt`.
+    """
+    bos = resolve_bos_policy(run.tokenizer)
+    limit = getattr(run.fx.config, "max_position_embeddings", None)
+    text = torch.tensor([encode_text(run.tokenizer, prompt, NO_BOS)], dtype=torch.long)  # (1, n)
+    text = fit_prompt(text, None if limit is None else limit - int(bos.add_bos), max_new_tokens, truncate)
+    return torch.tensor([bos.prepend(text[0].tolist())])
+
+
 def generate_text(
     run_dir: str | Path, target: float | str, prompt: str, *, max_new_tokens: int = 64, truncate: bool = False
 ) -> str:
@@ -305,11 +333,7 @@ def generate_text(
         ConfigError: empty prompt, or one that does not fit the context (:func:`fit_prompt`)."""
     run = load_run(run_dir)
     run.fx.set_target(resolve_target(run, target))
-    bos = resolve_bos_policy(run.tokenizer)  # BOS: as the tokenizer declares, kept by --truncate
-    limit = getattr(run.fx.config, "max_position_embeddings", None)
-    text = torch.tensor([encode_text(run.tokenizer, prompt, NO_BOS)], dtype=torch.long)  # (1, n)
-    text = fit_prompt(text, None if limit is None else limit - int(bos.add_bos), max_new_tokens, truncate)
-    ids = torch.tensor([bos.prepend(text[0].tolist())])
+    ids = prompt_ids(run, prompt, max_new_tokens, truncate)
     out = run.fx.generate(
         input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, do_sample=False
     )

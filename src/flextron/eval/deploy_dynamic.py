@@ -10,8 +10,7 @@ from pathlib import Path
 
 import torch
 
-from flextron.data.bos import NO_BOS, encode_text, resolve_bos_policy
-from flextron.eval.deploy import fit_prompt
+from flextron.eval.deploy import prompt_ids
 from flextron.routing.runtime import DynamicRouting
 from flextron.routing.store import MODEL_DIR, load_dynamic
 
@@ -47,13 +46,9 @@ def generate_dynamic(
     the choice is made at prefill and kept for every decode step (the KV cache stays valid).
 
     Raises:
-        ConfigError: empty prompt, or one that does not fit the context (:func:`~flextron.eval.deploy.fit_prompt`)."""
+        ConfigError: empty prompt, or one that does not fit the context (:func:`~flextron.eval.deploy.prompt_ids`)."""
     run, router, meta = load_dynamic_run(run_dir, dyn_dir)
-    bos = resolve_bos_policy(run.tokenizer)  # BOS: as the tokenizer declares, kept by --truncate
-    limit = getattr(run.fx.config, "max_position_embeddings", None)
-    text = torch.tensor([encode_text(run.tokenizer, prompt, NO_BOS)], dtype=torch.long)  # (1, n)
-    text = fit_prompt(text, None if limit is None else limit - int(bos.add_bos), max_new_tokens, truncate)
-    ids = torch.tensor([bos.prepend(text[0].tolist())])
+    ids = prompt_ids(run, prompt, max_new_tokens, truncate)
     enc = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if target >= 1.0:
         out = run.fx.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
