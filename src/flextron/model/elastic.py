@@ -128,9 +128,13 @@ class ElasticAttention(nn.Module):
         self.fused_qkv = q.linear is self.proj["k"].linear is self.proj["v"].linear
         self.mask: torch.Tensor | None = None
 
-    def _head_rows(self, a: int) -> torch.Tensor | slice:
+    def kv_rows(self, a: int) -> slice:
+        """Key/value rows kept at ``a`` units: all, or those of the first ``a`` groups (a prefix)."""
+        return slice(0, a * self.head_dim) if self.groups_axis else slice(None)
+
+    def query_rows(self, a: int) -> torch.Tensor | slice:
         """Query rows (``o_proj`` columns) of the first ``a`` units: the first ``a`` heads of every
-        group, or every head of the first ``a`` groups (a prefix)."""
+        group, or every head of the first ``a`` groups (a prefix). Used by the forward and the export."""
         G, R, hd = self.num_key_value_heads, self.query_heads_per_group, self.head_dim
         if a == self.full_heads_per_group:
             return slice(None)
@@ -146,9 +150,9 @@ class ElasticAttention(nn.Module):
             qkv = p["q"].linear(x)
             q, k, v = (qkv[..., r.start : r.start + r.size] for r in (p["q"], p["k"], p["v"]))
         else:
-            rows, qr = self._head_rows(a), p["q"]
+            rows, qr = self.query_rows(a), p["q"]
             q = F.linear(x, qr.weight[rows], None if qr.bias is None else qr.bias[rows])
-            kv = slice(0, a * hd) if self.groups_axis else slice(None)  # K/V rows of the kept groups
+            kv = self.kv_rows(a)  # K/V rows of the kept groups
             k, v = (F.linear(x, r.weight[kv], None if r.bias is None else r.bias[kv]) for r in (p["k"], p["v"]))
         return q.view(B, T, -1, hd), k.view(B, T, -1, hd), v.view(B, T, -1, hd)
 
@@ -189,7 +193,7 @@ class ElasticAttention(nn.Module):
         o = self.proj["o"]
         if a == self.full_heads_per_group:
             return o(out), weights
-        return F.linear(out, o.weight[:, self._head_rows(a)], o.bias), weights
+        return F.linear(out, o.weight[:, self.query_rows(a)], o.bias), weights
 
 
 class ElasticModel(nn.Module):

@@ -48,12 +48,6 @@ AUTO_MAP = {"AutoConfig": "hf_modeling.FlextronConfig", "AutoModelForCausalLM": 
 
 
 # -- slicing ----------------------------------------------------------------------------------
-def _head_index(G: int, R: int, hd: int, a: int, device) -> torch.Tensor:
-    """Rows of q_proj (columns of o_proj) of the first ``a`` heads in each of ``G`` groups of ``R``."""
-    idx = torch.arange(G * R * hd, device=device).view(G, R, hd)[:, :a]  # (G, a, hd)
-    return idx.reshape(-1)  # (G·a·hd,)
-
-
 def _cut_rows(sd: dict, key_of: dict[int, str], parts: list) -> None:
     """Write into ``sd`` every owning ``nn.Linear`` of ``parts`` (``(Rows, row index)`` pairs) cut
     to the selected rows, its row blocks re-fused in order (Phi-3's ``qkv_proj``/``gate_up_proj``)."""
@@ -79,20 +73,14 @@ def _sliced_state_dict(fx: ElasticModel, arch: ArchConfig) -> dict[str, torch.Te
     key_of: dict[int, str] = {}
     for n, mod in fx.model.named_modules(remove_duplicate=False):
         key_of.setdefault(id(mod), n)
-    sp = fx.space
-    G, R, hd = sp.num_key_value_heads, sp.heads_per_group, sp.head_dim
     for mlp, attn, m, a in zip(fx.mlps, fx.attns, arch.mlp, arch.heads):
         p = fx.adapter.mlp_projections(mlp)
         _cut_rows(sd, key_of, [(p["gate"], slice(0, m)), (p["up"], slice(0, m))])  # (m, d) each
         sd[f"{key_of[id(p['down'])]}.weight"] = p["down"].weight.detach()[:, :m]  # (d, m)
         proj = fx.adapter.attention_projections(attn)
-        if sp.groups_axis:  # the first a whole groups: a prefix of q rows and of k/v rows
-            idx = torch.arange(a * R * hd, device=proj["o"].weight.device)
-            kv = slice(0, a * hd)
-        else:
-            idx, kv = _head_index(G, R, hd, a, proj["o"].weight.device), slice(None)
+        idx, kv = attn.query_rows(a), attn.kv_rows(a)  # the rows the elastic forward keeps
         _cut_rows(sd, key_of, [(proj["q"], idx), (proj["k"], kv), (proj["v"], kv)])
-        sd[f"{key_of[id(proj['o'])]}.weight"] = proj["o"].weight.detach().index_select(1, idx)  # (d, G·a·hd)
+        sd[f"{key_of[id(proj['o'])]}.weight"] = proj["o"].weight.detach()[:, idx]  # (d, kept query heads·hd)
     return sd
 
 
